@@ -1,0 +1,369 @@
+"""The built-in synthetic task suite: generators, splits, encoding for training, exact-match scoring.
+
+We pretrain a ~1M-parameter byte-level GPT on a mixture of these tasks, each example written as
+
+    <instruction> <input><|sep|><answer><|eos|>        e.g.  "Reverse the letters: abc<|sep|>cba<|eos|>"
+
+and then freeze it and tune soft prompts that replace the instruction.
+
+Why the letter tasks share one input distribution
+-------------------------------------------------
+``copy``, ``reverse``, ``sort``, ``shift`` and ``upper`` all take a lowercase string of 3 to 7 letters.
+Seeing only "abc<|sep|>" the model cannot know whether "abc", "cba", "bcd" or "ABC" is wanted: the task is
+carried by the instruction alone. Drop the instruction and accuracy collapses to about one task in five;
+a soft prompt that recovers it has learnt to *say which task is meant*, which is exactly what prompt
+tuning claims to do. ``palindrome`` (``HELD_OUT_TASK``) is never pretrained on, for experiments on a task
+the base model has never seen.
+
+Why splits come from a hash of the input
+----------------------------------------
+Each input string is assigned to train / val / test by ``sha256(input)`` alone (bucket mod 10: 0-7 train,
+8 val, 9 test). So the splits are disjoint by construction, and identical for every task, seed and Python
+process (Python's built-in ``hash()`` of a str is salted per process, so it would not do). Because the
+letter tasks share inputs, a test string such as "qzv" is a test string for all of them: the pretrained
+model has never seen it under any instruction.
+
+Everything random takes an explicit seed and uses its own ``random.Random``; the global RNG is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from minipt.tokenizer import ByteTokenizer
+
+IGNORE_INDEX = -100  # a target that is not supervised (F.cross_entropy's default ignore_index)
+SPLITS = ("train", "val", "test")
+HELD_OUT_TASK = "palindrome"
+
+# ---------------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: how to draw an input and how to answer it.
+
+    ``kind`` is "generation" (free-form answer) or "classification" (the answer is one of ``labels``, the
+    verbalizer words). The two behaviours are plain functions stored on the task, so each task below is
+    a few readable lines.
+    """
+
+    name: str
+    instruction: str
+    kind: str
+    labels: tuple[str, ...]
+    _sample: Callable[[random.Random], str] = field(repr=False, compare=False)
+    _answer: Callable[[str], str] = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("generation", "classification"):
+            raise ValueError(f"task {self.name!r}: kind must be 'generation' or 'classification'")
+        if (self.kind == "classification") != bool(self.labels):
+            raise ValueError(f"task {self.name!r}: classification tasks (and only those) need labels")
+
+    def sample_input(self, rng: random.Random) -> str:
+        """Draw one input string using ``rng`` (and nothing else)."""
+        return self._sample(rng)
+
+    def answer(self, input: str) -> str:
+        """The correct answer for ``input``."""
+        return self._answer(input)
+
+
+# --- input generators ------------------------------------------------------------------------------
+
+
+def _letters(rng: random.Random, n_min: int = 3, n_max: int = 7) -> str:
+    """A lowercase a-z string of length n_min..n_max: the input of every letter task."""
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(n_min, n_max)))
+
+
+def _addition(rng: random.Random) -> str:
+    return f"{rng.randint(0, 99)}+{rng.randint(0, 99)}"
+
+
+def _number(rng: random.Random) -> str:
+    return str(rng.randint(0, 99_999))  # even and odd equally likely
+
+
+def _maybe_with_digit(rng: random.Random) -> str:
+    """4..8 lowercase letters; in half the cases one of them is replaced by a digit."""
+    chars = list(_letters(rng, 4, 8))
+    if rng.random() < 0.5:
+        chars[rng.randrange(len(chars))] = rng.choice(string.digits)
+    return "".join(chars)
+
+
+def _maybe_palindrome(rng: random.Random) -> str:
+    """3..7 lowercase letters: a palindrome with probability exactly 1/2."""
+    n = rng.randint(3, 7)
+    if rng.random() < 0.5:
+        half = _letters(rng, (n + 1) // 2, (n + 1) // 2)  # first ceil(n/2) letters, mirrored
+        return half + half[: n // 2][::-1]
+    while True:  # a random string is a palindrome by chance (1 in 26 for n=3): redraw those
+        s = _letters(rng, n, n)
+        if s != s[::-1]:
+            return s
+
+
+POSITIVE_WORDS = (
+    "good", "great", "happy", "lovely", "nice", "fun", "kind", "bright",
+    "calm", "warm", "joyful", "sweet", "brave", "clever", "cheerful",
+)  # fmt: skip
+NEGATIVE_WORDS = (
+    "bad", "awful", "sad", "ugly", "nasty", "dull", "cruel", "gloomy",
+    "angry", "bitter", "rude", "grim", "boring", "lazy", "horrible",
+)  # fmt: skip
+NEUTRAL_WORDS = (
+    "table", "chair", "blue", "round", "paper", "window", "river", "metal",
+    "train", "seven", "green", "street", "box", "cloud", "stone",
+)  # fmt: skip
+
+# (positive, negative, neutral) word counts of a 3-word sentence whose non-neutral words have a strict
+# majority. The list is symmetric under swapping positive and negative, so both labels are equally likely.
+_SENTIMENT_COUNTS = ((1, 0, 2), (0, 1, 2), (2, 0, 1), (0, 2, 1), (3, 0, 0), (0, 3, 0), (2, 1, 0), (1, 2, 0))
+
+
+def _sentence(rng: random.Random) -> str:
+    n_pos, n_neg, n_neu = rng.choice(_SENTIMENT_COUNTS)
+    words = (
+        [rng.choice(POSITIVE_WORDS) for _ in range(n_pos)]
+        + [rng.choice(NEGATIVE_WORDS) for _ in range(n_neg)]
+        + [rng.choice(NEUTRAL_WORDS) for _ in range(n_neu)]
+    )
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+# --- answers ---------------------------------------------------------------------------------------
+
+
+def _shift(s: str) -> str:
+    """Each lowercase letter moves one step on: a->b, ..., z->a. Other characters are kept."""
+    return "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) if "a" <= c <= "z" else c for c in s)
+
+
+def _add(s: str) -> str:
+    a, b = s.split("+")
+    return str(int(a) + int(b))
+
+
+def _sentiment(s: str) -> str:
+    words = s.split()
+    n_pos = sum(w in POSITIVE_WORDS for w in words)
+    n_neg = sum(w in NEGATIVE_WORDS for w in words)
+    if n_pos == n_neg:
+        raise ValueError(f"sentiment of {s!r} is undecided: {n_pos} positive and {n_neg} negative words")
+    return "positive" if n_pos > n_neg else "negative"
+
+
+def _yes_no(condition: bool) -> str:
+    return "yes" if condition else "no"
+
+
+# --- the suite -------------------------------------------------------------------------------------
+
+_GEN, _CLS = "generation", "classification"
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("copy", "Copy the letters:", _GEN, (), _letters, lambda s: s),
+        Task("reverse", "Reverse the letters:", _GEN, (), _letters, lambda s: s[::-1]),
+        Task("sort", "Sort the letters:", _GEN, (), _letters, lambda s: "".join(sorted(s))),
+        Task("shift", "Shift each letter by one:", _GEN, (), _letters, _shift),
+        Task("upper", "Write the letters in uppercase:", _GEN, (), _letters, str.upper),
+        Task("add", "Add the numbers:", _GEN, (), _addition, _add),
+        Task("parity", "Is the number even or odd?", _CLS, ("even", "odd"), _number,
+             lambda s: "even" if int(s) % 2 == 0 else "odd"),
+        Task("contains_digit", "Does it contain a digit?", _CLS, ("yes", "no"), _maybe_with_digit,
+             lambda s: _yes_no(any(c.isdigit() for c in s))),
+        Task("sentiment", "Is the sentiment positive or negative?", _CLS, ("positive", "negative"),
+             _sentence, _sentiment),
+        Task("palindrome", "Is it a palindrome?", _CLS, ("yes", "no"), _maybe_palindrome,
+             lambda s: _yes_no(s == s[::-1])),
+    )
+}  # fmt: skip
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by name; an unknown name raises ValueError listing the valid ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Examples and splits
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example of a task: ``answer`` is the target text (without <|sep|> or <|eos|>)."""
+
+    task: str
+    input: str
+    answer: str
+
+
+def split_of(input: str) -> str:
+    """The split ("train", "val" or "test") an input string belongs to, for every task and seed.
+
+    bucket = first 8 bytes of sha256(input) mod 10:  0-7 -> train (80%), 8 -> val, 9 -> test.
+    """
+    bucket = int.from_bytes(hashlib.sha256(input.encode("utf-8")).digest()[:8], "big") % 10
+    return "train" if bucket < 8 else ("val" if bucket == 8 else "test")
+
+
+def _rng(*parts: object) -> random.Random:
+    """A random.Random seeded from ``parts`` through sha256, the same in every Python process."""
+    key = "/".join(str(p) for p in parts).encode("utf-8")
+    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+
+
+def make_split(task_name: str, split: str, n: int, seed: int = 0, unique: bool = True) -> list[Example]:
+    """Draw ``n`` examples of ``task_name`` whose inputs belong to ``split``.
+
+    Inputs are rejection-sampled: draw one, keep it only if ``split_of(input) == split`` (and, with
+    ``unique``, it was not drawn before). For classification tasks the i-th example must have label
+    ``labels[i % len(labels)]``, so the labels alternate and every prefix of the list is balanced.
+    The same (task, split, n, seed) always gives the same list; another seed gives another sample.
+    If the split runs out of distinct inputs (e.g. ``add`` has only ~1,000 val inputs) a ValueError
+    says so after a bounded number of attempts, instead of looping forever.
+    """
+    task = get_task(task_name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = _rng(task_name, split, seed)
+    max_attempts = 50_000 + 100 * n  # far more than a feasible request needs (~20 draws per example)
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for _ in range(max_attempts):
+        if len(examples) == n:
+            return examples
+        x = task.sample_input(rng)
+        if split_of(x) != split or (unique and x in seen):
+            continue
+        y = task.answer(x)
+        if task.labels and y != task.labels[len(examples) % len(task.labels)]:
+            continue  # not the label we need next: keeps the classes balanced
+        seen.add(x)
+        examples.append(Example(task_name, x, y))
+    if len(examples) == n:
+        return examples
+    raise ValueError(
+        f"could only draw {len(examples)} of n={n} distinct {split!r} inputs for task {task_name!r} "
+        f"in {max_attempts} attempts; ask for fewer examples or pass unique=False"
+    )
+
+
+def pretraining_mixture(n: int, seed: int = 0, exclude: Sequence[str] = (HELD_OUT_TASK,)) -> list[Example]:
+    """``n`` train-split examples spread evenly over every task not in ``exclude``, shuffled.
+
+    Task i (in ``TASKS`` order) gets ``n // k`` examples, plus one for the first ``n % k`` tasks.
+    Inputs may repeat within a task (``unique=False``): a pretraining stream can be longer than a small
+    input space such as ``add``'s.
+    """
+    for name in exclude:
+        get_task(name)  # a typo in exclude should fail loudly, not silently include the task
+    names = [name for name in TASKS if name not in exclude]
+    if not names:
+        raise ValueError("exclude removes every task; nothing left to pretrain on")
+    k = len(names)
+    examples: list[Example] = []
+    for i, name in enumerate(names):
+        examples += make_split(name, "train", n // k + (1 if i < n % k else 0), seed=seed, unique=False)
+    _rng("mixture", seed).shuffle(examples)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------
+# From examples to tensors, and back to a score
+# ---------------------------------------------------------------------------------------------------
+
+
+def prompt_ids(example: Example, tokenizer: ByteTokenizer, instruction: bool) -> list[int]:
+    """The ids a model sees before it must answer: ``[instruction + " "] + input + <|sep|>``.
+
+    Feed these to ``generate`` and read the answer up to <|eos|>.
+    """
+    prefix = (get_task(example.task).instruction + " " if instruction else "") + example.input
+    return tokenizer.encode(prefix) + [tokenizer.sep_id]
+
+
+def encode_example(
+    example: Example, tokenizer: ByteTokenizer, instruction: bool
+) -> tuple[list[int], list[int]]:
+    """``(idx, targets)`` for next-token training, both of length len(full) - 1.
+
+        full    = prompt_ids(example) + answer_ids + [eos]     (prompt_ids ends with <|sep|>)
+        idx     = full[:-1]
+        targets[t] = full[t + 1]  if full[t + 1] is an answer token or the <|eos|>, else -100
+
+    So the <|sep|> position predicts the first answer byte and the last answer byte predicts <|eos|>;
+    the instruction and the input are context only.
+    """
+    prompt = prompt_ids(example, tokenizer, instruction)
+    full = prompt + tokenizer.encode(example.answer) + [tokenizer.eos_id]
+    idx = full[:-1]
+    # position t predicts full[t + 1]; the answer starts at full[len(prompt)], so it is predicted from
+    # t = len(prompt) - 1, the <|sep|> position: the len(prompt) - 1 positions before it get -100
+    targets = [IGNORE_INDEX] * (len(prompt) - 1) + full[len(prompt) :]
+    assert len(idx) == len(targets)
+    return idx, targets
+
+
+def collate(
+    examples: Sequence[Example], tokenizer: ByteTokenizer, instruction: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode and right-pad a batch: ``(idx, targets, attention_mask)``, int64 tensors of shape (B, T).
+
+    Padding is ``pad_id`` in ``idx``, -100 in ``targets`` (never supervised) and 0 in ``attention_mask``.
+    """
+    if len(examples) == 0:
+        raise ValueError("examples is empty: collate needs at least one example")
+    encoded = [encode_example(ex, tokenizer, instruction) for ex in examples]
+    B, T = len(encoded), max(len(idx) for idx, _ in encoded)
+    idx = torch.full((B, T), tokenizer.pad_id, dtype=torch.long)  # (B, T)
+    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    for b, (ids, tgt) in enumerate(encoded):
+        idx[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        targets[b, : len(tgt)] = torch.tensor(tgt, dtype=torch.long)
+        mask[b, : len(ids)] = 1
+    return idx, targets, mask
+
+
+def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> float:
+    """Fraction of predictions equal (as strings, exactly) to their example's answer, in [0, 1]."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    if len(examples) == 0:
+        raise ValueError("exact_match of zero examples is undefined")
+    return sum(p == ex.answer for p, ex in zip(predictions, examples)) / len(examples)
+
+
+def token_frequencies(
+    examples: Sequence[Example], tokenizer: ByteTokenizer, instruction: bool = False
+) -> torch.Tensor:
+    """How often each token id occurs in the encoded examples: int64 tensor of shape (vocab_size,).
+
+    Counts the full sequences (prompt, answer and <|eos|>). Used for the "sampled vocabulary" prompt
+    init of Lester et al. (2021), which starts the soft prompt from embeddings of the most frequent tokens.
+    """
+    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long)  # (V,)
+    for ex in examples:
+        idx, targets = encode_example(ex, tokenizer, instruction)
+        full = torch.tensor(idx + [targets[-1]], dtype=torch.long)  # targets[-1] is always the <|eos|>
+        counts += torch.bincount(full, minlength=tokenizer.vocab_size)
+    return counts
