@@ -1,0 +1,12 @@
+"""minipt: soft prompt tuning (Lester et al. 2021) for GPT-style models, small enough to read.
+
+    from minipt import GPT, GPTConfig, ByteTokenizer, PromptTuning
+    from minipt.kernels import prompt_concat
+"""
+from .model import GPT, GPTConfig
+from .prompt import PromptTuning
+from .tokenizer import ByteTokenizer
+from .train import TrainConfig, train
+
+__version__ = "0.1.0"
+__all__ = ["GPT", "GPTConfig", "ByteTokenizer", "PromptTuning", "TrainConfig", "train", "__version__"]

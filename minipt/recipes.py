@@ -1,0 +1,74 @@
+"""The three ways minipt trains a model, each a few lines over `train`:
+
+    pretrain(preset)          a base model from scratch on the task mixture, with written instructions
+    tune_prompt(model, task)  a soft prompt on the frozen base model, for one task without its instruction
+    finetune(model, task)     every weight of a copy of the base model, same data: the comparison point
+
+Defaults are the ones the demo and the shipped base model use; the CLI exposes them as flags.
+"""
+from __future__ import annotations
+
+import copy
+import torch
+
+from .data import batch_fn, exact_match_accuracy
+from .model import GPT, GPTConfig
+from .prompt import PromptTuning
+from .tasks import HELD_OUT_TASK, TASKS, make_split, pretraining_mixture, token_frequencies
+from .tokenizer import ByteTokenizer
+from .train import TrainConfig, TrainResult, train
+
+# The shipped base model (minipt/assets/tiny.safetensors) is `minipt pretrain` with these settings.
+PRETRAIN_DEFAULTS = TrainConfig(steps=3000, batch_size=64, lr=3e-3, weight_decay=0.1, warmup_steps=100,
+                                eval_every=250, seed=0)
+PRETRAIN_EXAMPLES = 60_000
+# Prompt tuning takes a much larger learning rate than model tuning (Lester et al. use 0.3 with Adafactor).
+TUNE_DEFAULTS = TrainConfig(steps=300, batch_size=32, lr=0.1, warmup_steps=20, eval_every=50, seed=0)
+FINETUNE_DEFAULTS = TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, eval_every=50, seed=0)
+
+
+def pretrain(preset: str = "tiny", cfg: TrainConfig = PRETRAIN_DEFAULTS, n_examples: int = PRETRAIN_EXAMPLES,
+             checkpoint_path=None, resume: bool = False) -> tuple[GPT, TrainResult]:
+    """A base model trained from scratch on every task but the held-out one, instructions included."""
+    torch.manual_seed(cfg.seed)
+    tok = ByteTokenizer()
+    model = GPT(GPTConfig.preset(preset, vocab_size=tok.vocab_size))
+    data = pretraining_mixture(n_examples, seed=cfg.seed)
+    val = [ex for name in TASKS if name != HELD_OUT_TASK for ex in make_split(name, "val", 64, seed=cfg.seed)]
+    get_batch = batch_fn(data, tok, cfg.batch_size, seed=cfg.seed, instruction=True)
+    result = train(model, get_batch, cfg, evaluate=lambda: exact_match_accuracy(model, val, tok, instruction=True),
+                   checkpoint_path=checkpoint_path, resume=resume)
+    return model, result
+
+
+def task_data(task: str, n_train: int = 2000, n_val: int = 200, n_test: int = 500, seed: int = 0):
+    """Train, val and test examples of one task (disjoint inputs)."""
+    return (make_split(task, "train", n_train, seed=seed), make_split(task, "val", n_val, seed=seed),
+            make_split(task, "test", n_test, seed=seed))
+
+
+def tune_prompt(model: GPT, task: str, n_prompt: int = 20, init: str = "vocab", cfg: TrainConfig = TUNE_DEFAULTS,
+                data=None, init_text: str | None = None, backend: str = "auto",
+                checkpoint_path=None, resume: bool = False) -> tuple[PromptTuning, TrainResult]:
+    """A soft prompt for `task` on the frozen `model`, trained without the task's instruction."""
+    tok = ByteTokenizer()
+    train_ex, val_ex, _ = data if data is not None else task_data(task, seed=cfg.seed)
+    counts = token_frequencies(pretraining_mixture(5000, seed=0), tok) if init == "vocab" else None
+    pt = PromptTuning(model, n_prompt=n_prompt, init=init, init_text=init_text, tokenizer=tok,
+                      token_counts=counts, seed=cfg.seed, backend=backend)
+    get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False)
+    result = train(pt, get_batch, cfg, evaluate=lambda: exact_match_accuracy(pt, val_ex, tok),
+                   checkpoint_path=checkpoint_path, resume=resume)
+    return pt, result
+
+
+def finetune(model: GPT, task: str, cfg: TrainConfig = FINETUNE_DEFAULTS, data=None) -> tuple[GPT, TrainResult]:
+    """Full fine-tuning of a copy of `model` on the same data (the base model itself is left untouched)."""
+    tok = ByteTokenizer()
+    train_ex, val_ex, _ = data if data is not None else task_data(task, seed=cfg.seed)
+    tuned = copy.deepcopy(model)
+    for p in tuned.parameters():
+        p.requires_grad_(True)
+    get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False)
+    result = train(tuned, get_batch, cfg, evaluate=lambda: exact_match_accuracy(tuned, val_ex, tok))
+    return tuned, result

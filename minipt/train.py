@@ -1,0 +1,161 @@
+"""One training loop for pretraining, prompt tuning and full fine-tuning.
+
+The mode is whatever is trainable: a GPT trains all its weights; a PromptTuning trains only its prompt
+(the base model is frozen, so its parameters never reach the optimizer).
+
+    for step in range(steps):
+        idx, targets = get_batch(step)            # a pure function of the step: resuming replays the same data
+        loss = module(idx, targets)[1]            # stop with an error if it is NaN or inf
+        loss.backward(); clip; optimizer.step()   # AdamW (default) or Adafactor (Lester et al.), lr warmup+cosine
+        every eval_every steps: metric = evaluate(); keep the best trainable tensors; write a checkpoint
+
+Checkpoints hold the trainable tensors, the optimizer state, the step and the best-so-far, and are written
+atomically, so an interrupted run resumes (`resume=True`) to the same final result as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .checkpoint import load_train_state, save_train_state
+from .frozen import trainable_parameters
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    optimizer: str = "adamw"  # "adamw" | "adafactor"
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    eval_every: int = 100  # steps between evaluations (and checkpoints)
+    seed: int = 0
+    progress: bool = True  # show a tqdm bar
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per step
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, metric)
+    best_metric: float | None = None
+    best_step: int | None = None
+    seconds: float = 0.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup for warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":  # Lester et al. use Adafactor; torch has it from 2.5 on
+        if not hasattr(torch.optim, "Adafactor"):
+            raise RuntimeError(f"optimizer='adafactor' needs torch >= 2.5 (this is {torch.__version__})")
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'adafactor', got {cfg.optimizer!r}")
+
+
+def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig,
+          evaluate: Callable[[], float] | None = None, checkpoint_path=None, resume: bool = False,
+          callbacks: list[Callable[[int, float], None]] = ()) -> TrainResult:
+    """Train the parameters of `module` that require grad; see the module docstring.
+
+    get_batch(step) -> (idx, targets) or (idx, targets, attention_mask); module(idx, targets, ...) -> (_, loss).
+    evaluate() -> a metric where higher is better (e.g. validation accuracy); the best state is restored at
+    the end. callbacks are called as cb(step, loss) after each step.
+    """
+    named = trainable_parameters(module)
+    if not named:
+        raise ValueError("module has no parameter that requires grad: nothing to train")
+    params = [p for _, p in named]
+    optimizer = make_optimizer(params, cfg)
+    result = TrainResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    start = 0
+    if resume and checkpoint_path is not None and _exists(checkpoint_path):
+        state = load_train_state(checkpoint_path)
+        _check_names(state["trainable"], named, checkpoint_path)
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(state["trainable"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        result = TrainResult(**state["result"])
+        best_state = state["best"]
+
+    t0 = time.perf_counter() - result.seconds
+    module.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
+               desc="train", leave=False)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = get_batch(step)
+        _, loss = module(*batch)
+        if not torch.isfinite(loss):
+            where = f"; the last good checkpoint ({checkpoint_path}) is kept" if checkpoint_path else ""
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}: training stopped{where}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if not torch.isfinite(norm):
+                raise FloatingPointError(f"gradient norm is {norm.item()} at step {step}: training stopped")
+        optimizer.step()
+        result.losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            metric = float(evaluate())
+            module.train()
+            result.evals.append((done, metric))
+            if result.best_metric is None or metric > result.best_metric:
+                result.best_metric, result.best_step = metric, done
+                best_state = {name: p.detach().clone() for name, p in named}
+        if checkpoint_path is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            result.seconds = time.perf_counter() - t0
+            save_train_state(checkpoint_path, {
+                "step": done,
+                "trainable": {name: p.detach().clone() for name, p in named},
+                "optimizer": optimizer.state_dict(),
+                "result": asdict(result),
+                "best": best_state,
+                "config": asdict(cfg),
+            })
+        for cb in callbacks:
+            cb(step, loss.item())
+    bar.close()
+    if best_state is not None:  # keep-best: end on the parameters that scored best on validation
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(best_state[name])
+    module.eval()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _exists(path) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_file()
+
+
+def _check_names(saved: dict, named, path) -> None:
+    want = {n for n, _ in named}
+    if set(saved) != want:
+        raise ValueError(f"{path} holds trainable tensors {sorted(saved)}, but this module trains {sorted(want)}")
