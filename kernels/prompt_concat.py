@@ -1,27 +1,549 @@
-"""Build the prompt-tuning input x = [e_p, e_1 .. e_n] (Lester et al. 2021, section 2).
+"""The fused prompt-concat op: build the prompt-tuning input in one pass over memory.
 
-    x[b, t] = (P[t] if t < n_p else wte[idx[b, t - n_p]]) + wpe[t]
+Prompt tuning (Lester et al. 2021, section 2) feeds a frozen GPT the sequence [P; wte[idx]]:
 
-(Placeholder: plain PyTorch reference only; the Triton kernels come next.)
+    x[b, t] = (P[k_b, t] if t < n_p else wte[idx[b, t - n_p]]) + wpe[t]        t < T = n_p + n
+
+    P             (n_p, D) one prompt shared by the batch, or a bank (K, n_p, D) with
+    prompt_index  (B,) choosing prompt k_b for example b (one batch can mix tasks)
+    wte, wpe      (V, D) token and (n_ctx, D) position tables of the frozen model (wpe optional)
+    idx           (B, n) token ids
+
+and its backward only needs the prompt rows of the upstream gradient dx = dL/dx:
+
+    dP[k, t]  = sum over b with k_b = k of dx[b, t]       t < n_p     (the only trained tensor)
+    dwpe[t]   = sum_b dx[b, t]                             t < T       (only when wpe.requires_grad)
+    dwte[v]   = sum over (b, i) with idx[b, i] = v of dx[b, n_p + i]  (only when wte.requires_grad)
+
+The file follows the usual layout of a Triton op (Triton tutorials, Liger-Kernel's ops):
+
+1. the `@triton.jit` kernels (`_prompt_concat_fwd_kernel`, `_prompt_concat_bwd_kernel`);
+2. launchers that allocate outputs, pick block sizes and launch;
+3. the plain PyTorch reference (`prompt_concat_reference`), a few lines long;
+4. the autograd formula, registered with the kernels as `torch.library` custom ops
+   (`minipt::prompt_concat` and the batch reduction `minipt::prompt_concat_batch_sum` that its
+   backward uses for dP and dwpe), so `torch.compile(fullgraph=True)` sees opaque ops instead of
+   breaking the graph on a Triton launch;
+5. input validation shared by both backends, and the dispatcher `prompt_concat`.
+
+Triton is optional: without it (macOS, Windows) the module imports and the reference runs.
+
+References: Lester, Al-Rfou, Constant, "The Power of Scale for Parameter-Efficient Prompt Tuning"
+(EMNLP 2021); the Triton tutorials (vector add, fused softmax); Liger-Kernel (linkedin/Liger-Kernel);
+PyTorch "Python custom operators" (torch.library.custom_op).
 """
-from __future__ import annotations
+import contextlib
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+try:  # Triton ships for Linux only; everywhere else the reference runs.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    # @triton.jit decides when it decorates a kernel (here, at import) whether the kernel is
+    # compiled for the GPU or run by the CPU interpreter; TRITON_INTERPRET=1 must be set before.
+    TRITON_INTERPRET = bool(triton.knobs.runtime.interpret)
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+    TRITON_INTERPRET = False
+
+__all__ = ["prompt_concat", "prompt_concat_reference", "HAS_TRITON", "TRITON_INTERPRET"]
+
+BACKENDS = ("auto", "triton", "reference")
+TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ID_DTYPES = (torch.int32, torch.int64)
 
 
-def prompt_concat_reference(prompt, wte, idx, wpe=None, prompt_index=None):
-    """Plain PyTorch version of the op: embedding, expand, cat, + wpe."""
+# ---------------------------------------------------------------------------------------------
+# 1. Kernels
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _prompt_concat_fwd_kernel(
+        X,  # (B, T, D) output, contiguous, in the table dtype; T = n_p + n
+        P,  # (K, n_p, D) prompt bank (K = 1 for one shared prompt), any float dtype
+        PIDX,  # (B,) int32/int64 prompt index per example, read only when IS_BANK
+        WTE,  # (V, D) token embedding table
+        IDX,  # (B, n) int32/int64 token ids, contiguous
+        WPE,  # (n_ctx, D) position table, read only when HAS_WPE
+        stride_pk,  # elements between two prompts of the bank
+        stride_pt,  # elements between two rows of one prompt
+        stride_wte,  # elements between two rows of wte
+        stride_wpe,  # elements between two rows of wpe
+        n_p,  # prompt length
+        n,  # tokens per example
+        D,  # embedding width (any value: the last column block is masked)
+        IS_BANK: tl.constexpr,  # P is a bank indexed by PIDX
+        HAS_WPE: tl.constexpr,  # add the position row
+        ALIGN: tl.constexpr,  # a power of two (<= 16) dividing D and every row stride
+        BLOCK_D: tl.constexpr,  # columns per program, a power of two
+    ):
+        # Alignment hint: x // ALIGN * ALIGN equals x (ALIGN divides it) but lets the compiler
+        # prove that every row starts on an ALIGN-element boundary and that the column mask is
+        # constant over ALIGN columns, so rows are moved with 16-byte vector loads and stores
+        # (ld.global.v4.b32 for 16-bit rows with D % 8 == 0). Triton's own specialisation only
+        # marks integer arguments divisible by 16, and tl.multiple_of does not apply to scalars.
+        D = D // ALIGN * ALIGN
+        stride_pk = stride_pk // ALIGN * ALIGN
+        stride_pt = stride_pt // ALIGN * ALIGN
+        stride_wte = stride_wte // ALIGN * ALIGN
+        stride_wpe = stride_wpe // ALIGN * ALIGN
+
+        # Grid: (B * T, cdiv(D, BLOCK_D)). Program (r, c) writes columns [c*BLOCK_D, (c+1)*BLOCK_D)
+        # of output row r = b * T + t. Row offsets are int64: B * T * D may exceed 2**31.
+        row = tl.program_id(0).to(tl.int64)
+        T = n_p + n
+        b = row // T
+        t = row % T
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        col_mask = cols < D
+
+        # Memory traffic, s = bytes per element: each program reads one source row (D * s, from
+        # P or wte), with wpe one position row (D * s), and writes one output row (D * s), plus
+        # one id (4 or 8 bytes). Prompt and position rows are shared by the whole batch, so after
+        # the first example they come from L2. DRAM traffic per example: n wte rows read + T rows
+        # written = (2n + n_p) * D * s bytes, against about 4n + 3n_p rows (+ 3T with wpe) for
+        # eager embedding -> expand -> cat -> add, which writes and re-reads every intermediate.
+        # The branch is uniform over the program (t is one scalar), so it costs no divergence.
+        if t < n_p:
+            k = 0
+            if IS_BANK:
+                k = tl.load(PIDX + b).to(tl.int64)  # b < B by construction of the grid
+            # x[b, t] = P[k_b, t], cast to the table dtype like the reference's P.to(wte.dtype)
+            src = P + k * stride_pk + t * stride_pt + cols
+            vals = tl.load(src, mask=col_mask, other=0.0).to(X.dtype.element_ty)
+        else:
+            # x[b, t] = wte[idx[b, t - n_p]]; the launcher checked 0 <= idx < V, so the gather
+            # never leaves the table. The id is widened to int64 before the multiply.
+            tok = tl.load(IDX + b * n + (t - n_p)).to(tl.int64)  # in range by construction
+            vals = tl.load(WTE + tok * stride_wte + cols, mask=col_mask, other=0.0)
+        if HAS_WPE:
+            # x[b, t] += wpe[t], added in the table dtype (as the reference's x + wpe[:T])
+            vals += tl.load(WPE + t * stride_wpe + cols, mask=col_mask, other=0.0)
+        tl.store(X + row * D + cols, vals, mask=col_mask)
+
+    @triton.jit
+    def _prompt_concat_bwd_kernel(
+        OUT,  # (K, R, D) output, contiguous: OUT[k, t] = sum over b with k_b = k of DX[b, t]
+        DX,  # (B, T, D) upstream gradient dL/dx, contiguous
+        PIDX,  # (B,) int32/int64 prompt index per example, read only when IS_BANK
+        B,  # batch size
+        T,  # rows of DX per example, n_p + n
+        R,  # rows of OUT per bank entry: n_p for dP, T for dwpe
+        D,  # embedding width
+        IS_BANK: tl.constexpr,  # sum only the examples whose prompt index is k
+        ACC_DTYPE: tl.constexpr,  # tl.float32 (tl.float64 for fp64 gradients)
+        ALIGN: tl.constexpr,  # a power of two (<= 16) dividing D: the same hint as the forward
+        BLOCK_B: tl.constexpr,  # examples per step of the batch loop, a power of two
+        BLOCK_D: tl.constexpr,  # columns per program, a power of two
+    ):
+        D = D // ALIGN * ALIGN  # alignment hint, see the forward kernel
+        # Grid: (K * R, cdiv(D, BLOCK_D)). Program (r, c) owns columns [c*BLOCK_D, (c+1)*BLOCK_D)
+        # of output row r = k * R + t and walks the whole batch itself, in a fixed order: the sum
+        # is a reduction inside one program, never atomics, so two runs give the same bits.
+        # Memory traffic: each needed row of DX is read once (B * R * D * s bytes; with a bank
+        # the K programs of a row skip the examples that are not theirs: masked lanes issue no
+        # load), and K * R * D output elements are written once.
+        row = tl.program_id(0).to(tl.int64)
+        k = row // R
+        t = row % R
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        col_mask = cols < D
+
+        acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+        for b0 in range(0, B, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)  # (BLOCK_B,) examples of this step
+            take = bs < B
+            if IS_BANK:
+                take = take & (tl.load(PIDX + bs, mask=take, other=-1) == k)
+            offs = (bs.to(tl.int64) * T + t)[:, None] * D + cols[None, :]  # (BLOCK_B, BLOCK_D)
+            tile = tl.load(DX + offs, mask=take[:, None] & col_mask[None, :], other=0.0)
+            # dP[k, t] += sum_b dX[b, t] over this step's examples, accumulated in fp32
+            acc += tl.sum(tile.to(ACC_DTYPE), axis=0)
+        tl.store(OUT + row * D + cols, acc.to(OUT.dtype.element_ty), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Launchers (inputs are already validated by `_check_inputs` and `_check_values`)
+# ---------------------------------------------------------------------------------------------
+def _on_device(device):
+    """Launch on the tensors' GPU (Triton uses the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _unit_column_stride(t):
+    """Kernels index columns with stride 1 and take any row stride; copy only if needed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _alignment(*sizes):
+    """The kernels' ALIGN hint: the largest power of two, at most 16, dividing every size."""
+    align = 16
+    while any(size % align for size in sizes):
+        align //= 2
+    return align
+
+
+def _acc_dtype(*dtypes):
+    """Accumulate in fp32, or in fp64 when fp64 is involved (gradcheck)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _forward_triton(prompt, wte, idx, wpe, prompt_index):
     B, n = idx.shape
-    if prompt.dim() == 3:  # a bank (K, n_p, D): one prompt per example
-        p = prompt[prompt_index]  # (B, n_p, D)
-    else:
-        p = prompt.unsqueeze(0).expand(B, -1, -1)  # (B, n_p, D)
-    tok = wte[idx]  # (B, n, D)
-    x = torch.cat([p.to(wte.dtype), tok], dim=1)  # (B, n_p + n, D)
+    bank = prompt.dim() == 3
+    P = _unit_column_stride(prompt if bank else prompt.unsqueeze(0))  # (K, n_p, D)
+    if P.dtype == torch.float64 and wte.element_size() == 2:
+        # torch casts fp64 to fp16/bf16 through fp32 (two roundings); do the same to match the
+        # reference bit for bit. The prompt is small: K * n_p * D elements.
+        P = P.float()
+    wte = _unit_column_stride(wte)  # (V, D), a non-contiguous row stride is fine
+    idx = idx.contiguous()  # (B, n), small
+    _, n_p, D = P.shape
+    T = n_p + n
+    x = torch.empty(B, T, D, dtype=wte.dtype, device=wte.device)  # (B, T, D)
     if wpe is not None:
-        x = x + wpe[: x.shape[1]]
+        wpe = _unit_column_stride(wpe)
+    pidx = prompt_index.contiguous() if bank else idx  # placeholder pointer when unused
+
+    # Block size and warps: one program copies BLOCK_D columns of one row. A thread moves 16
+    # bytes per vector load, so one warp covers 32 * 16 = 512 bytes of a row; take as many warps
+    # as the block needs, 1 to 8. 1024 columns cover GPT-2 small (D = 768) in one block per row;
+    # wider rows get several column blocks, which keeps programs short and the grid large.
+    BLOCK_D = min(triton.next_power_of_2(D), 1024)
+    num_warps = min(max(BLOCK_D * x.element_size() // 512, 1), 8)
+    strides = (P.stride(0), P.stride(1), wte.stride(0), wpe.stride(0) if wpe is not None else 0)
+    grid = (B * T, triton.cdiv(D, BLOCK_D))
+    with _on_device(x.device):
+        _prompt_concat_fwd_kernel[grid](
+            x,
+            P,
+            pidx,
+            wte,
+            idx,
+            wpe if wpe is not None else x,  # placeholder pointer when unused
+            *strides,  # stride_pk, stride_pt, stride_wte, stride_wpe
+            n_p,
+            n,
+            D,
+            IS_BANK=bank,
+            HAS_WPE=wpe is not None,
+            ALIGN=_alignment(D, *strides),
+            BLOCK_D=BLOCK_D,
+            num_warps=num_warps,
+        )
     return x
 
 
-def prompt_concat(prompt, wte, idx, wpe=None, prompt_index=None, backend="auto"):
+def _batch_sum_triton(dx, prompt_index, K, R, out_dtype):
+    """out[k, t] = sum over b with k_b = k of dx[b, t], t < R (all b when prompt_index is None)."""
+    dx = dx.contiguous()  # (B, T, D)
+    B, T, D = dx.shape
+    out = torch.empty(K, R, D, dtype=out_dtype, device=dx.device)  # (K, R, D)
+    bank = prompt_index is not None
+    acc = tl.float64 if _acc_dtype(dx.dtype, out_dtype) == torch.float64 else tl.float32
+
+    # Block size and warps: the batch is reduced inside one program, so parallelism comes from
+    # the K * R * cdiv(D, BLOCK_D) programs; 256 columns keep that grid large (n_p = 20, D = 768:
+    # 60 programs per prompt). Each loop step loads a (BLOCK_B, BLOCK_D) tile, up to 16 examples
+    # at once, so many loads are in flight; 4 warps for a full tile, fewer for small ones.
+    BLOCK_D = min(triton.next_power_of_2(D), 256)
+    BLOCK_B = min(triton.next_power_of_2(B), 16)
+    num_warps = min(max(BLOCK_B * BLOCK_D // 1024, 1), 4)
+    grid = (K * R, triton.cdiv(D, BLOCK_D))
+    with _on_device(dx.device):
+        _prompt_concat_bwd_kernel[grid](
+            out,
+            dx,
+            prompt_index.contiguous() if bank else dx,  # placeholder pointer when unused
+            B,
+            T,
+            R,
+            D,
+            IS_BANK=bank,
+            ACC_DTYPE=acc,
+            ALIGN=_alignment(D),
+            BLOCK_B=BLOCK_B,
+            BLOCK_D=BLOCK_D,
+            num_warps=num_warps,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The plain PyTorch reference
+# ---------------------------------------------------------------------------------------------
+def prompt_concat_reference(prompt, wte, idx, wpe=None, prompt_index=None):
+    """Plain PyTorch version of the op: embedding, expand, cat, + wpe (no validation)."""
+    B, n = idx.shape
+    if prompt.dim() == 3:  # a bank (K, n_p, D): one prompt per example
+        p = prompt[prompt_index.long()]  # (B, n_p, D)
+    else:
+        p = prompt.unsqueeze(0).expand(B, -1, -1)  # (B, n_p, D)
+    tok = wte[idx.long()]  # (B, n, D)
+    x = torch.cat([p.to(wte.dtype), tok], dim=1)  # (B, n_p + n, D)
+    if wpe is not None:
+        x = x + wpe[: x.shape[1]]  # (B, n_p + n, D)
+    return x
+
+
+def _batch_sum_reference(dx, prompt_index, K, R, out_dtype):
+    """Same contract as `_batch_sum_triton`, in PyTorch (a matmul with a one-hot of k_b)."""
+    acc = _acc_dtype(dx.dtype, out_dtype)
+    g = dx[:, :R].to(acc)  # (B, R, D)
+    if prompt_index is None:
+        return g.sum(0, keepdim=True).to(out_dtype)  # (1, R, D)
+    onehot = F.one_hot(prompt_index.long(), K).to(acc)  # (B, K)
+    return torch.einsum("bk,brd->krd", onehot, g).to(out_dtype)  # (K, R, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Custom ops and the autograd formula
+# ---------------------------------------------------------------------------------------------
+# torch.library.custom_op makes each op one opaque node for torch.compile (no graph break at the
+# Triton launch, no tracing into the interpreter); register_fake tells the compiler the output's
+# shape and dtype; register_autograd builds the autograd.Function from `_setup_context` and
+# `_backward` below. Optional tensors (wpe, prompt_index) are `Tensor?` in the schema.
+
+
+@torch.library.custom_op("minipt::prompt_concat", mutates_args=())
+def _prompt_concat_op(
+    prompt: torch.Tensor,
+    wte: torch.Tensor,
+    idx: torch.Tensor,
+    wpe: Optional[torch.Tensor],
+    prompt_index: Optional[torch.Tensor],
+    use_triton: bool,
+) -> torch.Tensor:
+    _check_values(prompt, wte, idx, prompt_index)  # data-dependent: here, not at trace time
+    if use_triton:
+        return _forward_triton(prompt, wte, idx, wpe, prompt_index)
     return prompt_concat_reference(prompt, wte, idx, wpe=wpe, prompt_index=prompt_index)
+
+
+@_prompt_concat_op.register_fake
+def _(prompt, wte, idx, wpe, prompt_index, use_triton):
+    B, n = idx.shape
+    n_p, D = prompt.shape[-2:]
+    return wte.new_empty(B, n_p + n, D)  # (B, T, D) in the table dtype
+
+
+@torch.library.custom_op("minipt::prompt_concat_batch_sum", mutates_args=())
+def _batch_sum_op(
+    dx: torch.Tensor,
+    prompt_index: Optional[torch.Tensor],
+    K: int,
+    R: int,
+    out_dtype: torch.dtype,
+    use_triton: bool,
+) -> torch.Tensor:
+    if use_triton:
+        return _batch_sum_triton(dx, prompt_index, K, R, out_dtype)
+    return _batch_sum_reference(dx, prompt_index, K, R, out_dtype)
+
+
+@_batch_sum_op.register_fake
+def _(dx, prompt_index, K, R, out_dtype, use_triton):
+    return dx.new_empty(K, R, dx.shape[-1], dtype=out_dtype)  # (K, R, D)
+
+
+def _setup_context(ctx, inputs, output):
+    prompt, wte, idx, wpe, prompt_index, use_triton = inputs
+    ctx.save_for_backward(idx, prompt_index)  # ids only: no (V, D) or (B, T, D) tensor is kept
+    ctx.prompt_shape = prompt.shape
+    ctx.prompt_dtype = prompt.dtype
+    ctx.wte_shape = wte.shape
+    ctx.wte_dtype = wte.dtype
+    ctx.n_pos = 0 if wpe is None else wpe.shape[0]
+    ctx.use_triton = use_triton
+
+
+def _backward(ctx, dx):
+    """dP always, dwpe and dwte only for the inputs that require grad (ctx.needs_input_grad).
+
+    The frozen path (wte.requires_grad False, as in prompt tuning) returns None for wte and never
+    allocates a (V, D) gradient. When wte does require grad (the full fine-tuning comparison),
+    dwte is a scatter-add (`index_add_`): exact on CPU, but on the GPU it uses atomics, so it is
+    not bit-deterministic there. dP and dwpe are deterministic everywhere.
+    """
+    idx, prompt_index = ctx.saved_tensors
+    n_p, D = ctx.prompt_shape[-2:]
+    K = ctx.prompt_shape[0] if len(ctx.prompt_shape) == 3 else 1
+    d_prompt = d_wte = d_wpe = None
+    if ctx.needs_input_grad[0]:
+        # dP[k, t] = sum over b with k_b = k of dx[b, t], t < n_p, in the prompt's dtype
+        d_prompt = _batch_sum_op(dx, prompt_index, K, n_p, ctx.prompt_dtype, ctx.use_triton)
+        d_prompt = d_prompt.reshape(ctx.prompt_shape)  # (n_p, D) or (K, n_p, D)
+    if ctx.needs_input_grad[1]:
+        # dwte[v] = sum over (b, i) with idx[b, i] = v of dx[b, n_p + i], accumulated in fp32
+        V = ctx.wte_shape[0]
+        acc = _acc_dtype(ctx.wte_dtype)
+        rows = dx[:, n_p:].reshape(-1, D).to(acc)  # (B * n, D)
+        # index_add_ writes into the fresh zero tensor it is called on: no input is modified
+        d_wte = torch.zeros(V, D, dtype=acc, device=dx.device).index_add_(0, idx.reshape(-1), rows)
+        d_wte = d_wte.to(ctx.wte_dtype)  # (V, D)
+    if ctx.needs_input_grad[3]:
+        # dwpe[t] = sum_b dx[b, t] for t < T; rows T .. n_ctx - 1 were not used: zero
+        T = dx.shape[1]
+        used = _batch_sum_op(dx, None, 1, T, dx.dtype, ctx.use_triton)[0]  # (T, D)
+        d_wpe = F.pad(used, (0, 0, 0, ctx.n_pos - T))  # (n_ctx, D)
+    return d_prompt, d_wte, None, d_wpe, None, None
+
+
+_prompt_concat_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Validation and the dispatcher
+# ---------------------------------------------------------------------------------------------
+def _dtype_names(dtypes):
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _check_inputs(prompt, wte, idx, wpe, prompt_index):
+    """Shapes, dtypes and devices: metadata only, so it also runs while torch.compile traces."""
+    named = {"prompt": prompt, "wte": wte, "idx": idx, "wpe": wpe, "prompt_index": prompt_index}
+    for name, t in named.items():
+        if (t is not None or name in ("prompt", "wte", "idx")) and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name in ("prompt", "wte", "wpe"):
+        t = named[name]
+        if t is not None and t.dtype not in TABLE_DTYPES:
+            raise TypeError(
+                f"{name} has unsupported dtype {t.dtype}; expected one of {_dtype_names(TABLE_DTYPES)}"
+            )
+    for name in ("idx", "prompt_index"):
+        t = named[name]
+        if t is not None and t.dtype not in ID_DTYPES:
+            raise TypeError(
+                f"{name} must hold integer ids (int32 or int64), got dtype {t.dtype}"
+            )
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"prompt_concat inputs must be on one device, got {where}")
+
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be 2-D (B, n), got shape {tuple(idx.shape)}")
+    B, n = idx.shape
+    if B == 0:
+        raise ValueError("idx is an empty batch (B == 0); prompt_concat needs B >= 1")
+    if wte.dim() != 2:
+        raise ValueError(f"wte must be 2-D (V, D), got shape {tuple(wte.shape)}")
+    if prompt.dim() == 2:
+        if prompt_index is not None:
+            raise ValueError(
+                "prompt_index is given but prompt is a single (n_p, D) prompt; "
+                "pass a bank (K, n_p, D) or drop prompt_index"
+            )
+    elif prompt.dim() == 3:
+        if prompt_index is None:
+            raise ValueError(
+                f"prompt is a bank of shape {tuple(prompt.shape)} (K, n_p, D): "
+                "prompt_index (B,) must say which prompt each example uses"
+            )
+        if prompt_index.shape != (B,):
+            raise ValueError(
+                f"prompt_index must have shape (B,) = ({B},), got {tuple(prompt_index.shape)}"
+            )
+        if prompt.shape[0] == 0:
+            raise ValueError("prompt is an empty bank (K == 0)")
+    else:
+        raise ValueError(
+            f"prompt must be (n_p, D) or a bank (K, n_p, D), got shape {tuple(prompt.shape)}"
+        )
+    n_p, D = prompt.shape[-2:]
+    if n_p == 0:
+        raise ValueError("prompt has no rows (n_p == 0); prompt_concat needs n_p >= 1")
+    if D == 0:
+        raise ValueError("prompt has D == 0 columns")
+    if wte.shape[1] != D:
+        raise ValueError(f"D mismatch: prompt has D={D} but wte has D={wte.shape[1]}")
+    if wpe is not None:
+        if wpe.dim() != 2:
+            raise ValueError(f"wpe must be 2-D (n_ctx, D), got shape {tuple(wpe.shape)}")
+        if wpe.shape[1] != D:
+            raise ValueError(f"D mismatch: prompt has D={D} but wpe has D={wpe.shape[1]}")
+        if wpe.dtype != wte.dtype:
+            raise TypeError(f"wpe dtype {wpe.dtype} must match wte dtype {wte.dtype}")
+        if n_p + n > wpe.shape[0]:
+            raise ValueError(
+                f"n_p + n = {n_p} + {n} = {n_p + n} positions exceed wpe's {wpe.shape[0]} rows"
+            )
+
+
+def _check_values(prompt, wte, idx, prompt_index):
+    """Id ranges, checked on the data before any launch: the kernel never reads out of bounds.
+
+    One device-to-host copy per tensor (a GPU sync); inside the custom op, so torch.compile
+    does not have to trace data-dependent Python.
+    """
+    V = wte.shape[0]
+    if idx.numel() > 0:
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+        if lo < 0 or hi >= V:
+            raise ValueError(
+                f"idx holds token ids in [{lo}, {hi}] but wte has V={V} rows: ids must be in [0, {V})"
+            )
+    if prompt_index is not None:
+        K = prompt.shape[0]
+        lo, hi = torch.stack(torch.aminmax(prompt_index)).tolist()
+        if lo < 0 or hi >= K:
+            raise ValueError(
+                f"prompt_index holds values in [{lo}, {hi}] but the bank has K={K} prompts: "
+                f"indices must be in [0, {K})"
+            )
+
+
+def _resolve_backend(backend, device):
+    """True for the Triton kernels (compiled or interpreted), False for the reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    if not HAS_TRITON:
+        reason = "Triton is not installed (it ships for Linux only)"
+    elif device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET):
+        return True
+    elif device.type == "cpu":
+        reason = (
+            "the tensors are on the CPU and Triton's interpreter is off "
+            "(set TRITON_INTERPRET=1 before importing triton)"
+        )
+    else:
+        reason = f"Triton does not run on {device.type} tensors"
+    if backend == "triton":
+        raise RuntimeError(
+            f"backend='triton' cannot run here: {reason}; use backend='reference' or 'auto'"
+        )
+    return False
+
+
+def prompt_concat(prompt, wte, idx, wpe=None, prompt_index=None, backend="auto"):
+    """x = [P; wte[idx]] (+ wpe[:T]) as one (B, n_p + n, D) tensor in wte's dtype.
+
+    Args:
+        prompt: (n_p, D) one prompt for the whole batch, or (K, n_p, D) a bank of prompts.
+            Any float dtype; cast to wte's dtype in the output. Its gradient comes back in its
+            own dtype, accumulated in fp32 over the batch, deterministically.
+        wte: (V, D) token embedding table: float32, float16, bfloat16 or float64.
+        idx: (B, n) int32 or int64 token ids in [0, V).
+        wpe: optional (n_ctx, D) position table with n_ctx >= n_p + n, wte's dtype.
+        prompt_index: (B,) ids in [0, K), required with a bank, not allowed without.
+        backend: "auto" runs the Triton kernels on CUDA tensors (and on CPU tensors under
+            TRITON_INTERPRET=1) and the PyTorch reference elsewhere; "triton" insists on the
+            kernels (RuntimeError where they cannot run); "reference" is plain PyTorch.
+
+    Gradients flow to prompt, and to wte and wpe only when they require grad: a frozen table
+    gets None and no (V, D) gradient is ever allocated. Both backends share the validation, so
+    a bad input raises the same TypeError or ValueError, naming the argument, on either.
+    """
+    _check_inputs(prompt, wte, idx, wpe, prompt_index)
+    use_triton = _resolve_backend(backend, wte.device)
+    return _prompt_concat_op(prompt, wte, idx, wpe, prompt_index, use_triton)
