@@ -6,7 +6,7 @@
 from .model import GPT, GPTConfig
 from .prompt import PromptTuning
 from .tokenizer import ByteTokenizer
-from .train import TrainConfig, train
+from .train import TrainConfig
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "GPTConfig", "ByteTokenizer", "PromptTuning", "TrainConfig", "train", "__version__"]
+__all__ = ["GPT", "GPTConfig", "ByteTokenizer", "PromptTuning", "TrainConfig", "__version__"]

@@ -41,11 +41,13 @@ def shipped_base_path() -> Path:
 
 
 def load_base(path=None, progress: bool = True) -> GPT:
-    """The given base model file, else the shipped one, else a freshly pretrained one (slow; say so)."""
-    path = Path(path) if path else shipped_base_path()
-    if path.is_file():
-        return GPT.from_checkpoint(path)
-    print(f"base model {path} not found: pretraining the tiny preset now (about an hour on 2 CPU cores)")
+    """The given base model file, else the shipped one, else a freshly pretrained one (slow; says so)."""
+    if path is not None:
+        return GPT.from_checkpoint(path)  # an explicit file that is missing is an error, not a reason to train
+    if shipped_base_path().is_file():
+        return GPT.from_checkpoint(shipped_base_path())
+    print(f"the shipped base model {shipped_base_path()} is missing: pretraining the tiny preset now "
+          "(about an hour on 2 CPU cores)")
     model, _ = pretrain("tiny", replace(PRETRAIN_DEFAULTS, progress=progress))
     return model
 

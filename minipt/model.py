@@ -231,7 +231,11 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue idx (B, T) by max_new_tokens tokens; temperature 0 means greedy. Returns (B, T + new)."""
+        """Continue idx (B, T) by max_new_tokens tokens; temperature 0 means greedy. Returns (B, T + new).
+
+        Every row continues from its last position, so the rows of a batch must have the same length (no
+        padding); batch examples of equal length together.
+        """
         self.check_idx(idx)
         if idx.shape[1] + max_new_tokens > self.config.block_size:
             raise ValueError(
@@ -307,11 +311,17 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, expected_shape) -> torc
         raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
     if not bool((targets != -100).any()):
         raise ValueError("targets has no supervised position (every entry is -100)")
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+    # fp16/bf16 logits are upcast to fp32 for the softmax; fp64 stays fp64 (float64 gradient checks)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
     """Pick the next token from logits (B, V): argmax when temperature == 0, else sample (top-k optional)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
     logits = logits / temperature

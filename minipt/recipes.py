@@ -9,6 +9,7 @@ Defaults are the ones the demo and the shipped base model use; the CLI exposes t
 from __future__ import annotations
 
 import copy
+import functools
 import torch
 
 from .data import batch_fn, exact_match_accuracy
@@ -41,6 +42,12 @@ def pretrain(preset: str = "tiny", cfg: TrainConfig = PRETRAIN_DEFAULTS, n_examp
     return model, result
 
 
+@functools.lru_cache(maxsize=1)
+def pretraining_token_counts() -> torch.Tensor:
+    """Token frequencies of the pretraining corpus, for the sampled-vocabulary init (Lester et al. 3.2)."""
+    return token_frequencies(pretraining_mixture(5000, seed=0), ByteTokenizer())
+
+
 def task_data(task: str, n_train: int = 2000, n_val: int = 200, n_test: int = 500, seed: int = 0):
     """Train, val and test examples of one task (disjoint inputs)."""
     return (make_split(task, "train", n_train, seed=seed), make_split(task, "val", n_val, seed=seed),
@@ -53,7 +60,7 @@ def tune_prompt(model: GPT, task: str, n_prompt: int = 20, init: str = "vocab", 
     """A soft prompt for `task` on the frozen `model`, trained without the task's instruction."""
     tok = ByteTokenizer()
     train_ex, val_ex, _ = data if data is not None else task_data(task, seed=cfg.seed)
-    counts = token_frequencies(pretraining_mixture(5000, seed=0), tok) if init == "vocab" else None
+    counts = pretraining_token_counts() if init == "vocab" else None
     pt = PromptTuning(model, n_prompt=n_prompt, init=init, init_text=init_text, tokenizer=tok,
                       token_counts=counts, seed=cfg.seed, backend=backend)
     get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False)

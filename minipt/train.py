@@ -97,6 +97,10 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
         start = state["step"]
         result = TrainResult(**state["result"])
         best_state = state["best"]
+        if "rng" in state:  # dropout draws from these: restore them so the resumed steps draw the same masks
+            torch.set_rng_state(state["rng"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     t0 = time.perf_counter() - result.seconds
     module.train()
@@ -112,15 +116,17 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
             raise FloatingPointError(f"loss is {loss.item()} at step {step}: training stopped{where}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not torch.isfinite(norm):
-                raise FloatingPointError(f"gradient norm is {norm.item()} at step {step}: training stopped")
+        # Clip to grad_clip; with grad_clip 0 the norm is still checked (max_norm inf scales by exactly 1), so
+        # an inf/NaN gradient never reaches the optimizer and a checkpoint of NaN weights is never written.
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"gradient norm is {norm.item()} at step {step}: training stopped")
         optimizer.step()
         result.losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            module.eval()  # no dropout while scoring
             metric = float(evaluate())
             module.train()
             result.evals.append((done, metric))
@@ -136,6 +142,8 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
                 "result": asdict(result),
                 "best": best_state,
                 "config": asdict(cfg),
+                "rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
             })
         for cb in callbacks:
             cb(step, loss.item())
