@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_tensors, model_fingerprint, save_tensors
-from .frozen import freeze
+from .frozen import freeze, frozen_lm_loss
 from .model import GPT, lm_loss, mask_padding
 
 # The fused kernel's dispatcher: Triton where it can run, the plain PyTorch reference elsewhere.
@@ -79,11 +79,17 @@ class PromptTuning(nn.Module):
 
     >>> pt = PromptTuning(model, n_prompt=20, init="vocab")
     >>> logits, loss = pt(idx, targets=targets)        # logits (B, n, V) for the input positions
+
+    frozen_head (default True): in training mode, with targets, the loss goes through the fused frozen head
+    (`minipt.frozen.frozen_lm_loss`): logits only at supervised positions, chunk by chunk, and only dL/dh
+    (N, D) kept for backward instead of the (N, V) log-softmax. forward then returns logits=None, since
+    making them would cost the memory the path saves (train() ignores them). In eval mode, without targets,
+    or with a head that requires grad, forward is the plain one. Same loss and prompt gradient either way.
     """
 
     def __init__(self, model: GPT, n_prompt: int = 20, init: str = "vocab", *, init_text: str | None = None,
                  tokenizer=None, token_counts: torch.Tensor | None = None, seed: int = 0,
-                 backend: str = "auto"):
+                 backend: str = "auto", frozen_head: bool = True):
         super().__init__()
         if not isinstance(model, GPT):
             raise TypeError(f"model must be a minipt GPT, got {type(model).__name__}")
@@ -93,6 +99,7 @@ class PromptTuning(nn.Module):
         self.n_prompt = n_prompt
         self.init = init
         self.backend = backend
+        self.frozen_head = frozen_head
         special_ids = getattr(tokenizer, "special_ids", ())
         generator = torch.Generator().manual_seed(seed)
         p = init_prompt(model, n_prompt, init, init_text=init_text, tokenizer=tokenizer,
@@ -111,10 +118,16 @@ class PromptTuning(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None):
-        """Logits (B, n, V) for the input positions, and the loss over targets != -100 (and mask != 0)."""
+        """Logits (B, n, V) for the input positions, and the loss over targets != -100 (and mask != 0).
+
+        Training with targets and frozen_head=True: (None, loss), through the fused frozen head.
+        """
         self.model.check_idx(idx, n_extra=self.n_prompt)
-        h = self.model.body(self.embed(idx))  # (B, n_prompt + n, D)
-        logits = self.model.head(h[:, self.n_prompt:])  # (B, n, V): the prompt positions carry no loss
+        h = self.model.body(self.embed(idx))[:, self.n_prompt:]  # (B, n, D): the prompt positions carry no loss
+        W = self.model.lm_head.weight  # (V, D), tied with wte
+        if targets is not None and self.frozen_head and self.training and not W.requires_grad:
+            return None, frozen_lm_loss(h, W, mask_padding(targets, attention_mask))
+        logits = self.model.head(h)  # (B, n, V)
         if targets is None:
             return logits, None
         return logits, lm_loss(logits, mask_padding(targets, attention_mask), idx.shape)
