@@ -35,6 +35,7 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it the usual mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,6 +44,12 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
+    os.umask(mask)
+    return mask
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

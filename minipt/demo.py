@@ -1,8 +1,9 @@
 """`minipt demo`: tune a soft prompt on the frozen tiny base model and show what it gained.
 
-The base model was pretrained on the task mixture *with* written instructions. The demo task's input looks
-exactly like the inputs of four other letter tasks, so without its instruction the model cannot know what is
-asked. A soft prompt of n_prompt vectors, trained on examples without the instruction, has to learn to say it.
+The base model was pretrained on the task mixture, every example led by its written instruction ("Is the
+number even or odd?"). Remove the instruction and the frozen model no longer knows what is asked: it does not
+answer with a label word at all. A soft prompt of n_prompt vectors, trained on examples without the
+instruction while every weight of the model stays frozen, has to learn to say what the instruction said.
 Five rows, all scored by exact match on the test split:
 
     no_prompt      frozen base model, input only
@@ -25,7 +26,7 @@ from .plots import plot_runs
 from .recipes import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS, finetune, pretrain, task_data, tune_prompt
 from .tokenizer import ByteTokenizer
 
-DEMO_TASK = "reverse"
+DEMO_TASK = "parity"  # a classification task, like the SuperGLUE tasks of the paper
 ROWS = {
     "no_prompt": "no prompt (frozen model, input only)",
     "instruction": "written instruction (frozen model)",
@@ -40,12 +41,15 @@ def shipped_base_path() -> Path:
     return Path(resources.files("minipt") / "assets" / "tiny.safetensors")
 
 
-def load_base(path=None, progress: bool = True) -> GPT:
-    """The given base model file, else the shipped one, else a freshly pretrained one (slow; says so)."""
+def load_base(path=None, progress: bool = True, pretrain_if_missing: bool = False) -> GPT:
+    """The given base model file, else the shipped one; with pretrain_if_missing (the demo), a fresh one."""
     if path is not None:
         return GPT.from_checkpoint(path)  # an explicit file that is missing is an error, not a reason to train
     if shipped_base_path().is_file():
         return GPT.from_checkpoint(shipped_base_path())
+    if not pretrain_if_missing:
+        raise FileNotFoundError(f"the shipped base model {shipped_base_path()} is missing; make one with "
+                                f"`minipt pretrain --preset tiny --out {shipped_base_path()}` or pass --base")
     print(f"the shipped base model {shipped_base_path()} is missing: pretraining the tiny preset now "
           "(about an hour on 2 CPU cores)")
     model, _ = pretrain("tiny", replace(PRETRAIN_DEFAULTS, progress=progress))
@@ -58,7 +62,7 @@ def run_demo(out="runs/demo", task: str = DEMO_TASK, n_prompt: int = 20, steps: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = ByteTokenizer()
-    model = load_base(base, progress)
+    model = load_base(base, progress, pretrain_if_missing=True)
     data = task_data(task, seed=seed)
     test = data[2]
     tune_cfg = replace(TUNE_DEFAULTS, seed=seed, progress=progress, **({"steps": steps} if steps else {}))

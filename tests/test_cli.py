@@ -1,0 +1,82 @@
+"""The `minipt` command, end to end, as a user runs it (a subprocess, the plain reference path)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minipt import GPT, PromptTuning
+from minipt.cli import COMMANDS, build_parser, main
+from minipt.demo import ROWS, shipped_base_path
+
+
+def run_minipt(*args, cwd):
+    # Without the shipped base model the CLI would pretrain one (an hour): fail fast instead.
+    assert shipped_base_path().is_file(), "the shipped base model is missing"
+    # The CLI runs without TRITON_INTERPRET, as a user's shell would: CPU tensors take the reference path.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "minipt", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: minipt " + command in capsys.readouterr().out
+
+
+def test_shipped_base_model_is_small_and_loads():
+    path = shipped_base_path()
+    assert path.is_file(), "the tiny base model must ship with the package"
+    assert path.stat().st_size < 5 * 1024 * 1024
+    model = GPT.from_checkpoint(path)
+    assert 0.7e6 < model.num_params() < 1.3e6
+
+
+def test_demo_writes_its_table_plot_and_prompt(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_minipt("demo", "--steps", "4", "--out", str(out), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "demo.json").read_text())
+    for key in ROWS:
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["task"] == "parity" and report["seconds"] > 0
+    assert (out / "demo.png").stat().st_size > 10_000
+    pt = PromptTuning.load(GPT.from_checkpoint(shipped_base_path()), out / "prompt.safetensors")
+    assert pt.prompt.shape == (20, 128)
+    assert "written instruction" in proc.stdout and "soft prompt" in proc.stdout
+
+
+def test_tune_eval_generate_round_trip(tmp_path):
+    prompt = tmp_path / "copy.safetensors"
+    proc = run_minipt("tune", "--task", "copy", "--steps", "3", "--n-prompt", "4", "--out", str(prompt),
+                      "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "test exact match" in proc.stdout
+    proc = run_minipt("eval", "--task", "copy", "--prompt", str(prompt), "-n", "20", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "exact match" in proc.stdout
+    proc = run_minipt("generate", "abc", "--prompt", str(prompt), "--task-format", "--max-new-tokens", "4",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["eval", "--task", "copy", "--prompt", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+    assert main(["eval", "--task", "copy", "--base", str(tmp_path / "nope.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "no such checkpoint file" in err or "not found" in err
+
+
+def test_prompt_for_another_model_is_refused(tmp_path, capsys):
+    other = GPT(GPT.from_checkpoint(shipped_base_path()).config)  # same shape, other (random) weights
+    path = tmp_path / "other.safetensors"
+    PromptTuning(other, n_prompt=4, init="uniform", backend="reference").save(path)
+    assert main(["eval", "--task", "copy", "--prompt", str(path), "-n", "4"]) == 2
+    assert "another base model" in capsys.readouterr().err
