@@ -51,7 +51,7 @@ def load_base(path=None, progress: bool = True, pretrain_if_missing: bool = Fals
         raise FileNotFoundError(f"the shipped base model {shipped_base_path()} is missing; make one with "
                                 f"`minipt pretrain --preset tiny --out {shipped_base_path()}` or pass --base")
     print(f"the shipped base model {shipped_base_path()} is missing: pretraining the tiny preset now "
-          "(about an hour on 2 CPU cores)")
+          "(20 minutes or more on 2 CPU cores)")
     model, _ = pretrain("tiny", replace(PRETRAIN_DEFAULTS, progress=progress))
     return model
 
