@@ -286,7 +286,7 @@ def prompt_concat_reference(prompt, wte, idx, wpe=None, prompt_index=None):
         p = prompt[prompt_index.long()]  # (B, n_p, D)
     else:
         p = prompt.unsqueeze(0).expand(B, -1, -1)  # (B, n_p, D)
-    tok = wte[idx.long()]  # (B, n, D)
+    tok = F.embedding(idx.long(), wte)  # (B, n, D); same rows as wte[idx], a faster gather on CPU
     x = torch.cat([p.to(wte.dtype), tok], dim=1)  # (B, n_p + n, D)
     if wpe is not None:
         x = x + wpe[: x.shape[1]]  # (B, n_p + n, D)

@@ -5,9 +5,8 @@ from pathlib import Path
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # files only; notebooks keep their inline backend
+    # No backend is forced: matplotlib picks Agg by itself on a machine without a display, and a notebook
+    # keeps its inline backend, so the returned figure shows there too.
     import matplotlib.pyplot as plt
 
     return plt
