@@ -5,22 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import random_gpt
+
 from minipt.model import GPT, PRESETS, GPTConfig
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=260, block_size=64)
 
 
 def small_model(seed: int = 0, std: float | None = None, **overrides) -> GPT:
-    """A small GPT in eval mode; with `std`, every weight matrix is redrawn from N(0, std) so that greedy
-    decoding is not trivially constant (GPT-2's init of 0.02 makes all logits nearly equal)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**SMALL, **overrides}))
-    if std is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, std)
-    return model.eval()
+    """A small GPT in eval mode (see helpers.random_gpt for `std`)."""
+    return random_gpt({**SMALL, **overrides}, seed=seed, std=std).eval()
 
 
 def random_idx(B, T, V=260, seed=0):

@@ -36,8 +36,9 @@ NOTEBOOKS = [
 TIME_LIMIT_S = 180
 MIN_ASSERTS = 5
 # Absolute paths of a machine: POSIX home, temp and work folders, macOS and Windows ones.
-ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(/home/|/Users/|/root/|/tmp/|/work/|/private/|/var/folders/|/opt/|"
-                           r"/usr/|site-packages|[A-Za-z]:\\)")
+ROOT_FOLDERS = ("home", "Users", "root", "tmp", "work", "private", "var/folders", "opt", "usr")
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(" + "|".join(f"/{name}/" for name in ROOT_FOLDERS)
+                           + r"|site-packages|[A-Za-z]:\\)")
 
 
 def code_cells(nb):

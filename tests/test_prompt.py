@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import random_gpt
+
 from minipt import ByteTokenizer, GPT, GPTConfig, PromptTuning
 from minipt.checkpoint import CheckpointError
 from minipt.frozen import snapshot, trainable_parameters
@@ -16,15 +18,8 @@ tok = ByteTokenizer()
 
 
 def make_model(seed=0, std=None, **overrides) -> GPT:
-    """A small GPT; with `std`, weight matrices are redrawn from N(0, std) so its outputs vary with the input."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**CFG, **overrides}))
-    if std is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, std)
-    return model.eval()
+    """A small GPT in eval mode (see helpers.random_gpt for `std`)."""
+    return random_gpt({**CFG, **overrides}, seed=seed, std=std).eval()
 
 
 def make_pt(model=None, n_prompt=5, init="uniform", **kw) -> PromptTuning:

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import random_gpt
+
 from minipt import GPT, GPTConfig, PromptTuning, recipes
 from minipt.checkpoint import load_train_state
 from minipt.data import batch_fn
@@ -24,15 +26,8 @@ DATA = recipes.task_data("reverse", n_train=200, n_val=16, n_test=8)
 
 
 def small_model(seed=0, std=None, **overrides) -> GPT:
-    """A small GPT; with `std`, weight matrices are redrawn from N(0, std) so a prompt has a strong effect."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**SMALL, **overrides}))
-    if std is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, std)
-    return model
+    """A small GPT (see helpers.random_gpt for `std`)."""
+    return random_gpt({**SMALL, **overrides}, seed=seed, std=std)
 
 
 def quick(**kw) -> TrainConfig:
