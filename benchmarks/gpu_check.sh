@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # One check on one GPU, under 8 minutes: the GPU-marked tests, the kernel test files with the
-# compiled kernels (no interpreter), then the kernel benchmark when it exists. Everything goes
-# to a log, with a summary at its end, under benchmarks/results/gpu-check-<date>.txt.
+# compiled kernels (no interpreter), the kernel benchmark on its small grid, and the training-step
+# benchmark for the tiny and gpt2 presets. Everything goes to a log, with a summary at its end,
+# under benchmarks/results/gpu-check-<date>.txt; the benchmarks write
+#   benchmarks/results/prompt_concat-<gpu>.csv / .png   (bench_prompt_concat.py --grid small)
+#   benchmarks/results/train_step-cuda.csv              (bench_train_step.py --device cuda)
 #
 #   bash benchmarks/gpu_check.sh             # from any directory
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
+#   BENCH_ARGS="--grid default" BENCH_LIMIT=900 bash benchmarks/gpu_check.sh   # more shapes, longer
 #
 # The Python used is $PYTHON, else ./.venv/bin/python, else python3: the first that has a
 # CUDA build of torch, triton and pytest. If none has, ./.venv is created (or completed) with
@@ -78,15 +82,47 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, record 
 
 # TRITON_INTERPRET must be unset: the point is the compiled kernels.
 unset TRITON_INTERPRET
-step "gpu-marked tests" 150 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests
-step "kernel tests on the GPU" 150 "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider \
+# Time limits add up to 8 minutes; each step usually takes well under its limit.
+step "gpu-marked tests" 90 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+step "kernel tests on the GPU" 120 "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider \
     tests/test_prompt_concat.py tests/test_prompt_concat_errors.py tests/test_kernel_compile.py
-if [ -f benchmarks/bench_prompt_concat.py ]; then
-    # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-    step "kernel benchmark" 120 "$PY" benchmarks/bench_prompt_concat.py ${BENCH_ARGS:-}
-else
-    SUMMARY+=("$(printf '%-28s %-18s' "kernel benchmark" "skipped (no benchmarks/bench_prompt_concat.py)")")
-fi
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+step "kernel benchmark" "${BENCH_LIMIT:-150}" "$PY" benchmarks/bench_prompt_concat.py --device cuda ${BENCH_ARGS:---grid small}
+step "train step, tiny" 55 "$PY" benchmarks/bench_train_step.py --device cuda --preset tiny --steps 20
+step "train step, gpt2" 65 "$PY" benchmarks/bench_train_step.py --device cuda --preset gpt2 --steps 20
+
+# The figures the issue's targets are about, read back from the CSVs just written.
+{
+    echo "=== figures"
+    "$PY" - <<'EOF'
+import csv, glob
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+for path in sorted(glob.glob("benchmarks/results/prompt_concat-*.csv")):
+    if path.endswith("-cpu.csv"):
+        continue
+    rs = [r for r in rows(path) if r["provider"] == "triton"]
+    if not rs:
+        continue
+    print(f"{path} ({rs[0]['device_name']}): the Triton kernel at the largest shape of each mode and dtype")
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        for dtype in sorted({r["dtype"] for r in rs}):
+            sel = [r for r in rs if r["mode"] == mode and r["dtype"] == dtype]
+            if sel:
+                r = max(sel, key=lambda r: int(r["bytes"]))
+                print(f"  {mode:8s} {dtype:9s} B={r['B']} n={r['n']} n_p={r['n_p']} D={r['D']}: "
+                      f"{float(r['gbps']):8.1f} GB/s = {float(r['frac_of_copy']):.0%} of the copy roof "
+                      f"({float(r['copy_gbps']):.0f} GB/s), {r['speedup_vs_eager']}x eager  [{r['timer']}]")
+for path in sorted(glob.glob("benchmarks/results/train_step-cuda.csv")):
+    print(f"{path}: tokens/s per row")
+    for r in rows(path):
+        ratio = f" ({r['ratio_to_peft']}x PEFT)" if r["ratio_to_peft"] else ""
+        print(f"  {r['preset']:5s} {r['config']:42s} {float(r['tokens_per_s']):12,.0f} tokens/s{ratio}")
+EOF
+} 2>&1 | tee -a "$LOG"
 
 {
     echo "=== summary"
