@@ -1,7 +1,7 @@
 # Two commands for a fresh machine with Python 3.10+:
 #   make demo   tune a soft prompt on the frozen tiny GPT and print what it gained
 #   make test   run the test suite (both CPU cores)
-# Each creates .venv and installs minipt with its dev extra on first use.
+# Each creates .venv and installs minipt with its dev and hf extras on first use.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.minipt-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)
