@@ -45,9 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=60_000, help="size of the pretraining mixture")
     _train_flags(p, PRETRAIN_DEFAULTS)
 
-    p = sub.add_parser("tune", help="tune a soft prompt for one task on a frozen base model")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--base", help="base model file (default: the shipped tiny model)")
+    p = sub.add_parser("tune", help="tune a soft prompt for one task on a frozen base model",
+                       epilog="Several processes: torchrun --nproc_per_node=N -m minipt tune ... (gloo on CPU, "
+                              "NCCL on GPU; --batch-size is the global batch; only rank 0 writes files).")
+    p.add_argument("--task", help=f"a built-in task ({', '.join(sorted(TASKS))}); with --data, the records' "
+                                  f"task to use when the file holds several")
+    p.add_argument("--data", help='your own examples: a .jsonl file, one {"input": ..., "output": ...} a line '
+                                  '(optional "task"); see minipt.userdata')
+    p.add_argument("--val-data", help="validation records (.jsonl); default: hold out --val-fraction of --data")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="default %(default)s")
+    p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER for "
+                                  "a GPT-2 and its tokenizer from the local Hugging Face cache or a folder")
+    p.add_argument("--peft-out", help="also write the prompt as a PEFT adapter folder (adapter_config.json, "
+                                      "adapter_model.safetensors)")
     p.add_argument("--n-prompt", type=int, default=20)
     p.add_argument("--init", choices=["uniform", "vocab", "text"], default="vocab")
     p.add_argument("--init-text", help="text whose token embeddings start the prompt (with --init text)")
@@ -64,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a text greedily (or sampled) with the KV cache")
     p.add_argument("text", help="input text; a <sep> is appended when --task-format is set")
-    p.add_argument("--base", help="base model file (default: the shipped tiny model)")
+    p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER")
     p.add_argument("--prompt", help="a soft prompt file from `minipt tune`")
     p.add_argument("--task-format", action="store_true", help="append <sep> and stop at <eos>, as the tasks do")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -102,16 +112,90 @@ def cmd_pretrain(args):
 def cmd_tune(args):
     from .data import exact_match_accuracy
     from .demo import load_base
+    from .distributed import init_from_env
     from .recipes import TUNE_DEFAULTS, task_data, tune_prompt
+    from .tasks import get_task
     from .tokenizer import ByteTokenizer
 
+    if args.data is None:
+        if args.task is None:
+            raise ValueError("tune needs --task (a built-in task) or --data (a .jsonl file of your examples)")
+        get_task(args.task)  # an unknown name lists the valid ones
+    info = init_from_env()  # under torchrun: join the process group; else one process
+    if args.data is not None or info.world_size > 1 or (args.base or "").startswith("hf:"):
+        return _tune_examples(args, info)
     model = load_base(args.base)
     data = task_data(args.task, seed=args.seed)
     pt, result = tune_prompt(model, args.task, args.n_prompt, args.init, _config(args, TUNE_DEFAULTS), data=data,
                              init_text=args.init_text, checkpoint_path=args.checkpoint, resume=args.resume)
     pt.save(args.out)
+    if args.peft_out:
+        pt.save_peft(args.peft_out)
     acc = exact_match_accuracy(pt, data[2], ByteTokenizer())
     print(f"saved {args.out}: test exact match {acc:.1%} (best validation {result.best_metric:.1%})")
+
+
+def _base_and_tokenizer(base):
+    """(model, tokenizer): a minipt file (or the shipped model) with ByteTokenizer, or hf:NAME with its own."""
+    if base is not None and base.startswith("hf:"):
+        from .hf import load_hf_base
+
+        return load_hf_base(base[len("hf:"):])
+    from .demo import load_base
+    from .tokenizer import ByteTokenizer
+
+    return load_base(base), ByteTokenizer()
+
+
+def _tune_examples(args, info):
+    """tune with --data, with an hf: base, or on several processes (minipt.distributed.tune_examples)."""
+    import torch.distributed as dist
+
+    from .data import exact_match_accuracy
+    from .distributed import tune_examples
+    from .recipes import TUNE_DEFAULTS, pretraining_token_counts, task_data
+    from .tasks import token_frequencies
+    from .tokenizer import ByteTokenizer
+    from .userdata import check_fits, read_jsonl, select_task, split_validation
+
+    model, tok = _base_and_tokenizer(args.base)
+    block = model.config.block_size
+    test_ex = None
+    if args.data is not None:
+        records = read_jsonl(args.data)
+        check_fits(records, tok, args.n_prompt, block, args.data)
+        train_ex = select_task(records, args.task)
+        if args.val_data is not None:
+            val_records = read_jsonl(args.val_data)
+            check_fits(val_records, tok, args.n_prompt, block, args.val_data)
+            val_ex = select_task(val_records, train_ex[0].task)
+        else:
+            train_ex, val_ex = split_validation(train_ex, args.val_fraction, seed=args.seed)
+    else:
+        train_ex, val_ex, test_ex = task_data(args.task, seed=args.seed)
+    counts = None
+    if args.init == "vocab":  # Lester et al.'s frequent tokens: of the pretraining corpus, else of this data
+        counts = pretraining_token_counts() if isinstance(tok, ByteTokenizer) else token_frequencies(train_ex, tok)
+        if int((counts > 0).sum()) < args.n_prompt:
+            counts = None  # too few distinct tokens: sample from the whole vocabulary instead
+    pt, result = tune_examples(model, train_ex, val_ex, tok, args.n_prompt, args.init, _config(args, TUNE_DEFAULTS),
+                               init_text=args.init_text, token_counts=counts, info=info,
+                               checkpoint_path=args.checkpoint, resume=args.resume)
+    if info.is_main:  # only rank 0 writes files and prints
+        pt.save(args.out)
+        if args.peft_out:
+            hf_name = args.base[len("hf:"):] if (args.base or "").startswith("hf:") else None
+            pt.save_peft(args.peft_out, base_model_name_or_path=hf_name)
+        what = f"{len(train_ex)} training / {len(val_ex)} validation examples"
+        if info.world_size > 1:
+            what += f", {info.world_size} processes"
+        line = f"saved {args.out} ({what}): best validation exact match {result.best_metric:.1%}"
+        if test_ex is not None:
+            line += f", test exact match {exact_match_accuracy(pt, test_ex, tok, device=info.device):.1%}"
+        print(line)
+    if info.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_eval(args):
@@ -131,12 +215,9 @@ def cmd_eval(args):
 def cmd_generate(args):
     import torch
 
-    from .demo import load_base
     from .prompt import PromptTuning
-    from .tokenizer import ByteTokenizer
 
-    tok = ByteTokenizer()
-    model = load_base(args.base)
+    model, tok = _base_and_tokenizer(args.base)
     module = PromptTuning.load(model, args.prompt) if args.prompt else model
     ids = tok.encode(args.text) + ([tok.sep_id] if args.task_format else [])
     idx = torch.tensor([ids])

@@ -302,6 +302,20 @@ class GPT(nn.Module):
 
         save_model(self, path, extra_metadata)
 
+    @classmethod
+    def from_hf(cls, model_or_state_dict, config=None) -> "GPT":
+        """A transformers GPT2LMHeadModel (or its state dict + config) as a minipt GPT; see minipt.hf."""
+        from .hf import gpt_from_hf
+
+        return gpt_from_hf(model_or_state_dict, config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "gpt2", cache_dir=None) -> "GPT":
+        """GPT-2 weights from the local Hugging Face cache or a local folder (never downloads); see minipt.hf."""
+        from .hf import gpt_from_pretrained
+
+        return gpt_from_pretrained(name_or_path, cache_dir=cache_dir)
+
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, expected_shape) -> torch.Tensor:
     """Mean cross-entropy over the positions where targets != -100 (nanoGPT convention)."""

@@ -178,3 +178,17 @@ class PromptTuning(nn.Module):
         with torch.no_grad():
             pt.prompt.copy_(prompt.to(pt.prompt.device))
         return pt
+
+    def save_peft(self, directory, base_model_name_or_path: str | None = None) -> None:
+        """Write a PEFT prompt-tuning adapter folder (adapter_config.json, adapter_model.safetensors); see
+        minipt.peft_io, which also explains the one difference between PEFT's loss and minipt's."""
+        from .peft_io import save_peft
+
+        save_peft(self, directory, base_model_name_or_path)
+
+    @classmethod
+    def from_peft(cls, model: GPT, directory, backend: str = "auto") -> "PromptTuning":
+        """Load a PEFT prompt-tuning adapter folder onto `model`; the prompt can be trained further."""
+        from .peft_io import load_peft
+
+        return load_peft(model, directory, backend=backend)

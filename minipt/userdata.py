@@ -1,0 +1,116 @@
+"""Your own data for `minipt tune --data FILE.jsonl`: one JSON record a line, read strictly.
+
+    {"input": "great movie, loved it", "output": "positive"}
+    {"input": "abc", "output": "cba", "task": "reverse"}          "task" is optional (default "user")
+
+Each record becomes an `Example(task, input, answer=output)` and is trained like the built-in tasks without
+their instruction: `input<sep>output<eos>`, loss on the output and the <eos> only.
+
+Strict on purpose: nothing is silently skipped. A line that is not a JSON object, lacks "input" or "output",
+has a value that is not a string, an empty "output", or a key other than input/output/task is an error that
+names its line (`data.jsonl:7: ...`). Blank lines between records are errors too (a lost record is more
+likely than an intended gap); blank lines at the very end of the file hold no record and are accepted.
+
+Validation: `--val-data FILE.jsonl`, or else a deterministic `val_fraction` of the records (a shuffle seeded
+by `seed`, the same split on every run and machine).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .tasks import Example
+
+KEYS = ("input", "output", "task")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as it is; the message names the file and line."""
+
+
+def read_jsonl(path, default_task: str = "user") -> list[Example]:
+    """Every record of a .jsonl file as an Example, in file order; DataError naming the line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():  # blank lines at the end hold no record
+        lines.pop()
+    if not lines:
+        raise DataError(f"{path} holds no records (one JSON object a line is expected)")
+    examples = []
+    for lineno, line in enumerate(lines, start=1):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            raise DataError(f"{where}: blank line between records; remove it (nothing is skipped silently)")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        examples.append(_example(record, where, default_task))
+    return examples
+
+
+def _example(record, where: str, default_task: str) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object like {{\"input\": ..., \"output\": ...}}, "
+                        f"got {type(record).__name__}")
+    unknown = sorted(set(record) - set(KEYS))
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown}; a record has 'input', 'output' and optionally 'task'")
+    for key in ("input", "output"):
+        if key not in record:
+            raise DataError(f"{where}: missing {key!r}")
+    for key in KEYS:
+        if key in record and not isinstance(record[key], str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+    if not record["output"]:
+        raise DataError(f"{where}: 'output' is empty; there would be nothing to learn but <eos>")
+    task = record.get("task", default_task)
+    if not task:
+        raise DataError(f"{where}: 'task' is empty")
+    return Example(task, record["input"], record["output"])
+
+
+def select_task(examples: list[Example], task: str | None) -> list[Example]:
+    """The records of one task. With task=None the file must hold a single task (else: say which exist)."""
+    tasks = sorted({ex.task for ex in examples})
+    if task is None:
+        if len(tasks) > 1:
+            raise DataError(f"the data holds {len(tasks)} tasks {tasks}; one prompt is tuned per task: "
+                            f"pick one with --task")
+        return examples
+    chosen = [ex for ex in examples if ex.task == task]
+    if not chosen:
+        raise DataError(f"no record has task {task!r}; the data holds {tasks}")
+    return chosen
+
+
+def split_validation(examples: list[Example], val_fraction: float = 0.1, seed: int = 0):
+    """(train, val): a deterministic val_fraction of the records (at least one) for validation, the rest to train."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(examples) < 2:
+        raise DataError(f"{len(examples)} record(s): need at least 2 to hold one out for validation, "
+                        f"or pass --val-data")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples))))
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    return [examples[i] for i in train], [examples[i] for i in val]
+
+
+def check_fits(examples: list[Example], tokenizer, n_prompt: int, block_size: int, where: str = "data") -> None:
+    """DataError naming the first record whose encoding with the prompt does not fit in block_size.
+
+    Pass the records as read_jsonl returns them: record i is then line i + 1 of the file `where`.
+    """
+    from .tasks import encode_example
+
+    for i, ex in enumerate(examples):
+        n = len(encode_example(ex, tokenizer, instruction=False)[0])
+        if n_prompt + n > block_size:
+            raise DataError(f"{where}:{i + 1}: the record encodes to {n} tokens; with the {n_prompt} prompt vectors "
+                            f"that is more than the model's block_size {block_size} (nothing is cut silently)")
