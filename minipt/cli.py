@@ -1,4 +1,4 @@
-"""The `minipt` command: demo | pretrain | tune | eval | generate. Every subcommand has --help."""
+"""The `minipt` command: demo | pretrain | tune | eval | generate | bench. Every subcommand has --help."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
+
+    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (source checkout)",
+                       description="Runs benchmarks/bench_<name>.py with the remaining arguments; "
+                                   "`minipt bench NAME --help` shows the script's own options.")
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     return parser
 
 
@@ -228,8 +234,28 @@ def cmd_generate(args):
     print(tok.decode(new))
 
 
+# The benchmark scripts live in the source checkout's benchmarks/ folder (they are not installed).
+BENCHMARKS = {"memory": "bench_memory.py", "prompt-concat": "bench_prompt_concat.py",
+              "train-step": "bench_train_step.py"}
+
+
+def cmd_bench(args):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / BENCHMARKS[args.name]
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: the benchmarks ship with the source checkout, not the wheel")
+    saved_argv = sys.argv
+    sys.argv = [str(script), *args.script_args]  # the script parses its own arguments
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+
+
 COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "tune": cmd_tune, "eval": cmd_eval,
-            "generate": cmd_generate}
+            "generate": cmd_generate, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

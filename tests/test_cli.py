@@ -80,3 +80,10 @@ def test_prompt_for_another_model_is_refused(tmp_path, capsys):
     PromptTuning(other, n_prompt=4, init="uniform", backend="reference").save(path)
     assert main(["eval", "--task", "copy", "--prompt", str(path), "-n", "4"]) == 2
     assert "another base model" in capsys.readouterr().err
+
+
+def test_bench_runs_the_script_with_its_own_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "memory", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: bench_memory.py" in capsys.readouterr().out
