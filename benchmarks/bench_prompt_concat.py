@@ -56,6 +56,8 @@ import re
 import sys
 from pathlib import Path
 
+from minipt.sysinfo import device_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 V = 50257  # GPT-2's vocabulary
 QUANTILES = [0.5, 0.2, 0.8]
@@ -118,23 +120,6 @@ def resolve_device(choice: str) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU visible to torch")
     return choice
-
-
-def device_name(device: str) -> str:
-    import platform
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def triton_version() -> str:

@@ -49,6 +49,8 @@ import sys
 import time
 from pathlib import Path
 
+from minipt.sysinfo import device_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PT_REF = "minipt prompt tuning (reference concat)"
 PT_TRITON = "minipt prompt tuning (fused kernel)"
@@ -357,23 +359,6 @@ def package_version(name: str) -> str:
         return version(name)
     except Exception:
         return ""
-
-
-def device_name(device: str) -> str:
-    import platform
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def write_csv(path: Path, preset: str, new_rows: list[dict], command: str) -> None:
