@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -87,7 +88,7 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
     result = TrainResult()
     best_state: dict[str, torch.Tensor] | None = None
     start = 0
-    if resume and checkpoint_path is not None and _exists(checkpoint_path):
+    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
         state = load_train_state(checkpoint_path)
         _check_names(state["trainable"], named, checkpoint_path)
         with torch.no_grad():
@@ -125,7 +126,8 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
         result.losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
-        if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+        at_eval = done % cfg.eval_every == 0 or done == cfg.steps  # evaluate and checkpoint together
+        if evaluate is not None and at_eval:
             module.eval()  # no dropout while scoring
             metric = float(evaluate())
             module.train()
@@ -133,7 +135,7 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
             if result.best_metric is None or metric > result.best_metric:
                 result.best_metric, result.best_step = metric, done
                 best_state = {name: p.detach().clone() for name, p in named}
-        if checkpoint_path is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+        if checkpoint_path is not None and at_eval:
             result.seconds = time.perf_counter() - t0
             save_train_state(checkpoint_path, {
                 "step": done,
@@ -155,12 +157,6 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
     module.eval()
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _exists(path) -> bool:
-    from pathlib import Path
-
-    return Path(path).is_file()
 
 
 def _check_names(saved: dict, named, path) -> None:

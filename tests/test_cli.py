@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from minipt import GPT, PromptTuning
 from minipt.cli import COMMANDS, build_parser, main
