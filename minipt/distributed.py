@@ -117,8 +117,8 @@ def sharded_accuracy(pt, examples, tokenizer, info: DistInfo) -> float:
 
 def tune_examples(model: GPT, train_ex, val_ex, tokenizer, n_prompt: int = 20, init: str = "vocab",
                   cfg: TrainConfig = TrainConfig(), *, init_text: str | None = None,
-                  token_counts: torch.Tensor | None = None, info: DistInfo = DistInfo(), backend: str = "auto",
-                  checkpoint_path=None, resume: bool = False) -> tuple[PromptTuning, TrainResult]:
+                  token_counts: torch.Tensor | None = None, labels=None, info: DistInfo = DistInfo(),
+                  backend: str = "auto", checkpoint_path=None, resume: bool = False) -> tuple[PromptTuning, TrainResult]:
     """A soft prompt on the frozen `model` for the given examples (no instruction), on one or W processes.
 
     With one process this is `recipes.tune_prompt` for any examples and tokenizer. With W processes (info from
@@ -126,7 +126,7 @@ def tune_examples(model: GPT, train_ex, val_ex, tokenizer, n_prompt: int = 20, i
     """
     model = model.to(info.device)
     pt = PromptTuning(model, n_prompt=n_prompt, init=init, init_text=init_text, tokenizer=tokenizer,
-                      token_counts=token_counts, seed=cfg.seed, backend=backend)
+                      token_counts=token_counts, seed=cfg.seed, backend=backend, labels=labels)
     get_batch = batch_fn(train_ex, tokenizer, cfg.batch_size, seed=cfg.seed, instruction=False, device=info.device)
     if info.world_size == 1:
         result = train(pt, get_batch, cfg, evaluate=lambda: exact_match_accuracy(pt, val_ex, tokenizer,

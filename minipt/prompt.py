@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -29,19 +30,23 @@ from .model import GPT, lm_loss, mask_padding
 # The fused kernel's dispatcher: Triton where it can run, the plain PyTorch reference elsewhere.
 from minipt.kernels import prompt_concat
 
-INIT_MODES = ("uniform", "vocab", "text")
+INIT_MODES = ("uniform", "vocab", "text", "label")
 
 
 def init_prompt(model: GPT, n_prompt: int, init: str = "vocab", *, init_text: str | None = None,
                 tokenizer=None, token_counts: torch.Tensor | None = None, top_k_tokens: int = 5000,
-                special_ids=(), generator: torch.Generator | None = None) -> torch.Tensor:
-    """The initial prompt (n_prompt, D) in fp32, one of Lester et al.'s three initialisations.
+                special_ids=(), generator: torch.Generator | None = None,
+                labels: Sequence[str] | None = None) -> torch.Tensor:
+    """The initial prompt (n_prompt, D) in fp32, one of Lester et al.'s initialisations (section 2.2).
 
     uniform  P ~ U(-0.5, 0.5), as in the paper's random init.
     vocab    embeddings of n_prompt distinct tokens sampled from the `top_k_tokens` most frequent ones of a
              corpus (`token_counts`, shape (V,)), else from the whole vocabulary minus `special_ids`.
     text     embeddings of the tokens of `init_text` (a task description or the class labels); cut or
              repeated, with a warning, when its length is not n_prompt.
+    label    class-label init: one vector per class, the mean embedding of the label's tokens (a label of
+             several tokens is averaged, as in the paper), in the first slots; the remaining slots are
+             filled as with "vocab". With fewer slots than classes, the first n_prompt labels are used.
     """
     wte = model.transformer.wte.weight.detach()  # (V, D)
     V, D = wte.shape
@@ -71,6 +76,20 @@ def init_prompt(model: GPT, n_prompt: int, init: str = "vocab", *, init_text: st
         if max(ids) >= V:
             raise ValueError(f"init_text encodes to token id {max(ids)}, outside the model's vocabulary ({V})")
         return wte[torch.tensor(ids, device=wte.device)].float().cpu().clone()  # (n_prompt, D)
+    if init == "label":
+        if not labels or tokenizer is None:
+            raise ValueError("init='label' needs labels (the class names, e.g. ('even', 'odd')) and tokenizer")
+        label_ids = [tokenizer.encode(label) for label in labels]
+        if any(len(ids) == 0 for ids in label_ids):
+            raise ValueError(f"labels must be non-empty strings, got {list(labels)!r}")
+        if max(max(ids) for ids in label_ids) >= V:
+            raise ValueError(f"labels encode to token ids outside the model's vocabulary ({V})")
+        rows = [wte[torch.tensor(ids, device=wte.device)].float().mean(dim=0).cpu() for ids in label_ids]  # (D,) each
+        rows = rows[:n_prompt]
+        if len(rows) < n_prompt:
+            rows += list(init_prompt(model, n_prompt - len(rows), "vocab", token_counts=token_counts,
+                                     top_k_tokens=top_k_tokens, special_ids=special_ids, generator=generator))
+        return torch.stack(rows)  # (n_prompt, D)
     raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
 
 
@@ -89,7 +108,7 @@ class PromptTuning(nn.Module):
 
     def __init__(self, model: GPT, n_prompt: int = 20, init: str = "vocab", *, init_text: str | None = None,
                  tokenizer=None, token_counts: torch.Tensor | None = None, seed: int = 0,
-                 backend: str = "auto", frozen_head: bool = True):
+                 backend: str = "auto", frozen_head: bool = True, labels: Sequence[str] | None = None):
         super().__init__()
         if not isinstance(model, GPT):
             raise TypeError(f"model must be a minipt GPT, got {type(model).__name__}")
@@ -103,7 +122,7 @@ class PromptTuning(nn.Module):
         special_ids = getattr(tokenizer, "special_ids", ())
         generator = torch.Generator().manual_seed(seed)
         p = init_prompt(model, n_prompt, init, init_text=init_text, tokenizer=tokenizer,
-                        token_counts=token_counts, special_ids=special_ids, generator=generator)
+                        token_counts=token_counts, special_ids=special_ids, generator=generator, labels=labels)
         device = model.transformer.wte.weight.device
         # The prompt is kept in fp32 whatever the model's dtype; prompt_concat casts it to the activation dtype.
         self.prompt = nn.Parameter(p.to(device=device, dtype=torch.float32))  # (n_prompt, D)

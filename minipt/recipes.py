@@ -15,7 +15,7 @@ import torch
 from .data import batch_fn, exact_match_accuracy
 from .model import GPT, GPTConfig
 from .prompt import PromptTuning
-from .tasks import HELD_OUT_TASK, TASKS, make_split, pretraining_mixture, token_frequencies
+from .tasks import HELD_OUT_TASK, TASKS, get_task, make_split, pretraining_mixture, token_frequencies
 from .tokenizer import ByteTokenizer
 from .train import TrainConfig, TrainResult, train
 
@@ -57,12 +57,20 @@ def task_data(task: str, n_train: int = 2000, n_val: int = 200, n_test: int = 50
 def tune_prompt(model: GPT, task: str, n_prompt: int = 20, init: str = "vocab", cfg: TrainConfig = TUNE_DEFAULTS,
                 data=None, init_text: str | None = None, backend: str = "auto",
                 checkpoint_path=None, resume: bool = False) -> tuple[PromptTuning, TrainResult]:
-    """A soft prompt for `task` on the frozen `model`, trained without the task's instruction."""
+    """A soft prompt for `task` on the frozen `model`, trained without the task's instruction.
+
+    init="label" starts from the task's class labels (classification tasks only), the rest from sampled vocab.
+    """
     tok = ByteTokenizer()
     train_ex, val_ex, _ = data if data is not None else task_data(task, seed=cfg.seed)
-    counts = pretraining_token_counts() if init == "vocab" else None
+    counts = pretraining_token_counts() if init in ("vocab", "label") else None
+    labels = None
+    if init == "label":
+        labels = get_task(task).labels
+        if not labels:
+            raise ValueError(f"init='label' needs a classification task; {task!r} has no class labels")
     pt = PromptTuning(model, n_prompt=n_prompt, init=init, init_text=init_text, tokenizer=tok,
-                      token_counts=counts, seed=cfg.seed, backend=backend)
+                      token_counts=counts, seed=cfg.seed, backend=backend, labels=labels)
     get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False)
     result = train(pt, get_batch, cfg, evaluate=lambda: exact_match_accuracy(pt, val_ex, tok),
                    checkpoint_path=checkpoint_path, resume=resume)

@@ -328,3 +328,32 @@ def test_a_loaded_prompt_can_be_trained_further(tmp_path):
     assert not torch.equal(pt.prompt.detach(), before_prompt)
     after_base = snapshot(model)
     assert all(torch.equal(v, after_base[k]) for k, v in before_base.items())
+
+
+def test_label_init_puts_the_mean_label_embeddings_first_then_sampled_vocab():
+    model = make_model()
+    wte = model.transformer.wte.weight.detach()
+    labels = ("even", "odd")
+    pt = make_pt(model, n_prompt=5, init="label", labels=labels, tokenizer=tok)
+    for k, label in enumerate(labels):  # a label of several tokens is the mean of their embeddings
+        torch.testing.assert_close(pt.prompt[k].detach(), wte[tok.encode(label)].mean(dim=0), rtol=0, atol=0)
+    fill = pt.prompt[2:].detach()  # the other slots are whole embedding rows of distinct ordinary tokens
+    rows = [(wte == row).all(dim=1).nonzero().flatten().tolist() for row in fill]
+    assert all(len(r) == 1 and r[0] < 256 for r in rows) and len({r[0] for r in rows}) == 3
+
+    one = make_pt(model, n_prompt=1, init="label", labels=labels, tokenizer=tok)  # fewer slots than labels
+    torch.testing.assert_close(one.prompt[0].detach(), wte[tok.encode("even")].mean(dim=0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs labels"):
+        make_pt(model, n_prompt=3, init="label", tokenizer=tok)
+    with pytest.raises(ValueError, match="non-empty"):
+        make_pt(model, n_prompt=3, init="label", labels=("yes", ""), tokenizer=tok)
+
+
+def test_label_init_of_a_built_in_task_uses_its_labels():
+    from minipt.recipes import tune_prompt
+    from minipt.train import TrainConfig
+
+    model = make_model()
+    data = ([], [], [])
+    with pytest.raises(ValueError, match="classification task"):
+        tune_prompt(model, "reverse", 4, "label", TrainConfig(steps=1, progress=False), data=data)

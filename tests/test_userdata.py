@@ -118,3 +118,22 @@ def test_cli_tune_needs_a_task_or_data(capsys):
     assert "--task" in capsys.readouterr().err
     assert main(["tune", "--task", "nope", "--out", "x.safetensors"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_cli_label_init_on_classification_data_and_its_refusal_elsewhere(tmp_path, tiny_base, capsys):
+    labelled = [{"input": w, "output": "long" if len(w) > 4 else "short"} for w in [r["input"] for r in RECORDS]]
+    data = write_jsonl(tmp_path / "cls.jsonl", labelled)
+    out = tmp_path / "p.safetensors"
+    assert main(["tune", "--data", str(data), "--base", str(tiny_base), "--steps", "2", "--batch-size", "2",
+                 "--n-prompt", "3", "--init", "label", "--out", str(out), "--no-progress"]) == 0
+    model = GPT.from_checkpoint(tiny_base)
+    wte = model.transformer.wte.weight.detach()
+    tok = ByteTokenizer()
+    initial = [wte[tok.encode(label)].mean(dim=0) for label in ("long", "short")]  # the sorted distinct outputs
+    pt = PromptTuning.load(model, out)
+    assert all(torch.allclose(pt.prompt[k], initial[k], atol=0.05) for k in range(2))  # 2 warmup steps move it < 0.05
+    many = write_jsonl(tmp_path / "gen.jsonl", [{"input": f"x{i}", "output": f"y{i}"} for i in range(30)])
+    capsys.readouterr()
+    assert main(["tune", "--data", str(many), "--base", str(tiny_base), "--init", "label", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "--init label needs classification data" in capsys.readouterr().err
