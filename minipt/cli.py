@@ -1,9 +1,11 @@
-"""The `minipt` command: demo | pretrain | tune | eval | generate | bench. Every subcommand has --help."""
+"""The `minipt` command: demo | pretrain | tune | eval | generate | bench | experiment. Every subcommand has --help."""
 from __future__ import annotations
 
 import argparse
 import sys
 from dataclasses import replace
+
+MAX_LABELS = 20  # --init label on --data: more distinct outputs than this is not a classification data set
 
 
 def _train_flags(p: argparse.ArgumentParser, defaults) -> None:
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft-out", help="also write the prompt as a PEFT adapter folder (adapter_config.json, "
                                       "adapter_model.safetensors)")
     p.add_argument("--n-prompt", type=int, default=20)
-    p.add_argument("--init", choices=["uniform", "vocab", "text"], default="vocab")
+    p.add_argument("--init", choices=["uniform", "vocab", "text", "label"], default="vocab",
+                   help="label: the class labels' embeddings first (classification only); default %(default)s")
     p.add_argument("--init-text", help="text whose token embeddings start the prompt (with --init text)")
     p.add_argument("--out", required=True, help="where to write the prompt (.safetensors)")
     _train_flags(p, TUNE_DEFAULTS)
@@ -86,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`minipt bench NAME --help` shows the script's own options.")
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+    p = sub.add_parser("experiment", help="Lester et al.'s experiments in miniature (see minipt/experiments.py)")
+    p.add_argument("name", choices=["lester", "lester-bases"],
+                   help="lester: length, init, scale and ensembling; lester-bases: pretrain its base models")
+    p.add_argument("--quick", action="store_true", help="lester: a small version (one task, short runs, ~1 min)")
+    p.add_argument("--bases", help="folder of SIZE.safetensors base models (default: the shipped ones)")
+    p.add_argument("--results", help="lester: folder for lester-*.json and lester.png "
+                                     "(default benchmarks/results, or runs/lester-quick with --quick)")
+    p.add_argument("--work", help="lester: folder for finished runs and prompts, to resume from "
+                                  "(default runs/lester, or runs/lester-quick/work with --quick)")
+    p.add_argument("--out", default="runs/lester-bases", help="lester-bases: output folder (default %(default)s)")
+    p.add_argument("--sizes", nargs="+", help="lester-bases: which sizes (default: the whole ladder)")
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -179,13 +195,18 @@ def _tune_examples(args, info):
             train_ex, val_ex = split_validation(train_ex, args.val_fraction, seed=args.seed)
     else:
         train_ex, val_ex, test_ex = task_data(args.task, seed=args.seed)
-    counts = None
-    if args.init == "vocab":  # Lester et al.'s frequent tokens: of the pretraining corpus, else of this data
+    counts, labels = None, None
+    if args.init == "label":  # the distinct answers of a classification data set are its class labels
+        labels = sorted({ex.answer for ex in train_ex})
+        if len(labels) > MAX_LABELS:
+            raise ValueError(f"--init label needs classification data (at most {MAX_LABELS} distinct outputs); "
+                             f"{args.data or args.task} has {len(labels)}")
+    if args.init in ("vocab", "label"):  # Lester et al.'s frequent tokens: of the pretraining corpus, else of this data
         counts = pretraining_token_counts() if isinstance(tok, ByteTokenizer) else token_frequencies(train_ex, tok)
         if int((counts > 0).sum()) < args.n_prompt:
             counts = None  # too few distinct tokens: sample from the whole vocabulary instead
     pt, result = tune_examples(model, train_ex, val_ex, tok, args.n_prompt, args.init, _config(args, TUNE_DEFAULTS),
-                               init_text=args.init_text, token_counts=counts, info=info,
+                               init_text=args.init_text, token_counts=counts, labels=labels, info=info,
                                checkpoint_path=args.checkpoint, resume=args.resume)
     if info.is_main:  # only rank 0 writes files and prints
         pt.save(args.out)
@@ -254,8 +275,20 @@ def cmd_bench(args):
         sys.argv = saved_argv
 
 
+def cmd_experiment(args):
+    from .experiments import QUICK, SIZES, LesterSetup, command_line, pretrain_bases, run_lester
+
+    if args.name == "lester-bases":
+        pretrain_bases(args.out, args.sizes or SIZES, progress=not args.no_progress)
+        return
+    setup = QUICK if args.quick else LesterSetup()
+    results = args.results or ("runs/lester-quick" if args.quick else "benchmarks/results")
+    work = args.work or ("runs/lester-quick/work" if args.quick else "runs/lester")
+    run_lester(setup, results, work, bases_dir=args.bases, command=command_line(), progress=not args.no_progress)
+
+
 COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "tune": cmd_tune, "eval": cmd_eval,
-            "generate": cmd_generate, "bench": cmd_bench}
+            "generate": cmd_generate, "bench": cmd_bench, "experiment": cmd_experiment}
 
 if __name__ == "__main__":
     sys.exit(main())
