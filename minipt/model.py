@@ -58,7 +58,9 @@ class GPTConfig:
 PRESETS = {
     # Byte-level models for the built-in task suite. "tiny" (~0.8M parameters) is the demo's base model;
     # the others give the scale curve more points.
+    "pico": dict(n_layer=1, n_head=2, n_embd=32, vocab_size=260, block_size=128),
     "nano": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=260, block_size=128),
+    "micro": dict(n_layer=3, n_head=3, n_embd=96, vocab_size=260, block_size=128),
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=260, block_size=128),
     "mini": dict(n_layer=6, n_head=6, n_embd=192, vocab_size=260, block_size=128),
     "small": dict(n_layer=8, n_head=8, n_embd=256, vocab_size=260, block_size=128),
