@@ -32,6 +32,7 @@ NOTEBOOKS = [
     "02_fused_kernel.ipynb",
     "03_tuning_a_frozen_gpt.ipynb",
     "04_kernel_benchmarks.ipynb",
+    "05_the_paper_in_miniature.ipynb",
 ]
 TIME_LIMIT_S = 180
 MIN_ASSERTS = 5
