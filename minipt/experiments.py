@@ -131,12 +131,13 @@ def load_bases(sizes, bases_dir=None) -> dict[str, GPT]:
     return bases
 
 
-def pretrain_bases(out, sizes=SIZES, progress: bool = True) -> list[Path]:
+def pretrain_bases(out, sizes=SIZES, cfg: TrainConfig = PRETRAIN_DEFAULTS, progress: bool = True,
+                   **pretrain_kwargs) -> list[Path]:
     """Re-derive the scale ladder: every size pretrained with the same recipe (PRETRAIN_DEFAULTS, seed 0)."""
     paths = []
     for size in sizes:
         path = base_path(size, out)
-        model, result = pretrain(size, replace(PRETRAIN_DEFAULTS, progress=progress))
+        model, result = pretrain(size, replace(cfg, progress=progress), **pretrain_kwargs)
         model.save(path)
         print(f"saved {path}: {model.num_params():,} parameters, validation exact match {result.best_metric:.1%}")
         paths.append(path)

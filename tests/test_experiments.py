@@ -13,8 +13,9 @@ import pytest
 from helpers import random_gpt
 
 from minipt import GPT
-from minipt.experiments import (EXPERIMENTS, QUICK, SIZES, LesterSetup, RunRecorder, base_path, planned_runs,
-                                run_lester, spread)
+from minipt.experiments import (EXPERIMENTS, QUICK, SIZES, LesterSetup, RunRecorder, base_path, load_bases,
+                                planned_runs, pretrain_bases, run_lester, spread)
+from minipt.recipes import PRETRAIN_DEFAULTS
 from minipt.checkpoint import model_fingerprint
 from minipt.model import PRESETS
 
@@ -92,6 +93,15 @@ def test_runs_of_another_setup_or_other_bases_are_set_aside(tmp_path):
     other.add("prompt-y", {"test": 0.1})
     retrained = {"pico": random_gpt(PRESETS["pico"], seed=1)}  # same setup, other weights: nothing is reused
     assert RunRecorder.open(tmp_path, replace(QUICK, n_test=99), retrained).runs == {}
+
+
+def test_lester_bases_pretrains_each_size_with_one_recipe(tmp_path):
+    """`minipt experiment lester-bases` in small: the same recipe, cut to a few steps, for two sizes."""
+    cfg = replace(PRETRAIN_DEFAULTS, steps=3, eval_every=3, warmup_steps=1)
+    paths = pretrain_bases(tmp_path, ("pico", "nano"), cfg, progress=False, n_examples=200)
+    assert paths == [tmp_path / "pico.safetensors", tmp_path / "nano.safetensors"]
+    bases = load_bases(("pico", "nano"), tmp_path)  # what `lester --bases DIR` reads
+    assert [m.config.n_embd for m in bases.values()] == [PRESETS["pico"]["n_embd"], PRESETS["nano"]["n_embd"]]
 
 
 def test_missing_base_model_says_how_to_make_it(tmp_path):
