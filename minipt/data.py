@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .tasks import Example, collate
+from .tasks import IGNORE_INDEX, Example, collate
 
 
 def batch_fn(examples: Sequence[Example], tokenizer, batch_size: int, seed: int = 0, instruction: bool = False,
@@ -34,6 +34,12 @@ def batch_fn(examples: Sequence[Example], tokenizer, batch_size: int, seed: int 
     return get_batch
 
 
+def answers_right(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Which rows are exactly right: predicted (..., B, T) token ids equal targets (B, T) at every supervised
+    position. Returns (..., B) booleans; leading dimensions (e.g. K prompts) broadcast."""
+    return ((predicted == targets) | (targets == IGNORE_INDEX)).all(dim=-1)
+
+
 @torch.no_grad()
 def exact_match_accuracy(module, examples: Sequence[Example], tokenizer, instruction: bool = False,
                          batch_size: int = 256, device="cpu") -> float:
@@ -47,8 +53,6 @@ def exact_match_accuracy(module, examples: Sequence[Example], tokenizer, instruc
         idx, targets, _ = collate(examples[i: i + batch_size], tokenizer, instruction=instruction)
         idx, targets = idx.to(device), targets.to(device)
         logits, _ = module(idx)  # (B, T, V)
-        supervised = targets != -100  # (B, T)
-        right = (logits.argmax(dim=-1) == targets) | ~supervised  # (B, T)
-        correct += int(right.all(dim=1).sum())
+        correct += int(answers_right(logits.argmax(dim=-1), targets).sum())
     module.train(was_training)
     return correct / len(examples)

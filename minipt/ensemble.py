@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from minipt.kernels import prompt_concat
 
+from .data import answers_right
 from .model import GPT
-from .tasks import IGNORE_INDEX, Example, collate
+from .tasks import Example, collate
 
 
 @torch.no_grad()
@@ -70,9 +71,7 @@ def ensemble_accuracy(model: GPT, prompts: torch.Tensor, examples: Sequence[Exam
     for i in range(0, len(examples), batch_size):
         idx, targets, _ = collate(examples[i: i + batch_size], tokenizer, instruction=False)  # (B, n) each
         logits = bank_logits(model, prompts, idx)  # (K, B, n, V)
-        unsupervised = targets == IGNORE_INDEX  # (B, n)
-        right_k = (logits.argmax(dim=-1) == targets) | unsupervised  # (K, B, n)
-        single += right_k.all(dim=2).sum(dim=1).float()
-        ensemble += int(((majority_vote(logits) == targets) | unsupervised).all(dim=1).sum())
+        single += answers_right(logits.argmax(dim=-1), targets).sum(dim=1)  # (K,): right answers of each prompt
+        ensemble += int(answers_right(majority_vote(logits), targets).sum())
     model.train(was_training)
     return {"single": (single / len(examples)).tolist(), "ensemble": ensemble / len(examples)}

@@ -202,9 +202,10 @@ def run_lester(setup: LesterSetup = LesterSetup(), results_dir="benchmarks/resul
     bases = load_bases(setup.sizes, bases_dir)
     data = {task: task_data(task, setup.n_train, setup.n_val, setup.n_test, seed=0) for task in setup.tasks}
     recorder = RunRecorder.open(work, setup, bases)
-    todo = [run for run in planned_runs(setup)
+    planned = planned_runs(setup)
+    todo = [run for run in planned
             if run.key not in recorder.runs or (run.kind == "prompt" and not recorder.prompt_file(run).is_file())]
-    print(f"[lester] {len(planned_runs(setup))} runs planned, {len(todo)} to train "
+    print(f"[lester] {len(planned)} runs planned, {len(todo)} to train "
           f"(tasks {', '.join(setup.tasks)}; bases {', '.join(setup.sizes)}; seeds {list(setup.seeds)})")
     bar = tqdm(todo, desc="lester", disable=not progress)
     for run in bar:
@@ -215,7 +216,7 @@ def run_lester(setup: LesterSetup = LesterSetup(), results_dir="benchmarks/resul
             "bases": {size: {"params": m.num_params(), "fingerprint": model_fingerprint(m)} for size, m in bases.items()},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": device_name("cpu"),
-            "train_seconds": round(sum(recorder.runs[r.key]["seconds"] for r in planned_runs(setup)), 1),
+            "train_seconds": round(sum(recorder.runs[r.key]["seconds"] for r in planned), 1),
             "wall_seconds_this_call": round(time.perf_counter() - t0, 1)}
     results_dir = Path(results_dir)
     for name in EXPERIMENTS:
@@ -300,7 +301,7 @@ def summarise(setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder
         ensemble.append({"task": task, "ensemble": spread(column(lambda m: m["ensemble"])),
                          "best_single": spread(column(lambda m: max(m["single"]))),
                          "mean_single": spread(column(lambda m: statistics.fmean(m["single"]))),
-                         "groups": [g for g in setup.ensemble_groups()]})
+                         "groups": setup.ensemble_groups()})
     results["ensemble"] = ensemble
     return results
 

@@ -61,8 +61,7 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax_len, ax_init, ax_scale, ax_ens = axes.flat
-    tasks = [r["task"] for r in results["length"] if r["task"] != "all"]
-    tasks = list(dict.fromkeys(tasks))
+    tasks = list(dict.fromkeys(r["task"] for r in results["length"] if r["task"] != "all"))
     notes = paper or {}
 
     def by_task(rows, task):
