@@ -8,9 +8,11 @@ Rows (random weights, fp32, every input position supervised: the worst case for 
     naive prompt tuning    every weight still requires grad, the optimizer holds only the prompt (the common
                            mistake): autograd keeps what the weight gradients need and computes them all
     minipt prompt tuning   PromptTuning as shipped: a frozen model, the fused frozen head; n_prompt + T positions
+    ..., recompute         the same with PromptTuning(recompute=True): each frozen block is run again in
+                           backward, so only the block inputs are kept
 
 Columns: trainable parameters (what the optimizer updates), gradient bytes (every .grad after backward),
-optimizer-state bytes, bytes saved for backward (`minipt.frozen.saved_tensor_report`, parameters not
+optimizer-state bytes, bytes saved for backward (`minipt.saved_tensors.saved_tensor_report`, parameters not
 counted), peak memory of a training step, ms per step (median after the first step), each also as a ratio
 to full fine-tuning. Peak memory: on CPU, the process's peak RSS above its RSS before the model was built;
 on CUDA, torch.cuda.max_memory_allocated above what was allocated before. Each row runs in a fresh
@@ -20,7 +22,6 @@ benchmarks/results/memory-<device>.csv (rows of other presets in that file are k
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -30,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ("full fine-tuning", "naive prompt tuning", "minipt prompt tuning")
+from minipt.apps.benchio import write_preset_csv
+
+CONFIGS = ("full fine-tuning", "naive prompt tuning", "minipt prompt tuning", "minipt prompt tuning, recompute")
 COLUMNS = ("trainable_params", "gradient_bytes", "optimizer_state_bytes", "saved_bytes", "peak_bytes", "ms_per_step")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,7 +79,8 @@ def build(config: str, cfg, args):
     model = GPT(cfg).to(args.device)
     if config == "full fine-tuning":
         return model.train(), list(model.parameters())
-    module = PromptTuning(model, n_prompt=args.n_prompt, init="uniform", frozen_head=(config == "minipt prompt tuning"))
+    module = PromptTuning(model, n_prompt=args.n_prompt, init="uniform", frozen_head=config.startswith("minipt"),
+                          recompute=config.endswith("recompute"))
     if config == "naive prompt tuning":
         for p in model.parameters():
             p.requires_grad_(True)  # every weight requires grad; the optimizer still gets only the prompt
@@ -93,7 +97,7 @@ def train_steps(module, optimizer, idx, targets, steps: int, device: str) -> lis
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        _, loss = module(idx, targets)
+        loss = module.loss(idx, targets)
         loss.backward()
         optimizer.step()
         if device == "cuda":
@@ -108,7 +112,7 @@ def measure(config: str, args) -> dict:
     import torch
 
     from minipt import GPTConfig
-    from minipt.frozen import saved_tensor_report
+    from minipt.saved_tensors import saved_tensor_report
 
     torch.manual_seed(0)
     device, B, T = args.device, args.batch_size, args.seq_len
@@ -141,7 +145,7 @@ def measure(config: str, args) -> dict:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     optimizer.zero_grad(set_to_none=True)
-    saved = saved_tensor_report(lambda: module(idx, targets)[1])
+    saved = saved_tensor_report(lambda: module.loss(idx, targets))
     return dict(
         trainable_params=sum(p.numel() for p in params),
         gradient_bytes=storage_bytes(grads),
@@ -192,26 +196,13 @@ def write_csv(path: Path, preset: str, rows: dict[str, dict], command: str) -> N
     """Rows of this preset replace any earlier ones; other presets' rows and commands are kept."""
     import torch
 
-    comments, old_rows = {}, []
-    if path.exists():
-        lines = path.read_text().splitlines()
-        for line in lines:
-            if line.startswith("# preset "):
-                name = line.split()[2].rstrip(":")
-                comments[name] = line
-        old_rows = [r for r in csv.DictReader(l for l in lines if not l.startswith("#")) if r["preset"] != preset]
-    comments[preset] = f"# preset {preset}: {command}  (torch {torch.__version__}, {torch.get_num_threads()} threads)"
     full = rows["full fine-tuning"]
     new_rows = [dict(preset=preset, config=config, **{c: f"{row[c]:.1f}" if c == "ms_per_step" else str(int(row[c])) for c in COLUMNS},
                      **{f"{c}_ratio": f"{row[c] / full[c]:.4f}" if full[c] else "" for c in COLUMNS})
                 for config, row in rows.items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        f.write("# bench_memory.py: one training step, random weights, fp32, every input position supervised\n")
-        f.writelines(comments[name] + "\n" for name in sorted(comments))
-        writer = csv.DictWriter(f, fieldnames=["preset", "config", *COLUMNS, *(f"{c}_ratio" for c in COLUMNS)])
-        writer.writeheader()
-        writer.writerows(sorted(old_rows, key=lambda r: r["preset"]) + new_rows)
+    write_preset_csv(path, preset, new_rows, ["preset", "config", *COLUMNS, *(f"{c}_ratio" for c in COLUMNS)],
+                     f"{command}  (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+                     "bench_memory.py: one training step, random weights, fp32, every input position supervised")
 
 
 def main(argv=None) -> None:
@@ -225,9 +216,13 @@ def main(argv=None) -> None:
           f"{args.steps} steps, fp32, {args.device}")
     rows = {config: run_row(config, argv) for config in CONFIGS}
     print_table(rows)
-    naive, ours, full = rows["naive prompt tuning"], rows["minipt prompt tuning"], rows["full fine-tuning"]
-    print(f"minipt / naive, bytes saved for backward: {ours['saved_bytes'] / naive['saved_bytes']:.3f}   "
-          f"minipt / full fine-tuning, peak step memory: {ours['peak_bytes'] / full['peak_bytes']:.3f}")
+    naive, full = rows["naive prompt tuning"], rows["full fine-tuning"]
+    for name in ("minipt prompt tuning", "minipt prompt tuning, recompute"):
+        ours = rows[name]
+        print(f"{name}: saved for backward / naive {ours['saved_bytes'] / naive['saved_bytes']:.3f}, "
+              f"peak step memory / full fine-tuning {ours['peak_bytes'] / full['peak_bytes']:.3f}, "
+              f"step time / without recompute "
+              f"{ours['ms_per_step'] / rows['minipt prompt tuning']['ms_per_step']:.3f}")
     out = Path(args.out) if args.out else RESULTS / f"memory-{args.device}.csv"
     write_csv(out, args.preset, rows, command)
     print(f"written to {out}")

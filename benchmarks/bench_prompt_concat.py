@@ -56,7 +56,7 @@ import re
 import sys
 from pathlib import Path
 
-from minipt.sysinfo import device_name
+from minipt.apps.benchio import device_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 V = 50257  # GPT-2's vocabulary

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import json
 import os
@@ -49,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from minipt.sysinfo import device_name
+from minipt.apps.benchio import device_name, write_preset_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PT_REF = "minipt prompt tuning (reference concat)"
@@ -77,6 +76,8 @@ def parse_args(argv=None):
     ap.add_argument("--hf-activation", default="gelu_new",
                     help="HF GPT2Config.activation_function: gelu_new (as in the released GPT-2 configs) or "
                          "gelu_pytorch_tanh (the fused tanh GELU minipt uses); both compute the same function")
+    ap.add_argument("--recompute", action="store_true",
+                    help="minipt rows recompute the frozen blocks in backward (PromptTuning(recompute=True))")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-peft", action="store_true", help="skip the HF + PEFT row even when installed")
     ap.add_argument("--smoke", action="store_true", help="the smallest setting: nano, B=2, n=8, n_p=4, 2 steps")
@@ -123,38 +124,6 @@ def minipt_config(args):
                             dropout=0.0)
 
 
-def hf_from_minipt(model, activation: str = "gelu_new"):
-    """HF GPT2LMHeadModel with exactly minipt's weights: same names, Conv1D weights transposed."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # no notes about the config's unused fields
-
-    c = model.config
-    hf_cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                        n_head=c.n_head, activation_function=activation, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
-                        bos_token_id=None, eos_token_id=None)
-    hf_cfg._attn_implementation = "sdpa"  # minipt uses F.scaled_dot_product_attention too
-    hf = GPT2LMHeadModel(hf_cfg).to(model.transformer.wte.weight.device)
-    hf_state = hf.state_dict()
-    import torch
-
-    with torch.no_grad():
-        for name, w in model.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied to wte in both models
-            target = hf_state[name]
-            # HF's Conv1D keeps weights as (in, out), nn.Linear as (out, in)
-            src = w.t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else w
-            if target.shape != src.shape:
-                raise ValueError(f"{name}: minipt {tuple(src.shape)} vs HF {tuple(target.shape)}")
-            target.copy_(src)
-    if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
-        raise RuntimeError("HF lm_head is not tied to wte")
-    return hf
-
-
 def build(config: str, base, prompt_init, args):
     """A step function for one row: it runs forward, backward and the optimizer, and returns the loss."""
     import torch
@@ -164,19 +133,18 @@ def build(config: str, base, prompt_init, args):
     lr = 1e-3
     if config in (PT_REF, PT_TRITON):
         backend = "reference" if config == PT_REF else "triton"
-        module = PromptTuning(copy.deepcopy(base), n_prompt=args.n_prompt, init="uniform", backend=backend).train()
-        with torch.no_grad():
-            module.prompt.copy_(prompt_init)
+        module = PromptTuning.from_tensor(copy.deepcopy(base), prompt_init, backend=backend,
+                                          recompute=args.recompute).train()
         params = [module.prompt]
 
         def forward(idx, targets, labels):
-            return module(idx, targets)[1]
+            return module.loss(idx, targets)
     elif config == FULL:
         module = copy.deepcopy(base).train()
         params = list(module.parameters())
 
         def forward(idx, targets, labels):
-            return module(idx, targets)[1]
+            return module.loss(idx, targets)
     elif config == PEFT:
         import warnings
 
@@ -184,7 +152,9 @@ def build(config: str, base, prompt_init, args):
 
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
 
-        hf = hf_from_minipt(base, args.hf_activation)
+        from minipt.hf import to_hf
+
+        hf = to_hf(base, args.hf_activation)
         module = get_peft_model(hf, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
                                                        num_virtual_tokens=args.n_prompt)).train()
         emb = module.prompt_encoder["default"].embedding.weight  # (n_p, D), the only trainable tensor
@@ -363,22 +333,9 @@ def package_version(name: str) -> str:
 
 def write_csv(path: Path, preset: str, new_rows: list[dict], command: str) -> None:
     """Rows of this preset replace earlier ones; other presets' rows and commands are kept."""
-    comments, old_rows = {}, []
-    if path.exists():
-        lines = path.read_text().splitlines()
-        for line in lines:
-            if line.startswith("# preset "):
-                comments[line.split()[2].rstrip(":")] = line
-        old_rows = [r for r in csv.DictReader(l for l in lines if not l.startswith("#")) if r["preset"] != preset]
-    comments[preset] = f"# preset {preset}: {command}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        f.write("# bench_train_step.py: one training step (forward, backward, AdamW), random weights, fp32; "
-                "rows stepped alternately in one process\n")
-        f.writelines(comments[name] + "\n" for name in sorted(comments))
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(sorted(old_rows, key=lambda r: r["preset"]) + new_rows)
+    write_preset_csv(path, preset, new_rows, COLUMNS, command,
+                     "bench_train_step.py: one training step (forward, backward, AdamW), random weights, fp32; "
+                     "rows stepped alternately in one process")
 
 
 def main(argv=None) -> list[dict]:

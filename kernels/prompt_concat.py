@@ -320,15 +320,17 @@ def _prompt_concat_op(
     wpe: Optional[torch.Tensor],
     prompt_index: Optional[torch.Tensor],
     use_triton: bool,
+    check_ids: bool,
 ) -> torch.Tensor:
-    _check_values(prompt, wte, idx, prompt_index)  # data-dependent: here, not at trace time
+    if check_ids:
+        _check_values(prompt, wte, idx, prompt_index)  # data-dependent: here, not at trace time
     if use_triton:
         return _forward_triton(prompt, wte, idx, wpe, prompt_index)
     return prompt_concat_reference(prompt, wte, idx, wpe=wpe, prompt_index=prompt_index)
 
 
 @_prompt_concat_op.register_fake
-def _(prompt, wte, idx, wpe, prompt_index, use_triton):
+def _(prompt, wte, idx, wpe, prompt_index, use_triton, check_ids):
     B, n = idx.shape
     n_p, D = prompt.shape[-2:]
     return wte.new_empty(B, n_p + n, D)  # (B, T, D) in the table dtype
@@ -354,7 +356,7 @@ def _(dx, prompt_index, K, R, out_dtype, use_triton):
 
 
 def _setup_context(ctx, inputs, output):
-    prompt, wte, idx, wpe, prompt_index, use_triton = inputs
+    prompt, wte, idx, wpe, prompt_index, use_triton, check_ids = inputs
     ctx.save_for_backward(idx, prompt_index)  # ids only: no (V, D) or (B, T, D) tensor is kept
     ctx.prompt_shape = prompt.shape
     ctx.prompt_dtype = prompt.dtype
@@ -393,7 +395,7 @@ def _backward(ctx, dx):
         T = dx.shape[1]
         used = _batch_sum_op(dx, None, 1, T, dx.dtype, ctx.use_triton)[0]  # (T, D)
         d_wpe = F.pad(used, (0, 0, 0, ctx.n_pos - T))  # (n_ctx, D)
-    return d_prompt, d_wte, None, d_wpe, None, None
+    return d_prompt, d_wte, None, d_wpe, None, None, None
 
 
 _prompt_concat_op.register_autograd(_backward, setup_context=_setup_context)
@@ -525,7 +527,7 @@ def _resolve_backend(backend, device):
     return False
 
 
-def prompt_concat(prompt, wte, idx, wpe=None, prompt_index=None, backend="auto"):
+def prompt_concat(prompt, wte, idx, wpe=None, prompt_index=None, backend="auto", check_ids=True):
     """x = [P; wte[idx]] (+ wpe[:T]) as one (B, n_p + n, D) tensor in wte's dtype.
 
     Args:
@@ -539,6 +541,8 @@ def prompt_concat(prompt, wte, idx, wpe=None, prompt_index=None, backend="auto")
         backend: "auto" runs the Triton kernels on CUDA tensors (and on CPU tensors under
             TRITON_INTERPRET=1) and the PyTorch reference elsewhere; "triton" insists on the
             kernels (RuntimeError where they cannot run); "reference" is plain PyTorch.
+        check_ids: check 0 <= idx < V and 0 <= prompt_index < K before any launch (one host read);
+            False when the caller has checked them already (PromptTuning does, once per batch).
 
     Gradients flow to prompt, and to wte and wpe only when they require grad: a frozen table
     gets None and no (V, D) gradient is ever allocated. Both backends share the validation, so
@@ -546,4 +550,4 @@ def prompt_concat(prompt, wte, idx, wpe=None, prompt_index=None, backend="auto")
     """
     _check_inputs(prompt, wte, idx, wpe, prompt_index)
     use_triton = _resolve_backend(backend, wte.device)
-    return _prompt_concat_op(prompt, wte, idx, wpe, prompt_index, use_triton)
+    return _prompt_concat_op(prompt, wte, idx, wpe, prompt_index, use_triton, bool(check_ids))

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from .apps.cli import main  # the one module of the method that imports apps: it is the program
 
 sys.exit(main())

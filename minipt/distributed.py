@@ -1,4 +1,4 @@
-"""Data-parallel prompt tuning on torch.distributed, and the one tuning function the CLI's new paths share.
+"""Data-parallel prompt tuning on torch.distributed (the tuning function, minipt.apps.recipes.tune_prompt, takes it).
 
     torchrun --nproc_per_node=2 -m minipt tune --task reverse --out runs/reverse.safetensors
 
@@ -29,16 +29,15 @@ are not supported under torchrun yet: every rank would have to read the file and
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .data import batch_fn, exact_match_accuracy
-from .model import GPT, mask_padding
+from .data import exact_match_accuracy
+from .loss import mask_padding
 from .prompt import PromptTuning
-from .train import TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,8 @@ def shard_rows(B: int, rank: int, world_size: int) -> slice:
 class DataParallelPrompt(nn.Module):
     """pt on this rank's shard of a global batch; the prompt's gradient is summed over ranks (steps 1-3 above).
 
-    forward(idx, targets, mask) takes the *global* batch and returns (None, loss) where loss has the value of
-    the global loss (the same on every rank) and the gradient of this rank's share (N_r / N) loss_r.
+    loss(idx, targets, mask) takes the *global* batch and returns a loss with the value of the global loss (the
+    same on every rank) and the gradient of this rank's share (N_r / N) loss_r.
     Call close() to remove the all-reduce hook from the prompt.
     """
 
@@ -90,16 +89,16 @@ class DataParallelPrompt(nn.Module):
         # after backward has accumulated dL_r/dP into prompt.grad: sum it over ranks, in place
         self._hook = pt.prompt.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad))
 
-    def forward(self, idx, targets, attention_mask=None):
+    def loss(self, idx, targets, attention_mask=None):
         supervised = mask_padding(targets, attention_mask) != -100  # (B, T)
         rows = shard_rows(idx.shape[0], self.rank, self.world_size)
         n_total, n_local = supervised.sum(), supervised[rows].sum()
         mask = None if attention_mask is None else attention_mask[rows]
-        _, loss = self.pt(idx[rows], targets[rows], mask)  # mean over this shard's n_local tokens
+        loss = self.pt.loss(idx[rows], targets[rows], mask)  # mean over this shard's n_local tokens
         part = loss * (n_local / n_total)  # this rank's share of the global mean
         total = part.detach().clone()
         dist.all_reduce(total)  # the global loss, for logging and the NaN check on every rank
-        return None, part + (total - part.detach())  # value: global loss; gradient: this rank's share
+        return part + (total - part.detach())  # value: global loss; gradient: this rank's share
 
     def close(self) -> None:
         self._hook.remove()
@@ -113,33 +112,3 @@ def sharded_accuracy(pt, examples, tokenizer, info: DistInfo) -> float:
     if info.world_size > 1:
         dist.all_reduce(count)
     return count.item() / len(examples)
-
-
-def tune_examples(model: GPT, train_ex, val_ex, tokenizer, n_prompt: int = 20, init: str = "vocab",
-                  cfg: TrainConfig = TrainConfig(), *, init_text: str | None = None,
-                  token_counts: torch.Tensor | None = None, labels=None, info: DistInfo = DistInfo(),
-                  backend: str = "auto", checkpoint_path=None, resume: bool = False) -> tuple[PromptTuning, TrainResult]:
-    """A soft prompt on the frozen `model` for the given examples (no instruction), on one or W processes.
-
-    With one process this is `recipes.tune_prompt` for any examples and tokenizer. With W processes (info from
-    `init_from_env`) it gives the same prompt as one process with the same global batch (up to float rounding).
-    """
-    model = model.to(info.device)
-    pt = PromptTuning(model, n_prompt=n_prompt, init=init, init_text=init_text, tokenizer=tokenizer,
-                      token_counts=token_counts, seed=cfg.seed, backend=backend, labels=labels)
-    get_batch = batch_fn(train_ex, tokenizer, cfg.batch_size, seed=cfg.seed, instruction=False, device=info.device)
-    if info.world_size == 1:
-        result = train(pt, get_batch, cfg, evaluate=lambda: exact_match_accuracy(pt, val_ex, tokenizer,
-                                                                                 device=info.device),
-                       checkpoint_path=checkpoint_path, resume=resume)
-        return pt, result
-    if checkpoint_path is not None:
-        raise ValueError("--checkpoint/--resume are not supported with several processes yet")
-    shard_rows(cfg.batch_size, info.rank, info.world_size)  # fail early on an indivisible batch
-    module = DataParallelPrompt(pt, info.rank, info.world_size)
-    try:
-        result = train(module, get_batch, replace(cfg, progress=cfg.progress and info.is_main),
-                       evaluate=lambda: sharded_accuracy(pt, val_ex, tokenizer, info))
-    finally:
-        module.close()
-    return pt, result

@@ -4,7 +4,7 @@ Lester et al. 2021, section 6: because the model is frozen, K prompts for the sa
 bank, and one forward pass over a batch that repeats each input K times (row k*B + b is example b under
 prompt k, chosen by `prompt_index`) serves all of them. No copy of the model is made.
 
-    x[k*B + b] = [P_k, wte[idx[b]]] + wpe        prompt_concat with a (K, n_p, D) bank and prompt_index (K*B,)
+    x[k*B + b] = [P_k, wte[idx[b]]] + wpe        a PromptTuning bank (K, n_p, D) and prompt_index (K*B,)
     votes[k, b, t] = argmax_v logits[k, b, t, v]
     ensemble[b, t] = the token most prompts vote for (ties: the larger mean probability over the K prompts)
 
@@ -19,29 +19,24 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from minipt.kernels import prompt_concat
-
-from .data import answers_right
+from .data import answers_right, collate
 from .model import GPT
-from .tasks import Example, collate
+from .prompt import PromptTuning
+from .tasks import Example
 
 
 @torch.no_grad()
 def bank_logits(model: GPT, prompts: torch.Tensor, idx: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Logits (K, B, n, V) of every input in idx (B, n) under every prompt of the bank (K, n_p, D), in one pass."""
-    if prompts.dim() != 3 or prompts.shape[2] != model.config.n_embd:
+    if prompts.dim() != 3:
         raise ValueError(f"prompts must have shape (K, n_prompt, n_embd={model.config.n_embd}), "
                          f"got {tuple(prompts.shape)}")
-    K, n_prompt, _ = prompts.shape
-    B, n = idx.shape
-    model.check_idx(idx, n_extra=n_prompt)
-    tr = model.transformer
+    bank = PromptTuning.from_tensor(model, prompts, backend=backend)
+    K, B, n = prompts.shape[0], *idx.shape
     idx_rep = idx.repeat(K, 1)  # (K*B, n): row k*B + b is example b
     prompt_index = torch.arange(K, device=idx.device).repeat_interleave(B)  # (K*B,): row k*B + b uses prompt k
-    x = prompt_concat(prompts.to(tr.wte.weight.dtype), tr.wte.weight, idx_rep, wpe=tr.wpe.weight,
-                      prompt_index=prompt_index, backend=backend)  # (K*B, n_prompt + n, D)
-    h = model.body(x)[:, n_prompt:]  # (K*B, n, D): the input positions
-    return model.head(h).view(K, B, n, -1)  # (K, B, n, V)
+    logits, _ = bank(idx_rep, prompt_index=prompt_index)  # (K*B, n, V)
+    return logits.view(K, B, n, -1)  # (K, B, n, V)
 
 
 def majority_vote(logits: torch.Tensor) -> torch.Tensor:

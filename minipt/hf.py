@@ -112,18 +112,21 @@ def gpt_from_hf(model_or_state_dict, config=None) -> GPT:
     return model.eval()
 
 
-def to_hf(model: GPT):
-    """The same network as a transformers GPT2LMHeadModel (the inverse of gpt_from_hf), e.g. to use a prompt
-    tuned in minipt with PEFT on a minipt base model. Logits agree to float rounding."""
+def to_hf(model: GPT, activation: str = "gelu_new"):
+    """The same network as a transformers GPT2LMHeadModel (the inverse of gpt_from_hf), on the model's device and
+    dtype, e.g. to use a prompt tuned in minipt with PEFT on a minipt base model. Logits agree to float rounding.
+    activation: "gelu_new" (GPT-2's) or "gelu_pytorch_tanh" (the same function, fused)."""
     transformers = _require_transformers()
     c = model.config
     if not c.bias:
         raise ValueError("only models with bias=True (GPT-2's layout) can be exported")
     hf_config = transformers.GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
-                                        n_positions=c.block_size, activation_function="gelu_new",
+                                        n_positions=c.block_size, activation_function=activation,
                                         layer_norm_epsilon=1e-5, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
                                         attn_pdrop=c.dropout, bos_token_id=None, eos_token_id=None)
-    hf = transformers.GPT2LMHeadModel(hf_config).to(model.transformer.wte.weight.dtype)
+    hf_config._attn_implementation = "sdpa"  # minipt uses F.scaled_dot_product_attention too
+    wte = model.transformer.wte.weight
+    hf = transformers.GPT2LMHeadModel(hf_config).to(device=wte.device, dtype=wte.dtype)
     state = {name: t.t().contiguous() if name.endswith(TRANSPOSED) else t  # (out, in) -> (in, out)
              for name, t in model.state_dict().items() if name != "lm_head.weight"}
     missing, unexpected = hf.load_state_dict(state, strict=False)

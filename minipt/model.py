@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-# A key/value cache: one (k, v) pair per layer, each (B, n_head, T_past, head_dim).
-KVCache = list
+from .checks import check_batch
+from .loss import lm_loss, mask_padding
 
 
 @dataclass
@@ -169,25 +170,6 @@ class GPT(nn.Module):
 
     # ---- the three steps -------------------------------------------------------------------------------
 
-    def check_idx(self, idx: torch.Tensor, n_extra: int = 0, name: str = "idx") -> None:
-        """Clear errors for bad token ids, before any embedding lookup reads out of bounds."""
-        if not isinstance(idx, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids (int64 or int32), got dtype {idx.dtype}")
-        if idx.dim() != 2:
-            raise ValueError(f"{name} must have shape (B, T), got {tuple(idx.shape)}")
-        B, T = idx.shape
-        if B == 0 or T == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(idx.shape)}); need at least one token per example")
-        if n_extra + T > self.config.block_size:
-            what = f"n_prompt ({n_extra}) + sequence length ({T})" if n_extra else f"sequence length {T}"
-            raise ValueError(f"{what} = {n_extra + T} exceeds block_size {self.config.block_size}")
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} holds token id {bad}, outside [0, vocab_size={self.config.vocab_size})")
-
     def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """x[b, t] = wte[idx[b, t]] + wpe[start_pos + t]."""
         T = idx.shape[1]
@@ -195,17 +177,23 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, D)
         return self.transformer.drop(x)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: list | None = None, recompute: bool = False) -> torch.Tensor:
         """Run the blocks and the final LayerNorm on input embeddings x (B, T, D).
 
-        With `cache` (a list, one entry per layer, empty or from an earlier call), the keys and values of x are
-        appended to it, so the next call only needs the new position.
+        cache: a list with one (k, v) entry per layer, each (B, n_head, T_past, head_dim), empty or from an
+        earlier call; the keys and values of x are appended to it, so the next call only needs the new position.
+        recompute: run each block under `torch.utils.checkpoint` (non-reentrant): backward keeps only the block
+        inputs and runs each block's forward again. It needs no input that requires grad, so it works on a
+        frozen model as it is (PEFT issue #742 is about the reentrant variant, which does).
         """
         if cache is not None and len(cache) == 0:
             cache.extend([None] * len(self.transformer.h))
         for i, block in enumerate(self.transformer.h):
             layer_cache = None if cache is None else (cache[i] if cache[i] is not None else (None, None))
-            x, kv = block(x, layer_cache)
+            if recompute and torch.is_grad_enabled():
+                x, kv = checkpoint(block, x, layer_cache, use_reentrant=False)
+            else:
+                x, kv = block(x, layer_cache)
             if cache is not None:
                 cache[i] = kv
         return self.transformer.ln_f(x)  # (B, T, D)
@@ -213,20 +201,29 @@ class GPT(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)  # (B, T, V)
 
+    def check(self, idx, targets=None, attention_mask=None) -> int | None:
+        """minipt.checks.check_batch for this model: clear errors before any embedding lookup reads out of bounds."""
+        c = self.config
+        return check_batch(idx, targets, attention_mask, vocab_size=c.vocab_size, block_size=c.block_size)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None):
-        """Logits for every position, and the mean cross-entropy over targets != -100 when targets are given.
+        """Logits (B, T, V) for every position, and the mean cross-entropy over targets != -100 when targets are given.
 
         targets has the shape of idx and holds the next token of each position (targets[:, t] = idx[:, t+1]
         where that token is supervised), -100 where no loss is taken. With right padding, attention_mask
         (1 = token, 0 = pad) only removes the padded positions from the loss: causal attention already keeps
         real tokens from seeing the padding after them.
         """
-        self.check_idx(idx)
+        self.check(idx, targets, attention_mask)
         logits = self.head(self.body(self.embed(idx)))  # (B, T, V)
         if targets is None:
             return logits, None
-        return logits, lm_loss(logits, mask_padding(targets, attention_mask), idx.shape)
+        return logits, lm_loss(logits, mask_padding(targets, attention_mask))
+
+    def loss(self, idx, targets, attention_mask=None) -> torch.Tensor:
+        """The training loss alone (what `minipt.train` calls): forward's loss."""
+        return self(idx, targets, attention_mask)[1]
 
     # ---- generation -------------------------------------------------------------------------------------
 
@@ -238,54 +235,38 @@ class GPT(nn.Module):
         Every row continues from its last position, so the rows of a batch must have the same length (no
         padding); batch examples of equal length together.
         """
-        self.check_idx(idx)
-        if idx.shape[1] + max_new_tokens > self.config.block_size:
-            raise ValueError(
-                f"idx length {idx.shape[1]} + max_new_tokens {max_new_tokens} exceeds block_size "
-                f"{self.config.block_size}"
-            )
-        new = self.generate_from_embeddings(self.embed(idx), max_new_tokens, temperature, top_k,
-                                            use_cache=use_cache, prefix_idx=idx, generator=generator)
+        self.check(idx)
+        check_generation_length(idx.shape[1], max_new_tokens, self.config.block_size, "idx length")
+        if not use_cache:
+            return generate_without_cache(lambda ids: self(ids)[0], idx, max_new_tokens, temperature, top_k, generator)
+        new = self.generate_from_embeddings(self.embed(idx), max_new_tokens, temperature, top_k, generator)
         return torch.cat([idx, new], dim=1)
 
     @torch.no_grad()
-    def generate_from_embeddings(self, x, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
-                                 prefix_idx=None, generator=None) -> torch.Tensor:
-        """Generate after a prefix given as embeddings x (B, T0, D) (for example a soft prompt + input).
+    def generate_from_embeddings(self, x, max_new_tokens, temperature=1.0, top_k=None, generator=None) -> torch.Tensor:
+        """Generate after a prefix given as embeddings x (B, T0, D), e.g. a soft prompt + input, with the KV cache.
 
-        With the cache, the prefix is run once (prefill) and each new token costs one position. Without it,
-        the whole sequence is run again every step; it needs `prefix_idx` (the token ids after any soft prompt)
-        and is kept as the reference that tests compare the cache against. Returns the new ids (B, new).
+        The prefix is run once (prefill) and each new token costs one position. Returns the new ids (B, new).
         """
         B, T0, _ = x.shape
-        if T0 + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prefix length {T0} + max_new_tokens {max_new_tokens} exceeds block_size "
-                             f"{self.config.block_size}")
+        check_generation_length(T0, max_new_tokens, self.config.block_size, "prefix length")
         new_ids = torch.empty(B, 0, dtype=torch.long, device=x.device)
         if max_new_tokens == 0:
             return new_ids
-        cache: KVCache | None = [] if use_cache else None
+        cache = []
         h = self.body(x, cache)  # prefill: (B, T0, D)
         for step in range(max_new_tokens):
             next_id = sample_next(self.head(h[:, -1]), temperature, top_k, generator)  # (B, 1)
             new_ids = torch.cat([new_ids, next_id], dim=1)
-            if step == max_new_tokens - 1:
-                break
-            if use_cache:
+            if step < max_new_tokens - 1:
                 h = self.body(self.embed(next_id, start_pos=T0 + step), cache)  # (B, 1, D)
-            else:
-                n_soft = T0 - prefix_idx.shape[1]  # positions taken by a soft prompt before the ids
-                tokens = torch.cat([prefix_idx, new_ids], dim=1)
-                x_all = torch.cat([x[:, :n_soft], self.embed(tokens, start_pos=n_soft)], dim=1)
-                h = self.body(x_all)
         return new_ids
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
 
-    def num_params(self, exclude_positions: bool = False) -> int:
+    def num_params(self) -> int:
         """Parameter count, the tied head counted once."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if exclude_positions else n
+        return sum(p.numel() for p in self.parameters())
 
     def fingerprint(self) -> str:
         """A short hash of the configuration and every weight, to tell which base model a prompt was made for."""
@@ -319,17 +300,22 @@ class GPT(nn.Module):
         return gpt_from_pretrained(name_or_path, cache_dir=cache_dir)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, expected_shape) -> torch.Tensor:
-    """Mean cross-entropy over the positions where targets != -100 (nanoGPT convention)."""
-    if targets.shape != torch.Size(expected_shape):
-        raise ValueError(f"targets must have the shape of idx {tuple(expected_shape)}, got {tuple(targets.shape)}")
-    if targets.dtype.is_floating_point:
-        raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
-    if not bool((targets != -100).any()):
-        raise ValueError("targets has no supervised position (every entry is -100)")
-    # fp16/bf16 logits are upcast to fp32 for the softmax; fp64 stays fp64 (float64 gradient checks)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+def check_generation_length(T0: int, max_new_tokens: int, block_size: int, what: str) -> None:
+    if T0 + max_new_tokens > block_size:
+        raise ValueError(f"{what} {T0} + max_new_tokens {max_new_tokens} exceeds block_size {block_size}")
+
+
+@torch.no_grad()
+def generate_without_cache(logits_fn, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                           generator=None) -> torch.Tensor:
+    """The reference decoder: run the whole sequence again for every new token (what the cache must equal).
+
+    logits_fn(ids (B, T)) -> logits (B, T, V) is any forward pass (the model's, or a prompt-tuned one).
+    """
+    for _ in range(max_new_tokens):
+        next_id = sample_next(logits_fn(idx)[:, -1], temperature, top_k, generator)  # (B, 1)
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
@@ -346,18 +332,3 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits.float(), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-
-
-def mask_padding(targets: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """targets with -100 at padded positions (unchanged when attention_mask is None); the mask must be right-padded (each row: ones, then zeros)."""
-    if attention_mask is None:
-        return targets
-    if attention_mask.shape != targets.shape:
-        raise ValueError(f"attention_mask must have the shape of idx {tuple(targets.shape)}, "
-                         f"got {tuple(attention_mask.shape)}")
-    m = attention_mask.to(torch.long)
-    if bool(((m != 0) & (m != 1)).any()):
-        raise ValueError("attention_mask must hold only 0 and 1")
-    if bool((m[:, 1:] > m[:, :-1]).any()):  # a 1 after a 0: left or middle padding
-        raise ValueError("attention_mask must be right-padded (ones, then zeros in every row)")
-    return targets.masked_fill(m == 0, -100)

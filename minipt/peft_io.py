@@ -36,7 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointError, atomic_write
-from .model import GPT, lm_loss
+from .loss import lm_loss
+from .model import GPT
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -129,11 +130,9 @@ def load_peft(model: GPT, directory, backend: str = "auto"):
     if prompt.shape[1] != D:
         raise CheckpointError(f"{directory}: the prompt has token_dim {prompt.shape[1]} but the model has "
                               f"n_embd={D}; it was made for another model")
-    pt = PromptTuning(model, n_prompt=prompt.shape[0], init="uniform", backend=backend)
-    pt.init = _MINIPT_INIT.get(str(config.get("prompt_tuning_init")), "unknown")
-    with torch.no_grad():
-        pt.prompt.copy_(prompt.to(pt.prompt.device))  # kept fp32 and requiring grad: it can be trained further
-    return pt
+    # kept fp32 and requiring grad: it can be trained further
+    return PromptTuning.from_tensor(model, prompt, init=_MINIPT_INIT.get(str(config.get("prompt_tuning_init")),
+                                                                         "unknown"), backend=backend)
 
 
 # ---- PEFT's loss convention --------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def peft_loss(pt, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     The positions n_p - 1 .. n_p + n - 2 predict labels[:, 0 .. n - 1]: the last prompt slot scores labels[:, 0].
     Mean cross-entropy over labels != -100 (put -100 at padded positions, as with transformers).
     """
-    pt.model.check_idx(input_ids, n_extra=pt.n_prompt, name="input_ids")
-    h = pt.model.body(pt.embed(input_ids))  # (B, n_p + n, D)
+    pt.check(input_ids, labels, name="input_ids")
+    h = pt.hidden(input_ids)  # (B, n_p + n, D)
     logits = pt.model.head(h[:, pt.n_prompt - 1: -1])  # (B, n, V): slot n_p-1 predicts labels[:, 0]
-    return lm_loss(logits, labels, input_ids.shape)
+    return lm_loss(logits, labels)

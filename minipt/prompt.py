@@ -4,7 +4,7 @@
     L(P) = cross-entropy of frozen_gpt(x) at the supervised input positions
 
 Reference: Lester, Al-Rfou, Constant 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"
-(section 2 for the method, section 3.2 / 7 for the initialisations used here).
+(section 2 for the method, section 2.1 for the initialisations, section 6 for a bank of prompts).
 
 Positions run over the whole sequence, prompt included: the prompt takes positions 0 .. n_prompt-1 and the
 input starts at position n_prompt. The prompt positions carry no loss, and the logits returned are those of
@@ -13,6 +13,11 @@ the input positions only, so `targets` has the shape of `idx`, exactly as for th
 Right padding: causal attention means a real token never attends to a position after it, so padding at the
 end of a row cannot change the logits of the real tokens. `attention_mask` (1 = real, 0 = pad) is therefore
 used only to make sure no loss is taken at padded positions; it must be right-padded (ones, then zeros).
+
+A bank: `PromptTuning.from_tensor(model, P)` with P (K, n_p, D) holds K prompts for one frozen model, and every
+call takes `prompt_index` (B,) saying which prompt each row uses, so one batch can mix tasks (section 6).
+
+This is the one place that builds the prompt-tuned input: check -> prompt_concat -> body -> slice -> head.
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_tensors, model_fingerprint, save_tensors
-from .frozen import freeze, frozen_lm_loss
-from .model import GPT, lm_loss, mask_padding
+from .checks import check_batch
+from .frozen import freeze
+from .loss import frozen_lm_loss, lm_loss, mask_padding
+from .model import GPT, check_generation_length, generate_without_cache
 
 # The fused kernel's dispatcher: Triton where it can run, the plain PyTorch reference elsewhere.
 from minipt.kernels import prompt_concat
@@ -37,7 +44,7 @@ def init_prompt(model: GPT, n_prompt: int, init: str = "vocab", *, init_text: st
                 tokenizer=None, token_counts: torch.Tensor | None = None, top_k_tokens: int = 5000,
                 special_ids=(), generator: torch.Generator | None = None,
                 labels: Sequence[str] | None = None) -> torch.Tensor:
-    """The initial prompt (n_prompt, D) in fp32, one of Lester et al.'s initialisations (section 2.2).
+    """The initial prompt (n_prompt, D) in fp32, one of Lester et al.'s initialisations (section 2.1).
 
     uniform  P ~ U(-0.5, 0.5), as in the paper's random init.
     vocab    embeddings of n_prompt distinct tokens sampled from the `top_k_tokens` most frequent ones of a
@@ -94,24 +101,29 @@ def init_prompt(model: GPT, n_prompt: int, init: str = "vocab", *, init_text: st
 
 
 class PromptTuning(nn.Module):
-    """A frozen GPT with a trainable soft prompt in front of its input.
+    """A frozen GPT with a trainable soft prompt (or a bank of them) in front of its input.
 
     >>> pt = PromptTuning(model, n_prompt=20, init="vocab")
     >>> logits, loss = pt(idx, targets=targets)        # logits (B, n, V) for the input positions
+    >>> loss = pt.loss(idx, targets, attention_mask)   # what training calls: the fused frozen head
 
-    frozen_head (default True): in training mode, with targets, the loss goes through the fused frozen head
-    (`minipt.frozen.frozen_lm_loss`): logits only at supervised positions, chunk by chunk, and only dL/dh
-    (N, D) kept for backward instead of the (N, V) log-softmax. forward then returns logits=None, since
-    making them would cost the memory the path saves (train() ignores them). In eval mode, without targets,
-    or with a head that requires grad, forward is the plain one. Same loss and prompt gradient either way.
+    Why `loss` apart from `forward`: training needs only the loss, and the fused frozen head
+    (`minipt.loss.frozen_lm_loss`) computes it without ever making the (B, n, V) logits: logits only at
+    supervised positions, chunk by chunk, and only dL/dh (N, D) kept for backward. forward always returns the
+    logits. Same loss and prompt gradient either way; `frozen_head=False` (or a head that requires grad) makes
+    `loss` take the plain path. `recompute=True` recomputes each frozen block in backward instead of keeping
+    its activations (minipt.model.GPT.body).
     """
 
     def __init__(self, model: GPT, n_prompt: int = 20, init: str = "vocab", *, init_text: str | None = None,
                  tokenizer=None, token_counts: torch.Tensor | None = None, seed: int = 0,
-                 backend: str = "auto", frozen_head: bool = True, labels: Sequence[str] | None = None):
+                 backend: str = "auto", frozen_head: bool = True, labels: Sequence[str] | None = None,
+                 recompute: bool = False, prompt: torch.Tensor | None = None):
         super().__init__()
         if not isinstance(model, GPT):
             raise TypeError(f"model must be a minipt GPT, got {type(model).__name__}")
+        if prompt is not None:  # from_tensor: start from a given prompt or bank
+            n_prompt = prompt.shape[-2]
         if not 1 <= n_prompt < model.config.block_size:
             raise ValueError(f"n_prompt must be in [1, block_size={model.config.block_size}), got {n_prompt}")
         self.model = freeze(model)
@@ -119,45 +131,101 @@ class PromptTuning(nn.Module):
         self.init = init
         self.backend = backend
         self.frozen_head = frozen_head
-        special_ids = getattr(tokenizer, "special_ids", ())
-        generator = torch.Generator().manual_seed(seed)
-        p = init_prompt(model, n_prompt, init, init_text=init_text, tokenizer=tokenizer,
-                        token_counts=token_counts, special_ids=special_ids, generator=generator, labels=labels)
+        self.recompute = recompute
+        if prompt is None:
+            generator = torch.Generator().manual_seed(seed)
+            prompt = init_prompt(model, n_prompt, init, init_text=init_text, tokenizer=tokenizer,
+                                 token_counts=token_counts, special_ids=getattr(tokenizer, "special_ids", ()),
+                                 generator=generator, labels=labels)
         device = model.transformer.wte.weight.device
         # The prompt is kept in fp32 whatever the model's dtype; prompt_concat casts it to the activation dtype.
-        self.prompt = nn.Parameter(p.to(device=device, dtype=torch.float32))  # (n_prompt, D)
+        self.prompt = nn.Parameter(prompt.detach().to(device=device, dtype=torch.float32).clone())  # (n_p, D) or (K, n_p, D)
+
+    @classmethod
+    def from_tensor(cls, model: GPT, prompt: torch.Tensor, init: str = "unknown", **kwargs) -> "PromptTuning":
+        """A PromptTuning that starts from `prompt`: one (n_p, D) prompt or a bank (K, n_p, D) of K prompts."""
+        D = model.config.n_embd
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() not in (2, 3) or prompt.shape[-1] != D \
+                or 0 in prompt.shape:
+            got = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+            raise ValueError(f"prompt must have shape (n_prompt, n_embd={D}) or a bank (K, n_prompt, n_embd={D}), "
+                             f"got {got}")
+        return cls(model, init=init, prompt=prompt, **kwargs)
+
+    @property
+    def bank_size(self) -> int | None:
+        """K for a bank of prompts, None for one prompt."""
+        return self.prompt.shape[0] if self.prompt.dim() == 3 else None
 
     # ---- forward ----------------------------------------------------------------------------------------
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """x = [P, wte[idx]] + wpe[0 : n_prompt + n]   (B, n_prompt + n, D)."""
+    def check(self, idx, targets=None, attention_mask=None, prompt_index=None, name: str = "idx") -> int | None:
+        """Every check of the inputs, once (minipt.checks); returns the number of supervised positions."""
+        c = self.model.config
+        n_supervised = check_batch(idx, targets, attention_mask, vocab_size=c.vocab_size, block_size=c.block_size,
+                                   n_prefix=self.n_prompt, name=name)
+        K = self.bank_size
+        if K is None and prompt_index is not None:
+            raise ValueError("prompt_index is given but this PromptTuning holds one prompt, not a bank")
+        if K is not None:
+            if not isinstance(prompt_index, torch.Tensor) or prompt_index.shape != idx.shape[:1] \
+                    or prompt_index.dtype.is_floating_point:
+                raise ValueError(f"this PromptTuning holds a bank of {K} prompts: prompt_index must be an integer "
+                                 f"tensor of shape (B,) = ({idx.shape[0]},) saying which prompt each row uses")
+            lo, hi = torch.stack(torch.aminmax(prompt_index)).tolist()  # one more host read, for banks only
+            if lo < 0 or hi >= K:
+                raise ValueError(f"prompt_index holds {lo if lo < 0 else hi}, outside [0, K={K})")
+        return n_supervised
+
+    def embed(self, idx: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x = [P, wte[idx]] + wpe[0 : n_prompt + n]   (B, n_prompt + n, D); P = bank[prompt_index[b]] for a bank.
+
+        Inputs unchecked: call `check` first (forward, loss and generate do)."""
         tr = self.model.transformer
-        x = prompt_concat(self.prompt, tr.wte.weight, idx, wpe=tr.wpe.weight, backend=self.backend)
+        # check_ids=False: the public methods have checked the ids once already (`check`)
+        x = prompt_concat(self.prompt, tr.wte.weight, idx, wpe=tr.wpe.weight, prompt_index=prompt_index,
+                          backend=self.backend, check_ids=False)
         return tr.drop(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None):
-        """Logits (B, n, V) for the input positions, and the loss over targets != -100 (and mask != 0).
+    def hidden(self, idx: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after ln_f at every position, prompt included: (B, n_prompt + n, D). Inputs unchecked."""
+        return self.model.body(self.embed(idx, prompt_index), recompute=self.recompute)
 
-        Training with targets and frozen_head=True: (None, loss), through the fused frozen head.
-        """
-        self.model.check_idx(idx, n_extra=self.n_prompt)
-        h = self.model.body(self.embed(idx))[:, self.n_prompt:]  # (B, n, D): the prompt positions carry no loss
-        W = self.model.lm_head.weight  # (V, D), tied with wte
-        if targets is not None and self.frozen_head and self.training and not W.requires_grad:
-            return None, frozen_lm_loss(h, W, mask_padding(targets, attention_mask))
-        logits = self.model.head(h)  # (B, n, V)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, prompt_index: torch.Tensor | None = None):
+        """Logits (B, n, V) for the input positions, and the loss over targets != -100 (and mask != 0)."""
+        self.check(idx, targets, attention_mask, prompt_index)
+        logits = self.model.head(self.hidden(idx, prompt_index)[:, self.n_prompt:])  # (B, n, V): no prompt slot
         if targets is None:
             return logits, None
-        return logits, lm_loss(logits, mask_padding(targets, attention_mask), idx.shape)
+        return logits, lm_loss(logits, mask_padding(targets, attention_mask))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss, through the fused frozen head when the head is frozen (see the class docstring)."""
+        W = self.model.lm_head.weight  # (V, D), tied with wte
+        if not self.frozen_head or W.requires_grad:
+            return self(idx, targets, attention_mask, prompt_index)[1]
+        n_supervised = self.check(idx, targets, attention_mask, prompt_index)
+        h = self.hidden(idx, prompt_index)[:, self.n_prompt:]  # (B, n, D): the prompt positions carry no loss
+        return frozen_lm_loss(h, W, mask_padding(targets, attention_mask), n_supervised)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue idx (B, n); the prompt enters the KV cache once, at prefill. Returns (B, n + new)."""
-        self.model.check_idx(idx, n_extra=self.n_prompt)
-        new = self.model.generate_from_embeddings(self.embed(idx), max_new_tokens, temperature, top_k,
-                                                  use_cache=use_cache, prefix_idx=idx, generator=generator)
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Continue idx (B, n); the prompt enters the KV cache once, at prefill. Returns (B, n + new).
+
+        use_cache=False runs the whole prompted sequence again for every token: the reference the cache equals.
+        """
+        self.check(idx, prompt_index=prompt_index)
+        check_generation_length(self.n_prompt + idx.shape[1], max_new_tokens, self.model.config.block_size,
+                                "n_prompt + idx length")
+        if not use_cache:
+            return generate_without_cache(lambda ids: self(ids, prompt_index=prompt_index)[0], idx, max_new_tokens,
+                                          temperature, top_k, generator)
+        new = self.model.generate_from_embeddings(self.embed(idx, prompt_index), max_new_tokens, temperature,
+                                                  top_k, generator)
         return torch.cat([idx, new], dim=1)
 
     def num_trainable(self) -> int:
@@ -169,7 +237,7 @@ class PromptTuning(nn.Module):
         """The prompt alone, with what is needed to check it is loaded onto the right base model."""
         meta = {
             "n_prompt": self.n_prompt,
-            "n_embd": self.prompt.shape[1],
+            "n_embd": self.prompt.shape[-1],
             "init": self.init,
             "base_fingerprint": model_fingerprint(self.model),
             "base_config": json.dumps(self.model.config.to_dict()),
@@ -178,25 +246,21 @@ class PromptTuning(nn.Module):
 
     @classmethod
     def load(cls, model: GPT, path, backend: str = "auto") -> "PromptTuning":
-        """Load a saved prompt onto `model`; fails clearly if the file was made for another base model."""
+        """Load a saved prompt (or bank) onto `model`; fails clearly if the file was made for another base model."""
         tensors, meta = load_tensors(path, kind="prompt")
         prompt = tensors.get("prompt")
-        if prompt is None or prompt.dim() != 2:
+        if prompt is None or prompt.dim() not in (2, 3):
             raise CheckpointError(f"{path}: no (n_prompt, D) tensor named 'prompt' in the file")
         D = model.config.n_embd
-        if prompt.shape[1] != D:
-            raise CheckpointError(f"{path}: the prompt has width {prompt.shape[1]} but the model has n_embd={D}; "
+        if prompt.shape[-1] != D:
+            raise CheckpointError(f"{path}: the prompt has width {prompt.shape[-1]} but the model has n_embd={D}; "
                                   f"it was made for another model")
         expected = meta.get("base_fingerprint")
         found = model_fingerprint(model)
         if expected != found:
             raise CheckpointError(f"{path}: the prompt was made for another base model (fingerprint {expected}, "
                                   f"this model is {found}); load the base model it was tuned on")
-        pt = cls(model, n_prompt=prompt.shape[0], init="uniform", backend=backend)
-        pt.init = meta.get("init", "unknown")
-        with torch.no_grad():
-            pt.prompt.copy_(prompt.to(pt.prompt.device))
-        return pt
+        return cls.from_tensor(model, prompt, init=meta.get("init", "unknown"), backend=backend)
 
     def save_peft(self, directory, base_model_name_or_path: str | None = None) -> None:
         """Write a PEFT prompt-tuning adapter folder (adapter_config.json, adapter_model.safetensors); see

@@ -1,4 +1,4 @@
-"""The built-in synthetic task suite: generators, splits, encoding for training, exact-match scoring.
+"""The built-in synthetic task suite: generators and splits (minipt.data turns examples into tensors).
 
 We pretrain a ~1M-parameter byte-level GPT on a mixture of these tasks, each example written as
 
@@ -34,11 +34,6 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from minipt.tokenizer import ByteTokenizer
-
-IGNORE_INDEX = -100  # a target that is not supervised (F.cross_entropy's default ignore_index)
 SPLITS = ("train", "val", "test")
 HELD_OUT_TASK = "palindrome"
 
@@ -285,85 +280,3 @@ def pretraining_mixture(n: int, seed: int = 0, exclude: Sequence[str] = (HELD_OU
         examples += make_split(name, "train", n // k + (1 if i < n % k else 0), seed=seed, unique=False)
     _rng("mixture", seed).shuffle(examples)
     return examples
-
-
-# ---------------------------------------------------------------------------------------------------
-# From examples to tensors, and back to a score
-# ---------------------------------------------------------------------------------------------------
-
-
-def prompt_ids(example: Example, tokenizer: ByteTokenizer, instruction: bool) -> list[int]:
-    """The ids a model sees before it must answer: ``[instruction + " "] + input + <|sep|>``.
-
-    Feed these to ``generate`` and read the answer up to <|eos|>.
-    """
-    prefix = (get_task(example.task).instruction + " " if instruction else "") + example.input
-    return tokenizer.encode(prefix) + [tokenizer.sep_id]
-
-
-def encode_example(
-    example: Example, tokenizer: ByteTokenizer, instruction: bool
-) -> tuple[list[int], list[int]]:
-    """``(idx, targets)`` for next-token training, both of length len(full) - 1.
-
-        full    = prompt_ids(example) + answer_ids + [eos]     (prompt_ids ends with <|sep|>)
-        idx     = full[:-1]
-        targets[t] = full[t + 1]  if full[t + 1] is an answer token or the <|eos|>, else -100
-
-    So the <|sep|> position predicts the first answer byte and the last answer byte predicts <|eos|>;
-    the instruction and the input are context only.
-    """
-    prompt = prompt_ids(example, tokenizer, instruction)
-    full = prompt + tokenizer.encode(example.answer) + [tokenizer.eos_id]
-    idx = full[:-1]
-    # position t predicts full[t + 1]; the answer starts at full[len(prompt)], so it is predicted from
-    # t = len(prompt) - 1, the <|sep|> position: the len(prompt) - 1 positions before it get -100
-    targets = [IGNORE_INDEX] * (len(prompt) - 1) + full[len(prompt) :]
-    assert len(idx) == len(targets)
-    return idx, targets
-
-
-def collate(
-    examples: Sequence[Example], tokenizer: ByteTokenizer, instruction: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode and right-pad a batch: ``(idx, targets, attention_mask)``, int64 tensors of shape (B, T).
-
-    Padding is ``pad_id`` in ``idx``, -100 in ``targets`` (never supervised) and 0 in ``attention_mask``.
-    """
-    if len(examples) == 0:
-        raise ValueError("examples is empty: collate needs at least one example")
-    encoded = [encode_example(ex, tokenizer, instruction) for ex in examples]
-    B, T = len(encoded), max(len(idx) for idx, _ in encoded)
-    idx = torch.full((B, T), tokenizer.pad_id, dtype=torch.long)  # (B, T)
-    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
-    for b, (ids, tgt) in enumerate(encoded):
-        idx[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        targets[b, : len(tgt)] = torch.tensor(tgt, dtype=torch.long)
-        mask[b, : len(ids)] = 1
-    return idx, targets, mask
-
-
-def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> float:
-    """Fraction of predictions equal (as strings, exactly) to their example's answer, in [0, 1]."""
-    if len(predictions) != len(examples):
-        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-    if len(examples) == 0:
-        raise ValueError("exact_match of zero examples is undefined")
-    return sum(p == ex.answer for p, ex in zip(predictions, examples)) / len(examples)
-
-
-def token_frequencies(
-    examples: Sequence[Example], tokenizer: ByteTokenizer, instruction: bool = False
-) -> torch.Tensor:
-    """How often each token id occurs in the encoded examples: int64 tensor of shape (vocab_size,).
-
-    Counts the full sequences (prompt, answer and <|eos|>). Used for the "sampled vocabulary" prompt
-    init of Lester et al. (2021), which starts the soft prompt from embeddings of the most frequent tokens.
-    """
-    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long)  # (V,)
-    for ex in examples:
-        idx, targets = encode_example(ex, tokenizer, instruction)
-        full = torch.tensor(idx + [targets[-1]], dtype=torch.long)  # targets[-1] is always the <|eos|>
-        counts += torch.bincount(full, minlength=tokenizer.vocab_size)
-    return counts

@@ -91,36 +91,3 @@ class ByteTokenizer:
                 pieces.append(self._names[i])
         pieces.append(run.decode("utf-8", errors="replace"))
         return "".join(pieces)
-
-    def batch_encode(
-        self,
-        texts: Sequence[str],
-        add_bos: bool = False,
-        add_eos: bool = False,
-        max_length: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode several texts into one right-padded batch.
-
-        Returns ``(ids, attention_mask)``, both int64 of shape (B, T) where T is the longest encoded text:
-        ``ids`` is padded with ``pad_id`` and ``attention_mask`` is 1 on real tokens, 0 on padding.
-        A text whose encoding (bos/eos included) is longer than ``max_length`` raises ValueError;
-        nothing is silently truncated.
-        """
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not a single str")
-        if len(texts) == 0:
-            raise ValueError("texts is empty: batch_encode needs at least one text")
-        encoded = [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
-        if max_length is not None:
-            for b, seq in enumerate(encoded):
-                if len(seq) > max_length:
-                    raise ValueError(
-                        f"texts[{b}] encodes to {len(seq)} tokens, more than max_length={max_length}"
-                    )
-        T = max(len(seq) for seq in encoded)
-        ids = torch.full((len(encoded), T), self.pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(encoded), T), dtype=torch.long)  # (B, T)
-        for b, seq in enumerate(encoded):
-            ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[b, : len(seq)] = 1
-        return ids, mask

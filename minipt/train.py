@@ -5,7 +5,7 @@ The mode is whatever is trainable: a GPT trains all its weights; a PromptTuning 
 
     for step in range(steps):
         idx, targets = get_batch(step)            # a pure function of the step: resuming replays the same data
-        loss = module(idx, targets)[1]            # stop with an error if it is NaN or inf
+        loss = module.loss(idx, targets)          # stop with an error if it is NaN or inf
         loss.backward(); clip; optimizer.step()   # AdamW (default) or Adafactor (Lester et al.), lr warmup+cosine
         every eval_every steps: metric = evaluate(); keep the best trainable tensors; write a checkpoint
 
@@ -76,7 +76,8 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
           callbacks: list[Callable[[int, float], None]] = ()) -> TrainResult:
     """Train the parameters of `module` that require grad; see the module docstring.
 
-    get_batch(step) -> (idx, targets) or (idx, targets, attention_mask); module(idx, targets, ...) -> (_, loss).
+    get_batch(step) -> (idx, targets) or (idx, targets, attention_mask); module.loss(*batch) -> the loss
+    (GPT.loss, PromptTuning.loss, or any module with such a method).
     evaluate() -> a metric where higher is better (e.g. validation accuracy); the best state is restored at
     the end. callbacks are called as cb(step, loss) after each step.
     """
@@ -111,7 +112,7 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = get_batch(step)
-        _, loss = module(*batch)
+        loss = module.loss(*batch)
         if not torch.isfinite(loss):
             where = f"; the last good checkpoint ({checkpoint_path}) is kept" if checkpoint_path else ""
             raise FloatingPointError(f"loss is {loss.item()} at step {step}: training stopped{where}")

@@ -20,6 +20,7 @@ import json
 import random
 from pathlib import Path
 
+from .data import encode_example
 from .tasks import Example
 
 KEYS = ("input", "output", "task")
@@ -107,7 +108,6 @@ def check_fits(examples: list[Example], tokenizer, n_prompt: int, block_size: in
 
     Pass the records as read_jsonl returns them: record i is then line i + 1 of the file `where`.
     """
-    from .tasks import encode_example
 
     for i, ex in enumerate(examples):
         n = len(encode_example(ex, tokenizer, instruction=False)[0])

@@ -107,16 +107,16 @@ def test_bench_train_step_peft_scores_the_same_positions(train_step_rows):
 
 
 def test_hf_weight_copy_gives_minipt_logits():
-    """The HF model built from minipt's weights computes minipt's logits (Conv1D weights transposed)."""
+    """The HF model the train-step benchmark compares with computes minipt's logits (Conv1D weights transposed)."""
     pytest.importorskip("transformers")
     import torch
 
     from minipt import GPT, GPTConfig
+    from minipt.hf import to_hf
 
-    bench = load("bench_train_step")
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("nano")).eval()
-    hf = bench.hf_from_minipt(model).eval()
+    hf = to_hf(model, activation="gelu_pytorch_tanh").eval()
     idx = torch.randint(model.config.vocab_size, (2, 12))
     with torch.no_grad():
         ours, _ = model(idx)

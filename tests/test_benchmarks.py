@@ -17,10 +17,12 @@ def test_bench_memory_smallest_setting(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(line for line in out.read_text().splitlines() if not line.startswith("#")))
     configs = [r["config"] for r in rows]
-    assert configs == ["full fine-tuning", "naive prompt tuning", "minipt prompt tuning"]
+    assert configs == ["full fine-tuning", "naive prompt tuning", "minipt prompt tuning", "minipt prompt tuning, recompute"]
     by = {r["config"]: r for r in rows}
     # Only the prompt trains in both prompt-tuning rows; only minipt's frees the weight gradients.
     assert int(by["naive prompt tuning"]["trainable_params"]) == int(by["minipt prompt tuning"]["trainable_params"])
     assert int(by["minipt prompt tuning"]["gradient_bytes"]) < int(by["naive prompt tuning"]["gradient_bytes"])
     assert int(by["minipt prompt tuning"]["saved_bytes"]) < int(by["naive prompt tuning"]["saved_bytes"])
+    # recomputing the frozen blocks keeps only their inputs
+    assert int(by["minipt prompt tuning, recompute"]["saved_bytes"]) < int(by["minipt prompt tuning"]["saved_bytes"])
     assert "full fine-tuning" in done.stdout

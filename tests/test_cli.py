@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from minipt import GPT, PromptTuning
-from minipt.cli import COMMANDS, build_parser, main
-from minipt.demo import ROWS, shipped_base_path
+from minipt.apps.cli import COMMANDS, build_parser, main
+from minipt.apps.demo import ROWS
+from minipt.assets import shipped_base_path
 
 
 def run_minipt(*args, cwd):

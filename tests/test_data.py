@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from minipt import ByteTokenizer, GPT, GPTConfig, PromptTuning
-from minipt.data import batch_fn, exact_match_accuracy
-from minipt.tasks import Example, get_task, make_split, prompt_ids
+from minipt.data import batch_fn, exact_match_accuracy, query_ids
+from minipt.tasks import Example, get_task, make_split
 from minipt.train import TrainConfig, train
 
 tok = ByteTokenizer()
@@ -58,7 +58,7 @@ def model():
 
 def greedy_answer(module, example, instruction, max_new_tokens=12):
     """Decode greedily with `generate` until <|eos|>; None if it never stops."""
-    ids = torch.tensor([prompt_ids(example, tok, instruction)])
+    ids = torch.tensor([query_ids(example, tok, instruction)])
     new = module.generate(ids, max_new_tokens, temperature=0)[0, ids.shape[1]:].tolist()
     if tok.eos_id not in new:
         return None

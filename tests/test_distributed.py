@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from minipt import GPT, GPTConfig, PromptTuning
-from minipt.distributed import DistInfo, shard_rows, tune_examples
+from minipt.apps.recipes import tune_prompt
+from minipt.distributed import DistInfo, shard_rows
 from minipt.tasks import Example
 from minipt.tokenizer import ByteTokenizer
 from minipt.train import TrainConfig
@@ -25,13 +26,13 @@ def test_shards_cover_the_batch_once():
 
 
 def test_one_process_is_the_plain_training_loop():
-    """tune_examples with one process is recipes.tune_prompt's loop: deterministic, only the prompt changes."""
+    """tune_prompt with one process is the plain training loop: deterministic, only the prompt changes."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=260, block_size=64))
     examples = [Example("user", w, w[::-1]) for w in WORDS]
     cfg = TrainConfig(steps=2, batch_size=4, lr=0.05, warmup_steps=1, progress=False)
-    runs = [tune_examples(model, examples[:12], examples[12:], ByteTokenizer(), n_prompt=3, init="uniform", cfg=cfg,
-                          info=DistInfo(), backend="reference")[0] for _ in range(2)]
+    runs = [tune_prompt(model, None, n_prompt=3, init="uniform", cfg=cfg, data=(examples[:12], examples[12:]),
+                        tokenizer=ByteTokenizer(), info=DistInfo(), backend="reference")[0] for _ in range(2)]
     assert isinstance(runs[0], PromptTuning) and torch.equal(runs[0].prompt, runs[1].prompt)
 
 

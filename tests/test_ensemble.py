@@ -54,7 +54,7 @@ def test_ensemble_accuracy_matches_a_by_hand_count():
     examples = make_split("parity", "test", 40)
     got = ensemble_accuracy(model, bank, examples, tok, batch_size=16)  # several batches
     from minipt.data import exact_match_accuracy
-    from minipt.tasks import collate
+    from minipt.data import collate
 
     for k, pt in enumerate(pts):
         assert got["single"][k] == pytest.approx(exact_match_accuracy(pt, examples, tok))

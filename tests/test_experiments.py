@@ -13,9 +13,10 @@ import pytest
 from helpers import random_gpt
 
 from minipt import GPT
-from minipt.experiments import (EXPERIMENTS, QUICK, SIZES, LesterSetup, RunRecorder, base_path, load_bases,
-                                planned_runs, pretrain_bases, run_lester, spread)
-from minipt.recipes import PRETRAIN_DEFAULTS
+from minipt.apps.experiments import (EXPERIMENTS, QUICK, SIZES, LesterSetup, RunRecorder, planned_runs,
+                                     pretrain_bases, run_lester, spread)
+from minipt.assets import base_path, load_bases
+from minipt.apps.recipes import PRETRAIN_DEFAULTS
 from minipt.checkpoint import model_fingerprint
 from minipt.model import PRESETS
 

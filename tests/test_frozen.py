@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minipt import GPT, GPTConfig, PromptTuning
-from minipt.frozen import (FrozenHeadCrossEntropy, frozen_head_cross_entropy, frozen_linear, frozen_lm_loss,
-                           saved_tensor_report, snapshot, trainable_parameters)
-from minipt.model import lm_loss
+from minipt.frozen import frozen_linear, snapshot, trainable_parameters
+from minipt.loss import FrozenHeadCrossEntropy, frozen_head_cross_entropy, frozen_lm_loss, lm_loss
+from minipt.saved_tensors import saved_tensor_report
 from minipt.train import TrainConfig, train
 
 CFG = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=260, block_size=64)
@@ -143,7 +143,7 @@ def test_frozen_head_16_bit_accumulates_in_fp32(dtype):
     h16, W16 = h.detach().to(dtype).requires_grad_(True), W.to(dtype)
     loss = frozen_head_cross_entropy(h16, W16, y, chunk_size=9)
     assert loss.dtype == torch.float32  # the loss sum, the softmax and logsumexp are fp32
-    ref = lm_loss(F.linear(h16, W16)[None], y[None], (1, 40))  # the plain path upcasts the logits to fp32
+    ref = lm_loss(F.linear(h16, W16)[None], y[None])  # the plain path upcasts the logits to fp32
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     (dh,) = torch.autograd.grad(loss, h16)
     (dref,) = torch.autograd.grad(ref, h16)
@@ -166,7 +166,7 @@ def test_frozen_lm_loss_equals_lm_loss():
     targets[0, :2] = -100
     targets[2, 4] = -100
     loss = frozen_lm_loss(h3, W, targets, chunk_size=4)
-    ref = lm_loss(F.linear(h3, W), targets, targets.shape)
+    ref = lm_loss(F.linear(h3, W), targets)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(loss, h3)[0], torch.autograd.grad(ref, h3)[0],
                                rtol=1e-12, atol=1e-12)
@@ -183,9 +183,9 @@ def test_frozen_lm_loss_equals_lm_loss():
 
 def loss_and_grad(pt, idx, targets, mask=None):
     pt.prompt.grad = None
-    logits, loss = pt(idx, targets=targets, attention_mask=mask)
+    loss = pt.loss(idx, targets, mask)
     loss.backward()
-    return logits, loss.detach(), pt.prompt.grad.clone()
+    return loss.detach(), pt.prompt.grad.clone()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
@@ -197,13 +197,12 @@ def test_prompt_tuning_same_loss_and_gradient_with_the_frozen_path(dtype, tol):
     targets[:, :3] = -100
     mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7])
     for m in (None, mask):
-        logits_on, loss_on, grad_on = loss_and_grad(on, idx, targets, m)
-        logits_off, loss_off, grad_off = loss_and_grad(off, idx, targets, m)
-        assert logits_on is None and logits_off.shape == (3, 9, 260)  # the fused path makes no logits
+        loss_on, grad_on = loss_and_grad(on, idx, targets, m)
+        loss_off, grad_off = loss_and_grad(off, idx, targets, m)
+        assert torch.equal(loss_off, off(idx, targets, m)[1].detach())  # frozen_head=False: forward's loss
         torch.testing.assert_close(loss_on, loss_off, rtol=tol, atol=tol)
         torch.testing.assert_close(grad_on, grad_off, rtol=tol, atol=tol * grad_off.abs().max().item())
-    on.eval()  # evaluation wants the logits: the plain path
-    logits, loss = on(idx, targets=targets)
+    logits, loss = on(idx, targets=targets)  # forward: always the logits, the plain path
     assert logits.shape == (3, 9, 260) and torch.equal(logits, off.eval()(idx)[0])
 
 
@@ -228,7 +227,7 @@ def test_prompt_tuning_step_gives_no_frozen_tensor_a_gradient_and_makes_no_vocab
             return out
 
     with NewTensorShapes() as mode:
-        _, loss = pt(random_ids(2, 7), targets=random_ids(2, 7, seed=1))
+        loss = pt.loss(random_ids(2, 7), random_ids(2, 7, seed=1))
         loss.backward()
     assert (V, D) not in mode.shapes and (D, V) not in mode.shapes and len(mode.shapes) > 20
     assert all(p.grad is None for p in model.parameters())
@@ -240,15 +239,15 @@ def test_minipt_keeps_fewer_bytes_than_naive_prompt_tuning():
     idx, targets = random_ids(2, 20), random_ids(2, 20, seed=1)  # every position supervised
     model = make_model()
     minipt = PromptTuning(model, n_prompt=4, init="uniform", backend="reference").train()
-    ours = saved_tensor_report(lambda: minipt(idx, targets)[1])
+    ours = saved_tensor_report(lambda: minipt.loss(idx, targets))
     naive = PromptTuning(make_model(), n_prompt=4, init="uniform", backend="reference", frozen_head=False).train()
     for p in naive.model.parameters():
         p.requires_grad_(True)  # the common mistake: the optimizer holds only the prompt, autograd does not know
-    theirs = saved_tensor_report(lambda: naive(idx, targets)[1])
+    theirs = saved_tensor_report(lambda: naive.loss(idx, targets))
     assert ours.activation_bytes < theirs.activation_bytes
     assert "LogSoftmax" in theirs.by_op and "LogSoftmax" not in ours.by_op
     assert "FrozenHeadCrossEntropy" in ours.by_op and "Addmm" not in ours.by_op  # frozen Linears keep no input
-    assert naive(idx, targets)[0] is not None  # a head that requires grad falls back to the plain path
+    assert torch.equal(naive.loss(idx, targets), naive(idx, targets)[1])  # a trainable head: the plain path
 
 
 def test_train_loop_runs_on_the_frozen_path():

@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from minipt import GPT, PromptTuning  # noqa: E402
 from minipt.hf import HFTokenizer, config_from_hf, load_hf_base  # noqa: E402
-from minipt.tasks import Example, collate  # noqa: E402
+from minipt.data import collate  # noqa: E402
+from minipt.tasks import Example  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "a dog ran to the park", "hello world", "reverse these words please",
          "one two three four five six seven eight nine ten"] * 4
@@ -129,7 +130,7 @@ def test_load_hf_base_reads_model_and_tokenizer(tmp_path):
 def test_cli_tune_and_generate_with_an_hf_base(tmp_path, capsys):
     import json
 
-    from minipt.cli import main
+    from minipt.apps.cli import main
 
     hf_tok = tiny_hf_tokenizer()
     tiny_hf_gpt2(vocab_size=len(hf_tok)).save_pretrained(tmp_path / "m")

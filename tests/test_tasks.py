@@ -7,23 +7,20 @@ from collections import Counter
 import pytest
 import torch
 
+from minipt.data import collate, encode_example, token_frequencies
+from minipt.loss import IGNORE_INDEX
 from minipt.tasks import (
     HELD_OUT_TASK,
-    IGNORE_INDEX,
     NEGATIVE_WORDS,
     NEUTRAL_WORDS,
     POSITIVE_WORDS,
     SPLITS,
     TASKS,
     Example,
-    collate,
-    encode_example,
-    exact_match,
     get_task,
     make_split,
     pretraining_mixture,
     split_of,
-    token_frequencies,
 )
 from minipt.tokenizer import ByteTokenizer
 
@@ -269,15 +266,6 @@ def test_collate_pads_right():
 
 
 # --- scoring ---------------------------------------------------------------------------------------
-
-
-def test_exact_match():
-    examples = [Example("copy", "ab", "ab"), Example("add", "1+2", "3"), Example("parity", "4", "even")]
-    assert exact_match(["ab", "3", "even"], examples) == 1.0
-    assert exact_match(["ab", "4", "odd"], examples) == pytest.approx(1 / 3)
-    assert exact_match(["ab ", "", "Even"], examples) == 0.0  # exact: no stripping, no case folding
-    with pytest.raises(ValueError):
-        exact_match(["ab"], examples)
 
 
 def test_token_frequencies():

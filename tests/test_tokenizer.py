@@ -55,31 +55,3 @@ def test_decode_rejects_out_of_range_ids():
         tok.decode(torch.tensor([-1]))
     with pytest.raises(ValueError, match="1-D"):
         tok.decode(torch.zeros(2, 2, dtype=torch.long))
-
-
-def test_batch_encode_pads_right_with_mask():
-    ids, mask = tok.batch_encode(["abc", "a", ""], add_eos=True)
-    assert ids.dtype == mask.dtype == torch.int64
-    assert ids.shape == mask.shape == (3, 4)
-    assert ids.tolist() == [
-        [97, 98, 99, 258],
-        [97, 258, 256, 256],
-        [258, 256, 256, 256],
-    ]
-    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]
-    for row, m, text in zip(ids, mask, ["abc", "a", ""]):
-        assert tok.decode(row[m.bool()]) == text
-
-
-def test_batch_encode_max_length_counts_specials():
-    ids, _ = tok.batch_encode(["ab"], add_bos=True, add_eos=True, max_length=4)
-    assert ids.tolist() == [[257, 97, 98, 258]]
-    with pytest.raises(ValueError, match="max_length"):
-        tok.batch_encode(["ab"], add_bos=True, add_eos=True, max_length=3)
-
-
-def test_batch_encode_errors():
-    with pytest.raises(ValueError, match="texts"):
-        tok.batch_encode([])
-    with pytest.raises(TypeError):
-        tok.batch_encode("not a list")

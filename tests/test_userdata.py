@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minipt import GPT, GPTConfig, PromptTuning
-from minipt.cli import main
+from minipt.apps.cli import main
 from minipt.tasks import Example
 from minipt.tokenizer import ByteTokenizer
 from minipt.userdata import DataError, check_fits, read_jsonl, select_task, split_validation

@@ -1,11 +1,12 @@
-"""The `minipt` command: demo | pretrain | tune | eval | generate | bench | experiment. Every subcommand has --help."""
+"""The `minipt` command: demo | pretrain | tune | eval | generate | bench | experiment | exercises.
+
+Every subcommand has --help. This module only parses arguments and prints; the work is in minipt and its apps.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from dataclasses import replace
-
-MAX_LABELS = 20  # --init label on --data: more distinct outputs than this is not a classification data set
 
 
 def _train_flags(p: argparse.ArgumentParser, defaults) -> None:
@@ -25,9 +26,10 @@ def _config(args, defaults):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..prompt import INIT_MODES
+    from ..tasks import TASKS
     from .demo import DEMO_TASK
     from .recipes import PRETRAIN_DEFAULTS, TUNE_DEFAULTS
-    from .tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="minipt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft-out", help="also write the prompt as a PEFT adapter folder (adapter_config.json, "
                                       "adapter_model.safetensors)")
     p.add_argument("--n-prompt", type=int, default=20)
-    p.add_argument("--init", choices=["uniform", "vocab", "text", "label"], default="vocab",
+    p.add_argument("--init", choices=INIT_MODES, default="vocab",
                    help="label: the class labels' embeddings first (classification only); default %(default)s")
     p.add_argument("--init-text", help="text whose token embeddings start the prompt (with --init text)")
     p.add_argument("--out", required=True, help="where to write the prompt (.safetensors)")
@@ -132,88 +134,42 @@ def cmd_pretrain(args):
 
 
 def cmd_tune(args):
-    from .data import exact_match_accuracy
-    from .demo import load_base
-    from .distributed import init_from_env
+    from ..assets import load_base_and_tokenizer
+    from ..data import exact_match_accuracy
+    from ..distributed import init_from_env
+    from ..tasks import get_task
+    from ..userdata import check_fits, read_jsonl, select_task, split_validation
     from .recipes import TUNE_DEFAULTS, task_data, tune_prompt
-    from .tasks import get_task
-    from .tokenizer import ByteTokenizer
 
     if args.data is None:
         if args.task is None:
             raise ValueError("tune needs --task (a built-in task) or --data (a .jsonl file of your examples)")
         get_task(args.task)  # an unknown name lists the valid ones
     info = init_from_env()  # under torchrun: join the process group; else one process
-    if args.data is not None or info.world_size > 1 or (args.base or "").startswith("hf:"):
-        return _tune_examples(args, info)
-    model = load_base(args.base)
-    data = task_data(args.task, seed=args.seed)
-    pt, result = tune_prompt(model, args.task, args.n_prompt, args.init, _config(args, TUNE_DEFAULTS), data=data,
-                             init_text=args.init_text, checkpoint_path=args.checkpoint, resume=args.resume)
-    pt.save(args.out)
-    if args.peft_out:
-        pt.save_peft(args.peft_out)
-    acc = exact_match_accuracy(pt, data[2], ByteTokenizer())
-    print(f"saved {args.out}: test exact match {acc:.1%} (best validation {result.best_metric:.1%})")
-
-
-def _base_and_tokenizer(base):
-    """(model, tokenizer): a minipt file (or the shipped model) with ByteTokenizer, or hf:NAME with its own."""
-    if base is not None and base.startswith("hf:"):
-        from .hf import load_hf_base
-
-        return load_hf_base(base[len("hf:"):])
-    from .demo import load_base
-    from .tokenizer import ByteTokenizer
-
-    return load_base(base), ByteTokenizer()
-
-
-def _tune_examples(args, info):
-    """tune with --data, with an hf: base, or on several processes (minipt.distributed.tune_examples)."""
-    import torch.distributed as dist
-
-    from .data import exact_match_accuracy
-    from .distributed import tune_examples
-    from .recipes import TUNE_DEFAULTS, pretraining_token_counts, task_data
-    from .tasks import token_frequencies
-    from .tokenizer import ByteTokenizer
-    from .userdata import check_fits, read_jsonl, select_task, split_validation
-
-    model, tok = _base_and_tokenizer(args.base)
-    block = model.config.block_size
-    test_ex = None
+    model, tok = load_base_and_tokenizer(args.base)
     if args.data is not None:
         records = read_jsonl(args.data)
-        check_fits(records, tok, args.n_prompt, block, args.data)
+        check_fits(records, tok, args.n_prompt, model.config.block_size, args.data)
         train_ex = select_task(records, args.task)
         if args.val_data is not None:
             val_records = read_jsonl(args.val_data)
-            check_fits(val_records, tok, args.n_prompt, block, args.val_data)
+            check_fits(val_records, tok, args.n_prompt, model.config.block_size, args.val_data)
             val_ex = select_task(val_records, train_ex[0].task)
         else:
             train_ex, val_ex = split_validation(train_ex, args.val_fraction, seed=args.seed)
+        data, test_ex = (train_ex, val_ex), None
     else:
-        train_ex, val_ex, test_ex = task_data(args.task, seed=args.seed)
-    counts, labels = None, None
-    if args.init == "label":  # the distinct answers of a classification data set are its class labels
-        labels = sorted({ex.answer for ex in train_ex})
-        if len(labels) > MAX_LABELS:
-            raise ValueError(f"--init label needs classification data (at most {MAX_LABELS} distinct outputs); "
-                             f"{args.data or args.task} has {len(labels)}")
-    if args.init in ("vocab", "label"):  # Lester et al.'s frequent tokens: of the pretraining corpus, else of this data
-        counts = pretraining_token_counts() if isinstance(tok, ByteTokenizer) else token_frequencies(train_ex, tok)
-        if int((counts > 0).sum()) < args.n_prompt:
-            counts = None  # too few distinct tokens: sample from the whole vocabulary instead
-    pt, result = tune_examples(model, train_ex, val_ex, tok, args.n_prompt, args.init, _config(args, TUNE_DEFAULTS),
-                               init_text=args.init_text, token_counts=counts, labels=labels, info=info,
-                               checkpoint_path=args.checkpoint, resume=args.resume)
+        data = task_data(args.task, seed=args.seed)
+        test_ex = data[2]
+    pt, result = tune_prompt(model, args.task, args.n_prompt, args.init, _config(args, TUNE_DEFAULTS), data=data,
+                             tokenizer=tok, init_text=args.init_text, info=info,
+                             checkpoint_path=args.checkpoint, resume=args.resume)
     if info.is_main:  # only rank 0 writes files and prints
         pt.save(args.out)
         if args.peft_out:
             hf_name = args.base[len("hf:"):] if (args.base or "").startswith("hf:") else None
             pt.save_peft(args.peft_out, base_model_name_or_path=hf_name)
-        what = f"{len(train_ex)} training / {len(val_ex)} validation examples"
+        what = f"{len(data[0])} training / {len(data[1])} validation examples"
         if info.world_size > 1:
             what += f", {info.world_size} processes"
         line = f"saved {args.out} ({what}): best validation exact match {result.best_metric:.1%}"
@@ -221,16 +177,18 @@ def _tune_examples(args, info):
             line += f", test exact match {exact_match_accuracy(pt, test_ex, tok, device=info.device):.1%}"
         print(line)
     if info.world_size > 1:
+        import torch.distributed as dist
+
         dist.barrier()
         dist.destroy_process_group()
 
 
 def cmd_eval(args):
-    from .data import exact_match_accuracy
-    from .demo import load_base
-    from .prompt import PromptTuning
-    from .tasks import make_split
-    from .tokenizer import ByteTokenizer
+    from ..assets import load_base
+    from ..data import exact_match_accuracy
+    from ..prompt import PromptTuning
+    from ..tasks import make_split
+    from ..tokenizer import ByteTokenizer
 
     model = load_base(args.base)
     module = PromptTuning.load(model, args.prompt) if args.prompt else model
@@ -242,9 +200,10 @@ def cmd_eval(args):
 def cmd_generate(args):
     import torch
 
-    from .prompt import PromptTuning
+    from ..assets import load_base_and_tokenizer
+    from ..prompt import PromptTuning
 
-    model, tok = _base_and_tokenizer(args.base)
+    model, tok = load_base_and_tokenizer(args.base)
     module = PromptTuning.load(model, args.prompt) if args.prompt else model
     ids = tok.encode(args.text) + ([tok.sep_id] if args.task_format else [])
     idx = torch.tensor([ids])
@@ -264,7 +223,7 @@ def cmd_bench(args):
     import runpy
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / BENCHMARKS[args.name]
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / BENCHMARKS[args.name]
     if not script.is_file():
         raise FileNotFoundError(f"{script} not found: the benchmarks ship with the source checkout, not the wheel")
     saved_argv = sys.argv

@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from importlib import resources
 from pathlib import Path
 
-from .data import exact_match_accuracy
-from .model import GPT
+from ..assets import load_base, shipped_base_path
+from ..data import exact_match_accuracy
+from ..model import GPT
+from ..tokenizer import ByteTokenizer
 from .plots import plot_runs
 from .recipes import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS, finetune, pretrain, task_data, tune_prompt
-from .tokenizer import ByteTokenizer
 
 DEMO_TASK = "parity"  # a classification task, like the SuperGLUE tasks of the paper
 ROWS = {
@@ -36,20 +36,10 @@ ROWS = {
 }
 
 
-def shipped_base_path() -> Path:
-    """The tiny base model that ships with the package (see the README for the command that made it)."""
-    return Path(resources.files("minipt") / "assets" / "tiny.safetensors")
-
-
-def load_base(path=None, progress: bool = True, pretrain_if_missing: bool = False) -> GPT:
-    """The given base model file, else the shipped one; with pretrain_if_missing (the demo), a fresh one."""
-    if path is not None:
-        return GPT.from_checkpoint(path)  # an explicit file that is missing is an error, not a reason to train
-    if shipped_base_path().is_file():
-        return GPT.from_checkpoint(shipped_base_path())
-    if not pretrain_if_missing:
-        raise FileNotFoundError(f"the shipped base model {shipped_base_path()} is missing; make one with "
-                                f"`minipt pretrain --preset tiny --out {shipped_base_path()}` or pass --base")
+def demo_base(path=None, progress: bool = True) -> GPT:
+    """The given base model file, else the shipped one, else (a broken install) a freshly pretrained one."""
+    if path is not None or shipped_base_path().is_file():
+        return load_base(path)
     print(f"the shipped base model {shipped_base_path()} is missing: pretraining the tiny preset now "
           "(20 minutes or more on 2 CPU cores)")
     model, _ = pretrain("tiny", replace(PRETRAIN_DEFAULTS, progress=progress))
@@ -62,7 +52,7 @@ def run_demo(out="runs/demo", task: str = DEMO_TASK, n_prompt: int = 20, steps: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = ByteTokenizer()
-    model = load_base(base, progress, pretrain_if_missing=True)
+    model = demo_base(base, progress)
     data = task_data(task, seed=seed)
     test = data[2]
     tune_cfg = replace(TUNE_DEFAULTS, seed=seed, progress=progress, **({"steps": steps} if steps else {}))

@@ -25,21 +25,21 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, model_fingerprint
-from .data import exact_match_accuracy
-from .ensemble import ensemble_accuracy
-from .model import GPT
-from .prompt import PromptTuning
+from ..assets import base_path, load_bases
+from ..checkpoint import atomic_write, model_fingerprint
+from ..data import exact_match_accuracy
+from ..ensemble import ensemble_accuracy
+from ..model import GPT
+from ..prompt import PromptTuning
+from ..tokenizer import ByteTokenizer
+from ..train import TrainConfig
+from .benchio import device_name
 from .recipes import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS, finetune, pretrain, task_data, tune_prompt
-from .sysinfo import device_name
-from .tokenizer import ByteTokenizer
-from .train import TrainConfig
 
 SIZES = ("pico", "nano", "micro", "tiny")  # the scale ladder, smallest first; all pretrained by PRETRAIN_DEFAULTS
 EXPERIMENTS = ("length", "init", "scale", "ensemble")
@@ -112,23 +112,6 @@ def planned_runs(setup: LesterSetup) -> list[Run]:
         for group in setup.ensemble_groups():
             runs += [Run("prompt", largest, task, seed, setup.n_prompt, setup.init) for seed in group]
     return list(dict.fromkeys(runs))  # drop repeats, keep the order
-
-
-def base_path(size: str, bases_dir=None) -> Path:
-    """Where the base model of a ladder size is: bases_dir/SIZE.safetensors, else the shipped one."""
-    folder = Path(bases_dir) if bases_dir is not None else Path(resources.files("minipt") / "assets")
-    return folder / f"{size}.safetensors"
-
-
-def load_bases(sizes, bases_dir=None) -> dict[str, GPT]:
-    bases = {}
-    for size in sizes:
-        path = base_path(size, bases_dir)
-        if not path.is_file():
-            raise FileNotFoundError(f"base model {path} is missing; make the ladder with "
-                                    f"`minipt experiment lester-bases --out DIR` and pass --bases DIR")
-        bases[size] = GPT.from_checkpoint(path)
-    return bases
 
 
 def pretrain_bases(out, sizes=SIZES, cfg: TrainConfig = PRETRAIN_DEFAULTS, progress: bool = True,

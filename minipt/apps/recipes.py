@@ -1,0 +1,129 @@
+"""The three ways minipt trains a model, each a few lines over `minipt.train.train`:
+
+    pretrain(preset)          a base model from scratch on the task mixture, with written instructions
+    tune_prompt(model, task)  a soft prompt on the frozen base model, for one task without its instruction
+    finetune(model, task)     every weight of a copy of the base model, same data: the comparison point
+
+`tune_prompt` is the one tuning function: `minipt tune` (one process or torchrun), the demo and the experiments
+all call it. It owns the initialisation policy (which labels and token counts each init starts from).
+Defaults are the ones the demo and the shipped base model use; the CLI exposes them as flags.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import replace
+
+import torch
+
+from ..data import batch_fn, exact_match_accuracy, token_frequencies
+from ..distributed import DataParallelPrompt, DistInfo, shard_rows, sharded_accuracy
+from ..model import GPT, GPTConfig
+from ..prompt import PromptTuning
+from ..tasks import HELD_OUT_TASK, TASKS, get_task, make_split, pretraining_mixture
+from ..tokenizer import ByteTokenizer
+from ..train import TrainConfig, TrainResult, train
+
+# The shipped base model (minipt/assets/tiny.safetensors) is `minipt pretrain` with these settings.
+PRETRAIN_DEFAULTS = TrainConfig(steps=3000, batch_size=64, lr=3e-3, weight_decay=0.1, warmup_steps=100,
+                                eval_every=250, seed=0)
+PRETRAIN_EXAMPLES = 60_000
+# Prompt tuning takes a much larger learning rate than model tuning (Lester et al. use 0.3 with Adafactor).
+TUNE_DEFAULTS = TrainConfig(steps=300, batch_size=32, lr=0.1, warmup_steps=20, eval_every=50, seed=0)
+FINETUNE_DEFAULTS = TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, eval_every=50, seed=0)
+MAX_LABELS = 20  # init="label" on your own data: more distinct outputs than this is not a classification data set
+
+
+def pretrain(preset: str = "tiny", cfg: TrainConfig = PRETRAIN_DEFAULTS, n_examples: int = PRETRAIN_EXAMPLES,
+             checkpoint_path=None, resume: bool = False) -> tuple[GPT, TrainResult]:
+    """A base model trained from scratch on every task but the held-out one, instructions included."""
+    torch.manual_seed(cfg.seed)
+    tok = ByteTokenizer()
+    model = GPT(GPTConfig.preset(preset, vocab_size=tok.vocab_size))
+    data = pretraining_mixture(n_examples, seed=cfg.seed)
+    val = [ex for name in TASKS if name != HELD_OUT_TASK for ex in make_split(name, "val", 64, seed=cfg.seed)]
+    get_batch = batch_fn(data, tok, cfg.batch_size, seed=cfg.seed, instruction=True)
+    result = train(model, get_batch, cfg, evaluate=lambda: exact_match_accuracy(model, val, tok, instruction=True),
+                   checkpoint_path=checkpoint_path, resume=resume)
+    return model, result
+
+
+@functools.lru_cache(maxsize=1)
+def pretraining_token_counts() -> torch.Tensor:
+    """Token frequencies of the pretraining corpus, for the sampled-vocabulary init (Lester et al. 2.1)."""
+    return token_frequencies(pretraining_mixture(5000, seed=0), ByteTokenizer())
+
+
+def task_data(task: str, n_train: int = 2000, n_val: int = 200, n_test: int = 500, seed: int = 0):
+    """Train, val and test examples of one task (disjoint inputs)."""
+    return (make_split(task, "train", n_train, seed=seed), make_split(task, "val", n_val, seed=seed),
+            make_split(task, "test", n_test, seed=seed))
+
+
+def class_labels(task: str | None, train_ex) -> tuple[str, ...]:
+    """The class labels for init="label": a built-in task's own, else the distinct answers of the data."""
+    if task in TASKS:
+        labels = get_task(task).labels
+        if not labels:
+            raise ValueError(f"init='label' needs a classification task; {task!r} has no class labels")
+        return labels
+    labels = tuple(sorted({ex.answer for ex in train_ex}))
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"--init label needs classification data (at most {MAX_LABELS} distinct outputs); "
+                         f"the data has {len(labels)}")
+    return labels
+
+
+def init_token_counts(tokenizer, train_ex, n_prompt: int):
+    """Token counts for init="vocab"/"label" (Lester et al.'s most frequent tokens): the pretraining corpus's for
+    the byte tokenizer, else this data's; None (the whole vocabulary) when too few distinct tokens occur."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return pretraining_token_counts()
+    counts = token_frequencies(train_ex, tokenizer)
+    return counts if int((counts > 0).sum()) >= n_prompt else None
+
+
+def tune_prompt(model: GPT, task: str | None = None, n_prompt: int = 20, init: str = "vocab",
+                cfg: TrainConfig = TUNE_DEFAULTS, *, data=None, tokenizer=None, init_text: str | None = None,
+                info: DistInfo = DistInfo(), backend: str = "auto", recompute: bool = False,
+                checkpoint_path=None, resume: bool = False) -> tuple[PromptTuning, TrainResult]:
+    """A soft prompt on the frozen `model`, trained without any instruction, on one process or W (`info`).
+
+    data: (train, val, ...) examples, default the built-in `task`'s splits. tokenizer: default ByteTokenizer.
+    With W processes (info from `minipt.distributed.init_from_env`) the prompt equals the one-process prompt
+    with the same global batch, up to float rounding.
+    """
+    tok = tokenizer or ByteTokenizer()
+    train_ex, val_ex = (data if data is not None else task_data(task, seed=cfg.seed))[:2]
+    labels = class_labels(task, train_ex) if init == "label" else None
+    counts = init_token_counts(tok, train_ex, n_prompt) if init in ("vocab", "label") else None
+    model = model.to(info.device)
+    pt = PromptTuning(model, n_prompt=n_prompt, init=init, init_text=init_text, tokenizer=tok, token_counts=counts,
+                      seed=cfg.seed, backend=backend, labels=labels, recompute=recompute)
+    get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False, device=info.device)
+    if info.world_size == 1:
+        result = train(pt, get_batch, cfg, checkpoint_path=checkpoint_path, resume=resume,
+                       evaluate=lambda: exact_match_accuracy(pt, val_ex, tok, device=info.device))
+        return pt, result
+    if checkpoint_path is not None:
+        raise ValueError("--checkpoint/--resume are not supported with several processes yet")
+    shard_rows(cfg.batch_size, info.rank, info.world_size)  # fail early on an indivisible batch
+    module = DataParallelPrompt(pt, info.rank, info.world_size)
+    try:
+        result = train(module, get_batch, replace(cfg, progress=cfg.progress and info.is_main),
+                       evaluate=lambda: sharded_accuracy(pt, val_ex, tok, info))
+    finally:
+        module.close()
+    return pt, result
+
+
+def finetune(model: GPT, task: str, cfg: TrainConfig = FINETUNE_DEFAULTS, data=None) -> tuple[GPT, TrainResult]:
+    """Full fine-tuning of a copy of `model` on the same data (the base model itself is left untouched)."""
+    tok = ByteTokenizer()
+    train_ex, val_ex, _ = data if data is not None else task_data(task, seed=cfg.seed)
+    tuned = copy.deepcopy(model)
+    for p in tuned.parameters():
+        p.requires_grad_(True)
+    get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False)
+    result = train(tuned, get_batch, cfg, evaluate=lambda: exact_match_accuracy(tuned, val_ex, tok))
+    return tuned, result

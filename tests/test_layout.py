@@ -1,0 +1,69 @@
+"""The package's layout: the method (minipt/) never imports the programs built on it (minipt/apps/)."""
+import ast
+from pathlib import Path
+
+import torch
+
+from helpers import count_host_syncs, random_gpt
+from minipt import PromptTuning
+
+PACKAGE = Path(__file__).resolve().parents[1] / "minipt"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of the minipt modules a file imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)  # `from . import apps`
+    return {n for n in names if n == "minipt" or n.startswith("minipt.")}
+
+
+def test_the_method_never_imports_the_apps():
+    method = [p for p in PACKAGE.rglob("*.py") if "apps" not in p.relative_to(PACKAGE).parts]
+    assert len(method) > 10
+    offenders = {str(p.relative_to(PACKAGE)): sorted(m for m in imported_modules(p) if m.startswith("minipt.apps"))
+                 for p in method if p.name != "__main__.py"}  # `python -m minipt` starts the program
+    assert {p: m for p, m in offenders.items() if m} == {}
+
+
+def test_the_walk_sees_relative_imports_of_apps(tmp_path):
+    """The check above could pass by seeing nothing: it must resolve `from .apps.cli import main`."""
+    assert "minipt.apps.cli" in imported_modules(PACKAGE / "__main__.py")
+    assert "minipt.apps.recipes" in imported_modules(PACKAGE / "apps" / "demo.py")
+
+
+def test_a_prompt_tuning_step_makes_at_most_two_host_syncs():
+    """Forward, backward and AdamW: one host read of the input checks, and AdamW's step counter."""
+    model = random_gpt(dict(n_layer=2, n_head=2, n_embd=16, vocab_size=40, block_size=32))
+    pt = PromptTuning(model, n_prompt=4, init="uniform").train()
+    optimizer = torch.optim.AdamW([pt.prompt], lr=0.1)
+    idx = torch.randint(40, (3, 9))
+    targets = torch.randint(40, (3, 9)).masked_fill(torch.rand(3, 9) < 0.5, -100)
+    targets[:, 0] = 5  # at least one supervised position per row
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    for _ in range(2):  # the second step too: AdamW's state exists from the first on
+        with count_host_syncs() as syncs:
+            loss = pt.loss(idx, targets, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        assert syncs.total <= 2, dict(syncs.by_op)
+        assert syncs.by_op["tolist"] == 1  # the input checks, all at once
+
+
+def test_the_counter_sees_each_kind_of_sync():
+    t = torch.tensor([0, 1, 2])
+    with count_host_syncs() as syncs:
+        int(t.sum())
+        bool((t > 0).any())
+        t[t > 0]
+        t.tolist()
+    assert dict(syncs.by_op) == {"_local_scalar_dense": 2, "boolean index": 1, "tolist": 1}
