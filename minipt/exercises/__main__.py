@@ -1,0 +1,50 @@
+"""python -m minipt.exercises list | build [--check] | check NOTEBOOK.ipynb
+
+    list                   the exercises: id, minutes, notebook, title
+    build                  regenerate the student notebooks from notebooks/exercises/solutions/
+    build --check          only report stale student notebooks (exit 1 if any)
+    check NOTEBOOK.ipynb   run a notebook in a fresh kernel and print each exercise's result (exit 0 if all pass)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="minipt exercises", description="Self-grading prompt-tuning exercises.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the exercises")
+    p_build = sub.add_parser("build", help="generate the student notebooks from the solution notebooks")
+    p_build.add_argument("--check", action="store_true", help="only report stale notebooks; exit 1 if any")
+    p_build.add_argument("--folder", default=None, help="the exercises folder (default: notebooks/exercises)")
+    p_check = sub.add_parser("check", help="run a notebook and grade its exercises")
+    p_check.add_argument("notebook", help="a student (or solution) notebook, e.g. 01_math.ipynb")
+    p_check.add_argument("--timeout", type=int, default=120, help="seconds allowed per cell (default 120)")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        from . import EXERCISES
+        for ex in EXERCISES.values():
+            print(f"{ex.id:<22} {ex.minutes:>3} min  {ex.notebook:<12} {ex.title}")
+        print(f"{len(EXERCISES)} exercises, {sum(ex.minutes for ex in EXERCISES.values())} minutes in all")
+        return 0
+    if args.command == "build":
+        from .build import build
+        touched = build(args.folder, check=args.check)
+        for path in touched:
+            print(f"{'stale' if args.check else 'wrote'}: {path.name}")
+        if args.check and touched:
+            print("run `python -m minipt.exercises build` to regenerate them", file=sys.stderr)
+            return 1
+        if not touched:
+            print("student notebooks are up to date")
+        return 0
+    from .grade import grade
+    result = grade(args.notebook, timeout=args.timeout)
+    print(result.report())
+    return 0 if result.all_passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Student notebooks, generated from the solution notebooks (in the manner of nbgrader).
+
+A solution is written once, in `notebooks/exercises/solutions/NAME.ipynb`, between two marker lines:
+
+    def concat(prompt, wte, idx, wpe):
+        ### BEGIN SOLUTION
+        ...
+        ### END SOLUTION
+
+The student notebook `notebooks/exercises/NAME.ipynb` is the same notebook with each marked block replaced,
+at the block's indentation, by
+
+        # YOUR CODE HERE
+        raise NotImplementedError("...")
+
+and with every output, execution count and cell metadata (tags kept) removed: a student receives clean
+cells. Student notebooks are committed exactly as generated (never executed), so `build(check=True)`
+compares whole files: any edit of a solution notebook's cells that is not rebuilt shows up as stale.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+PLACEHOLDER = ("# YOUR CODE HERE", 'raise NotImplementedError("fill in the lines marked YOUR CODE HERE")')
+STUDENT_METADATA = {
+    "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+}
+
+
+def default_folder() -> Path:
+    """notebooks/exercises/ of this checkout (the package lives in minipt/exercises/)."""
+    return Path(__file__).resolve().parents[2] / "notebooks" / "exercises"
+
+
+def strip_solutions(source: str, where: str = "a cell") -> str:
+    """The source with every BEGIN/END SOLUTION block replaced by the placeholder, at its indentation."""
+    out, inside, indent = [], False, ""
+    for number, line in enumerate(source.split("\n"), start=1):
+        marker = line.strip()
+        if marker == BEGIN:
+            if inside:
+                raise ValueError(f"{where}, line {number}: {BEGIN} inside another solution block")
+            inside, indent = True, line[: len(line) - len(line.lstrip())]
+            out.extend(indent + text for text in PLACEHOLDER)
+        elif marker == END:
+            if not inside:
+                raise ValueError(f"{where}, line {number}: {END} without {BEGIN}")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise ValueError(f"{where}: {BEGIN} is never closed by {END}")
+    return "\n".join(out)
+
+
+def student_notebook(solution):
+    """A new notebook: the solution's cells, solutions stripped, outputs and run metadata removed."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata=dict(STUDENT_METADATA))
+    for number, cell in enumerate(solution.cells, start=1):
+        metadata = {"tags": list(cell.metadata["tags"])} if cell.metadata.get("tags") else {}
+        if cell.cell_type == "code":
+            new = nbformat.v4.new_code_cell(strip_solutions(cell.source, f"code cell {number}"), metadata=metadata)
+        elif cell.cell_type == "markdown":
+            new = nbformat.v4.new_markdown_cell(cell.source, metadata=metadata)
+        else:
+            new = nbformat.v4.new_raw_cell(cell.source, metadata=metadata)
+        if "id" in cell:
+            new["id"] = cell["id"]
+        nb.cells.append(new)
+    return nb
+
+
+def notebook_text(nb) -> str:
+    """The file's text exactly as nbformat.write would produce it."""
+    import nbformat
+
+    text = nbformat.writes(nb)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def build(folder: Path | None = None, check: bool = False) -> list[Path]:
+    """Write (or with check=True only compare) every student notebook; returns the stale or written paths."""
+    import nbformat
+
+    folder = Path(folder) if folder is not None else default_folder()
+    solutions = sorted((folder / "solutions").glob("*.ipynb"))
+    if not solutions:
+        raise FileNotFoundError(f"no solution notebooks in {folder / 'solutions'}")
+    touched = []
+    for path in solutions:
+        text = notebook_text(student_notebook(nbformat.read(path, as_version=4)))
+        target = folder / path.name
+        if target.exists() and target.read_text(encoding="utf-8") == text:
+            continue
+        touched.append(target)
+        if not check:
+            target.write_text(text, encoding="utf-8")
+    return touched

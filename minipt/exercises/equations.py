@@ -1,0 +1,210 @@
+"""Exercises on the math of prompt tuning (notebook `01_math`): the input, its gradient, the head, attention.
+
+Each checker builds its cases from a fixed seed, computes the expected output with a few lines of PyTorch
+(autograd in float64 wherever a gradient is asked for), and lists the wrong answers it can name.
+
+Equations (Lester et al. 2021, section 2; the numbers are those of notebook 1):
+
+    (1) x[b, t] = (P[t] if t < n_p else wte[idx[b, t - n_p]]) + wpe[t]          x: (B, n_p + n, D)
+    (2) dL/dP[t] = sum_b dL/dx[b, t]                        (t < n_p)           dP: (n_p, D)
+    (3) L = (1/N) sum_i -log softmax(h_i W^T)[y_i]  =>  dL/dh = (softmax(h W^T) - onehot(y)) W / N
+    (4) y = softmax(q k^T / sqrt(hd) + causal mask) v: position t sees positions 0 .. t, the prompt included
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .result import Case, CheckResult, Mistake, check_function
+
+
+def _randn(gen: torch.Generator, *shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=dtype)
+
+
+# ---- concat: equation (1) -------------------------------------------------------------------------------
+
+def concat_reference(prompt, wte, idx, wpe):
+    B, n = idx.shape
+    n_p = prompt.shape[0]
+    x = torch.cat([prompt.to(wte.dtype).expand(B, -1, -1), wte[idx]], dim=1)  # (B, n_p + n, D)
+    return x + wpe[: n_p + n]
+
+
+def concat_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(1)
+    cases = []
+    for B, n_p, n, D, dtype in [(2, 3, 4, 8, torch.float32), (1, 1, 1, 5, torch.float32),
+                                (3, 1, 5, 7, torch.float32), (2, 2, 1, 3, torch.float64)]:
+        V, n_ctx = 11, n_p + n + 3  # wpe has more rows than the sequence needs
+        args = (_randn(gen, n_p, D, dtype=dtype), _randn(gen, V, D, dtype=dtype),
+                torch.randint(0, V, (B, n), generator=gen), _randn(gen, n_ctx, D, dtype=dtype))
+        cases.append(Case(dict(B=B, n_p=n_p, n=n, D=D), args, "fp64" if dtype == torch.float64 else ""))
+    return cases
+
+
+CONCAT_MISTAKES = [
+    Mistake("the token rows restart their positions at 0 (wpe[0:n] instead of wpe[n_p:n_p + n])",
+            lambda P, wte, idx, wpe: torch.cat([(P + wpe[: len(P)]).expand(len(idx), -1, -1),
+                                                wte[idx] + wpe[: idx.shape[1]]], dim=1)),
+    Mistake("the prompt is put after the tokens instead of in front of them",
+            lambda P, wte, idx, wpe: torch.cat([wte[idx], P.expand(len(idx), -1, -1)], dim=1)
+            + wpe[: len(P) + idx.shape[1]]),
+    Mistake("the position embeddings are forgotten (no + wpe[:n_p + n])",
+            lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1), wte[idx]], dim=1)),
+    Mistake("only the token rows get positions (wpe[n_p:n_p + n]); the prompt rows get none",
+            lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1),
+                                                wte[idx] + wpe[len(P): len(P) + idx.shape[1]]], dim=1)),
+    Mistake("the prompt rows get no positions and the token rows keep the model's usual wpe[0:n]",
+            lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1), wte[idx] + wpe[: idx.shape[1]]],
+                                               dim=1)),
+]
+
+
+def check_concat(answer) -> CheckResult:
+    """answer(prompt (n_p, D), wte (V, D), idx (B, n) int64, wpe (n_ctx, D)) -> x (B, n_p + n, D)."""
+    return check_function("concat", answer, concat_cases(), concat_reference,
+                          arg_names=("prompt", "wte", "idx", "wpe"), dims=("b", "t", "d"),
+                          shape_doc="(B, n_p + n, D)", mistakes=CONCAT_MISTAKES, atol=1e-6, rtol=1e-6)
+
+
+# ---- concat_backward: equation (2) ----------------------------------------------------------------------
+
+def concat_backward_reference(dx, n_p):
+    return dx[:, :n_p].sum(dim=0)  # (n_p, D)
+
+
+def concat_backward_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(2)
+    return [Case(dict(B=B, n_p=n_p, n=n, D=D), (_randn(gen, B, n_p + n, D, dtype=torch.float64), n_p), "fp64")
+            for B, n_p, n, D in [(2, 3, 4, 8), (1, 1, 1, 5), (3, 1, 5, 7), (4, 2, 1, 3)]]
+
+
+CONCAT_BACKWARD_MISTAKES = [
+    Mistake("the batch is averaged (a mean over b) instead of summed: every example adds its own dL/dx",
+            lambda dx, n_p: dx[:, :n_p].mean(dim=0)),
+    Mistake("the last n_p rows are taken (dx[:, -n_p:]): the prompt sits in front, at t = 0 .. n_p - 1",
+            lambda dx, n_p: dx[:, -n_p:].sum(dim=0)),
+    Mistake("only the first example is used (dx[0, :n_p]): that is right for B = 1 only",
+            lambda dx, n_p: dx[0, :n_p]),
+    Mistake("the sum runs over the positions (dim=1) instead of over the batch (dim=0)",
+            lambda dx, n_p: dx[:, :n_p].sum(dim=1)),
+    Mistake("every position is kept (dx.sum(0)): only the first n_p rows of x come from P",
+            lambda dx, n_p: dx.sum(dim=0)),
+]
+
+
+def check_concat_backward(answer) -> CheckResult:
+    """answer(dx (B, n_p + n, D), n_p) -> dP (n_p, D): equation (2), in float64."""
+    return check_function("concat_backward", answer, concat_backward_cases(), concat_backward_reference,
+                          arg_names=("dx", "n_p"), dims=("t", "d"), shape_doc="(n_p, D)",
+                          mistakes=CONCAT_BACKWARD_MISTAKES, atol=1e-12, rtol=1e-10)
+
+
+# ---- frozen_head_backward: equation (3) -----------------------------------------------------------------
+
+def frozen_head_backward_reference(h, W, targets):
+    h = h.clone().requires_grad_()
+    F.cross_entropy(h @ W.T, targets).backward()  # the mean over the N rows
+    return h.grad  # (N, D)
+
+
+def frozen_head_backward_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for N, D, V, scale in [(6, 8, 11, 1.0), (1, 5, 3, 1.0), (4, 7, 2, 1.0), (3, 4, 5, 60.0)]:
+        h = _randn(gen, N, D, dtype=torch.float64) * scale
+        W = _randn(gen, V, D, dtype=torch.float64) * scale
+        note = f"fp64, logits up to {(h @ W.T).abs().max().item():.0f}" if scale > 1 else "fp64"
+        cases.append(Case(dict(N=N, D=D, V=V), (h, W, torch.randint(0, V, (N,), generator=gen)), note))
+    return cases
+
+
+def _softmax_naive(z):  # exp overflows for logits above ~709 in float64
+    return z.exp() / z.exp().sum(dim=-1, keepdim=True)
+
+
+def _onehot(targets, V, like):
+    return F.one_hot(targets, V).to(like.dtype)
+
+
+FROZEN_HEAD_MISTAKES = [
+    Mistake("the onehot is forgotten: dL/dz = softmax(z) - onehot(y), not softmax(z)",
+            lambda h, W, y: (h @ W.T).softmax(-1) @ W / len(h)),
+    Mistake("the 1/N of the mean is forgotten: L averages over the N rows, so each row's gradient is divided by N",
+            lambda h, W, y: ((h @ W.T).softmax(-1) - _onehot(y, len(W), h)) @ W),
+    Mistake("the sign is flipped: dL/dz = softmax(z) - onehot(y), not onehot(y) - softmax(z)",
+            lambda h, W, y: (_onehot(y, len(W), h) - (h @ W.T).softmax(-1)) @ W / len(h)),
+    Mistake("the softmax runs over the rows (dim=0) instead of over the vocabulary (dim=-1)",
+            lambda h, W, y: ((h @ W.T).softmax(0) - _onehot(y, len(W), h)) @ W / len(h)),
+    Mistake("the softmax is computed as exp(z) / sum(exp(z)) without subtracting max(z) first: exp overflows "
+            "for large logits (softmax(z) = softmax(z - max z))",
+            lambda h, W, y: (_softmax_naive(h @ W.T) - _onehot(y, len(W), h)) @ W / len(h)),
+]
+
+
+def check_frozen_head_backward(answer) -> CheckResult:
+    """answer(h (N, D), W (V, D), targets (N,) int64) -> dL/dh (N, D), L = mean cross-entropy of h W^T."""
+    return check_function("frozen_head_backward", answer, frozen_head_backward_cases(),
+                          frozen_head_backward_reference, arg_names=("h", "W", "targets"), dims=("i", "d"),
+                          shape_doc="(N, D)", mistakes=FROZEN_HEAD_MISTAKES, atol=1e-10, rtol=1e-8)
+
+
+# ---- causal_attention: equation (4) ---------------------------------------------------------------------
+
+def _attention(q, k, v, mask, scale, dim=-1):
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=dim) @ v  # (B, H, T, hd)
+
+
+def _lower(T):
+    return torch.ones(T, T, dtype=torch.bool).tril()  # row t may look at columns 0 .. t
+
+
+def causal_attention_reference(q, k, v):
+    return _attention(q, k, v, _lower(q.shape[-2]), 1 / math.sqrt(q.shape[-1]))
+
+
+def causal_attention_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(4)
+    cases = []
+    for B, H, T, hd in [(2, 2, 5, 4), (1, 1, 1, 3), (1, 3, 4, 5), (3, 1, 6, 2)]:
+        q, k, v = (_randn(gen, B, H, T, hd, dtype=torch.float64) for _ in range(3))
+        cases.append(Case(dict(B=B, H=H, T=T, hd=hd), (q, k, v), "fp64"))
+    return cases
+
+
+CAUSAL_ATTENTION_MISTAKES = [
+    Mistake("there is no causal mask: every position also reads the positions after it",
+            lambda q, k, v: _attention(q, k, v, torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool),
+                                       1 / math.sqrt(q.shape[-1]))),
+    Mistake("the mask is transposed (triu instead of tril): position t reads t .. T-1, the future. The input "
+            "tokens would then never see the soft prompt in front of them, and dL/dP would be exactly zero",
+            lambda q, k, v: _attention(q, k, v, _lower(q.shape[-2]).T, 1 / math.sqrt(q.shape[-1]))),
+    Mistake("the diagonal is masked too (strictly lower): position 0 then has nothing to attend to (NaN)",
+            lambda q, k, v: _attention(q, k, v, _lower(q.shape[-2]).tril(-1), 1 / math.sqrt(q.shape[-1]))),
+    Mistake("the scores are not divided by sqrt(hd) (Vaswani et al. 2017, eq. 1)",
+            lambda q, k, v: _attention(q, k, v, _lower(q.shape[-2]), 1.0)),
+    Mistake("the scores are divided by hd instead of sqrt(hd)",
+            lambda q, k, v: _attention(q, k, v, _lower(q.shape[-2]), 1 / q.shape[-1])),
+    Mistake("the softmax runs over the queries (dim=-2) instead of over the keys (dim=-1)",
+            lambda q, k, v: _attention(q, k, v, _lower(q.shape[-2]), 1 / math.sqrt(q.shape[-1]), dim=-2)),
+]
+
+
+def check_causal_attention(answer) -> CheckResult:
+    """answer(q, k, v each (B, H, T, hd)) -> y (B, H, T, hd): causal scaled dot-product attention, fp64."""
+    return check_function("causal_attention", answer, causal_attention_cases(), causal_attention_reference,
+                          arg_names=("q", "k", "v"), dims=("b", "h", "t", "e"), shape_doc="(B, H, T, hd)",
+                          mistakes=CAUSAL_ATTENTION_MISTAKES, atol=1e-10, rtol=1e-8)
+
+
+CHECKERS = {
+    "concat": check_concat,
+    "concat_backward": check_concat_backward,
+    "frozen_head_backward": check_frozen_head_backward,
+    "causal_attention": check_causal_attention,
+}

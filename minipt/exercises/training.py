@@ -1,0 +1,393 @@
+"""Exercises on training and using a soft prompt (notebook `03_training`).
+
+* fix_snippet: a "prompt tuning" recipe that trains every weight; make only the prompt train.
+* training_loop: ten lines, step for step the same as a reference loop (warmup, clipping, AdamW).
+* vocab_init, label_init: Lester et al.'s initialisations (sections 2.1 and 3.2: sampled vocabulary, class labels).
+* ensemble_vote: prompt ensembling by majority vote (section 6).
+
+The models here are tiny random GPTs built from a fixed seed, so each check takes well under a second.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+
+from minipt import GPT, GPTConfig, PromptTuning
+
+from .result import Case, CheckResult, Mistake, call_answer, check_function, failed, fmt, passed
+
+VOCAB, N_PROMPT = 24, 4
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    """A 2-layer GPT of width 16, the same weights for the same seed; the global RNG is left as it was.
+
+    GPT-2's init (std 0.02) makes a random model's attention nearly uniform and its blocks nearly silent, so
+    no prompt could change its output. Every matrix is scaled by 10, which gives the prompt a visible effect:
+    a few steps of prompt tuning then lower the loss by several percent.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=VOCAB, block_size=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(10.0)
+    return model
+
+
+def batch(step: int, B: int = 4, n: int = 10):
+    """(idx, targets) of step `step`: a pure function of the step. Targets are the ids shifted by one."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    idx = torch.randint(0, VOCAB, (B, n), generator=gen)  # (B, n)
+    targets = torch.roll(idx, -1, dims=1)
+    targets[:, -1] = -100  # the last position has no next token
+    return idx, targets
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread while a check trains: for a model this small, more threads only wait on each other
+    (on a busy two-core laptop a step goes from about 3 ms to over 100 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def first_change(model: GPT, before: dict) -> str | None:
+    for name, t in model.state_dict().items():
+        if not torch.equal(t, before[name]):
+            return f"{name} (max |change| {fmt((t - before[name]).abs().max().item())})"
+    return None
+
+
+# ---- fix_snippet -----------------------------------------------------------------------------------------
+
+SNIPPET_STEPS = 20
+MIN_DROP = 0.03  # the loss must fall by at least 3% in SNIPPET_STEPS steps (lr 0.1: about 7%)
+
+
+def check_fix_snippet(answer) -> CheckResult:
+    """answer(model, idx, targets, steps) -> (optimizer, losses): only the prompt trains."""
+    exercise = "fix_snippet"
+    model = tiny_model()
+    idx, targets = batch(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tried = [f"a 2-layer GPT (D=16, V={VOCAB}), one batch B=4, n=10, {SNIPPET_STEPS} steps"]
+    with one_thread():
+        out, error = call_answer(answer, (model, idx, targets, SNIPPET_STEPS))
+    if error:
+        return failed(exercise, f"the answer {error}.", tried)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        return failed(exercise, f"return (optimizer, losses); got {type(out).__name__}", tried)
+    optimizer, losses = out
+    changed = first_change(model, before)
+    if changed:
+        return failed(exercise, f"the base model changed: {changed}. Every weight the optimizer holds is trained, "
+                                f"so this is full fine-tuning. Hand the optimizer the prompt alone, and keep the "
+                                f"model frozen.", tried)
+    with_grad = [name for name, p in model.named_parameters() if p.grad is not None]
+    if with_grad:
+        return failed(exercise, f"the base model's weights received gradients ({with_grad[0]}.grad is set, "
+                                f"{len(with_grad)} tensors in all): they were made trainable again. Nothing changed "
+                                f"this time, but autograd computed and stored a gradient for every weight; leave "
+                                f"the model frozen (PromptTuning freezes it).", tried)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return failed(exercise, f"the first value returned must be the optimizer, got {type(optimizer).__name__}",
+                      tried)
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(held) != 1:
+        return failed(exercise, f"the optimizer holds {len(held)} tensors; it must hold exactly one, the prompt "
+                                f"P ({N_PROMPT}, 16). (pt.parameters() also yields every frozen weight of the "
+                                f"model: pass [pt.prompt].)", tried)
+    prompt = held[0]
+    if prompt.shape != (N_PROMPT, 16):
+        return failed(exercise, f"the optimizer's tensor has shape {tuple(prompt.shape)}; the prompt is "
+                                f"(n_prompt, D) = ({N_PROMPT}, 16)", tried)
+    if not (isinstance(losses, (list, tuple)) and len(losses) == SNIPPET_STEPS
+            and all(isinstance(v, float) and math.isfinite(v) for v in losses)):
+        return failed(exercise, f"losses must be a list of {SNIPPET_STEPS} finite floats (loss.item() at each "
+                                f"step)", tried)
+    if len(set(losses)) == 1:
+        return failed(exercise, f"the loss never changed ({fmt(losses[0])} at every step): the optimizer's tensor "
+                                f"never received a gradient, so it is not the prompt the model uses (a copy, or a "
+                                f"tensor made with .detach()?). Pass pt.prompt itself.", tried)
+    drop = 1 - losses[-1] / losses[0]
+    if drop < MIN_DROP:
+        return failed(exercise, f"the loss fell only from {fmt(losses[0])} to {fmt(losses[-1])} ({drop:.2%}) in "
+                                f"{SNIPPET_STEPS} steps. A soft prompt needs a far larger learning rate than "
+                                f"fine-tuning (Lester et al. use 0.3); try 0.1.", tried)
+    return passed(exercise, f"The base model is bit-identical, the optimizer holds only the prompt "
+                            f"{tuple(prompt.shape)}, and the loss fell from {fmt(losses[0])} to "
+                            f"{fmt(losses[-1])}.", tried)
+
+
+# ---- training_loop ---------------------------------------------------------------------------------------
+
+LOOP = dict(steps=8, lr=0.1, warmup=3, max_norm=0.05)  # max_norm below the gradient's norm: clipping acts
+TOL = 1e-6  # the same operations in the same order give the same bits; this leaves room for rounding only
+
+
+def reference_loop(pt, get_batch, steps, lr, warmup, max_norm, *, zero_grad=True, warmup_from=1,
+                   clip="before", weight_decay=0.0, same_batch=False):
+    """The loop of the exercise; the keyword arguments switch on the mistakes the checker can name."""
+    optimizer = torch.optim.AdamW([pt.prompt], lr=lr, weight_decay=weight_decay)
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + warmup_from) / warmup)  # linear warmup, then constant
+        idx, targets = get_batch(0 if same_batch else step)
+        _, loss = pt(idx, targets)
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip == "before":
+            torch.nn.utils.clip_grad_norm_([pt.prompt], max_norm)
+        optimizer.step()
+        if clip == "after":  # too late: the step has used the unclipped gradient
+            torch.nn.utils.clip_grad_norm_([pt.prompt], max_norm)
+        losses.append(loss.item())
+    return losses
+
+
+LOOP_MISTAKES = [
+    ("optimizer.zero_grad() is never called: the gradients of all earlier steps add up in .grad",
+     dict(zero_grad=False)),
+    ("the warmup starts at 0 (lr * step / warmup): the first step then has learning rate 0; the rule is "
+     "lr * min(1, (step + 1) / warmup)", dict(warmup_from=0)),
+    ("the gradient is not clipped before optimizer.step() (clipping after the step, or not at all, leaves the "
+     "step unclipped): call torch.nn.utils.clip_grad_norm_ between backward() and step()", dict(clip="after")),
+    ("AdamW keeps its default weight_decay=0.01: the exercise asks for weight_decay=0.0", dict(weight_decay=0.01)),
+    ("the same batch get_batch(0) is used at every step instead of get_batch(step)", dict(same_batch=True)),
+]
+
+
+def loop_prompt_tuning(seed: int = 0) -> PromptTuning:
+    return PromptTuning(tiny_model(seed), n_prompt=N_PROMPT, init="uniform", seed=seed, backend="reference")
+
+
+@functools.lru_cache(maxsize=None)
+def loop_outcome(slip: tuple = ()) -> tuple[tuple, torch.Tensor]:
+    """(losses, final prompt) of the reference loop, or of one of its mistakes: computed once per process."""
+    pt = loop_prompt_tuning()
+    with one_thread():
+        losses = reference_loop(pt, batch, **LOOP, **dict(slip))
+    return tuple(losses), pt.prompt.detach().clone()
+
+
+def check_training_loop(answer) -> CheckResult:
+    """answer(pt, get_batch, steps, lr, warmup, max_norm) -> losses: the reference loop, step for step."""
+    exercise = "training_loop"
+    tried = ["a 2-layer GPT (D=16), uniform prompt (4, 16), " + ", ".join(f"{k}={v}" for k, v in LOOP.items())]
+    expected, ref_prompt = loop_outcome()
+    pt = loop_prompt_tuning()
+    before = {k: v.clone() for k, v in pt.model.state_dict().items()}
+    with one_thread():  # as for the reference: the thread count can change the last bits of a matmul
+        got, error = call_answer(answer, (pt, batch, *LOOP.values()))
+    if error:
+        return failed(exercise, f"the answer {error}.", tried)
+    if not (isinstance(got, (list, tuple)) and all(isinstance(v, float) for v in got)):
+        return failed(exercise, f"return the list of losses (floats, loss.item()), got {type(got).__name__}", tried)
+    if len(got) != LOOP["steps"]:
+        return failed(exercise, f"{len(got)} losses for {LOOP['steps']} steps: record one loss per step", tried)
+    changed = first_change(pt.model, before)
+    if changed:
+        return failed(exercise, f"the base model changed: {changed}; only pt.prompt may train", tried)
+    steps_off = [s for s in range(len(got)) if abs(got[s] - expected[s]) > TOL]
+    prompt_off = not torch.allclose(pt.prompt.detach(), ref_prompt, atol=TOL, rtol=TOL)
+    if not steps_off and not prompt_off:
+        return passed(exercise, f"{len(got)} losses and the final prompt match the reference loop "
+                                f"(loss {fmt(got[0])} -> {fmt(got[-1])}).", tried)
+    if steps_off:
+        s = steps_off[0]
+        message = f"step {s}: expected loss {fmt(expected[s])}, got {fmt(got[s])}."
+    else:
+        gap = (pt.prompt.detach() - ref_prompt).abs().max().item()
+        message = f"every loss matches, but the final prompt differs from the reference by up to {fmt(gap)}."
+    for explanation, flags in LOOP_MISTAKES:
+        losses, prompt = loop_outcome(tuple(sorted(flags.items())))
+        if (all(abs(a - b) <= TOL for a, b in zip(losses, got))
+                and torch.allclose(prompt, pt.prompt.detach(), atol=TOL, rtol=TOL)):
+            message += f" This is what you get when {explanation}."
+            break
+    return failed(exercise, message, tried)
+
+
+# ---- vocab_init ------------------------------------------------------------------------------------------
+
+def vocab_task():
+    """wte (12, 5) with distinct rows; counts: ids 9, 10, 11 (the 'special tokens') and 4 never occur."""
+    gen = torch.Generator().manual_seed(8)
+    wte = torch.randn(12, 5, generator=gen)
+    counts = torch.tensor([50, 7, 31, 12, 0, 90, 3, 64, 20, 0, 0, 0])
+    return wte, counts
+
+
+def check_vocab_init(answer) -> CheckResult:
+    """answer(wte (V, D), n_p, token_counts (V,), top_k, generator) -> P (n_p, D)."""
+    exercise = "vocab_init"
+    wte, counts = vocab_task()
+    ranked = torch.argsort(counts, descending=True, stable=True).tolist()
+    rank = {i: r for r, i in enumerate(ranked)}
+    tried, picks = [], {}
+    for n_p, top_k in [(4, 6), (1, 6), (3, 10)]:  # top_k = 10 is more than the 8 tokens that occur
+        allowed = set(ranked[: min(top_k, int((counts > 0).sum()))])
+        tried.append(f"V=12, n_p={n_p}, top_k={top_k}, 8 seeds")
+        for seed in range(8):
+            P, error, given = _call_vocab(answer, wte, n_p, counts, top_k, seed, global_seed=seed)
+            label = f"n_p={n_p}, top_k={top_k}, seed {seed}"
+            if error:
+                return failed(exercise, f"{label}: the answer {error}.", tried)
+            if not isinstance(P, torch.Tensor) or P.shape != (n_p, 5):
+                shape = tuple(P.shape) if isinstance(P, torch.Tensor) else type(P).__name__
+                return failed(exercise, f"{label}: expected P of shape (n_p, D) = ({n_p}, 5), got {shape}", tried)
+            if P.dtype != torch.float32:
+                return failed(exercise, f"{label}: P must be float32, got {str(P.dtype).replace('torch.', '')}", tried)
+            if P.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
+                return failed(exercise, f"{label}: P shares memory with wte (a view such as wte[:n_p]): training P "
+                                        f"would change the model's embedding table. Return a copy.", tried)
+            ids = []
+            for row in range(n_p):
+                same = (wte == P[row].detach()).all(dim=1).nonzero().flatten().tolist()
+                if not same:
+                    return failed(exercise, f"{label}: row {row} of P is not a row of wte; each row must be the "
+                                            f"embedding of one sampled token, copied exactly", tried)
+                ids.append(same[0])
+            if len(set(ids)) < len(ids):
+                twice = next(i for i in ids if ids.count(i) > 1)
+                return failed(exercise, f"{label}: token {twice} was picked twice (ids {ids}): sample without "
+                                        f"replacement (torch.randperm), so the prompt has n_p distinct tokens", tried)
+            outside = [i for i in ids if i not in allowed]
+            if outside:
+                i = outside[0]
+                why = ("never occurs in the corpus (count 0): special tokens and unseen ids are excluded"
+                       if counts[i] == 0 else f"is only the {rank[i] + 1}th most frequent, outside the top_k = {top_k}")
+                return failed(exercise, f"{label}: token {i} (ids {ids}) {why}. Sample among the top_k most frequent "
+                                        f"tokens that occur at all.", tried)
+            again, _, _ = _call_vocab(answer, wte, n_p, counts, top_k, seed, global_seed=seed + 100)
+            if not (isinstance(again, torch.Tensor) and torch.equal(again, P)):
+                return failed(exercise, f"{label}: two calls with generators seeded alike gave different prompts: "
+                                        f"draw with generator=generator, not the global random state", tried)
+            picks.setdefault((n_p, top_k), set()).add(tuple(sorted(ids)))
+        if n_p < len(allowed) and len(picks[(n_p, top_k)]) == 1:
+            return failed(exercise, f"n_p={n_p}, top_k={top_k}: every seed picks the same tokens "
+                                    f"{sorted(next(iter(picks[(n_p, top_k)])))}: sample them at random among the "
+                                    f"top_k (torch.randperm(k, generator=generator)) instead of taking the first "
+                                    f"n_p", tried)
+    return passed(exercise, "Distinct tokens, from the top_k that occur, copied exactly from wte, reproducible "
+                            "with the generator and different across seeds.", tried)
+
+
+def _call_vocab(answer, wte, n_p, counts, top_k, seed, global_seed):
+    """(P, error, the wte handed over), the global RNG set to `global_seed`: an answer ignoring `generator`
+    then gives two different prompts for one seed."""
+    given = wte.clone()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(global_seed)
+        P, error = call_answer(answer, (given, n_p, counts.clone(), top_k, torch.Generator().manual_seed(seed)))
+    return P, error, given
+
+
+# ---- label_init ------------------------------------------------------------------------------------------
+
+def label_init_reference(wte, label_ids):
+    return torch.stack([wte[torch.tensor(ids)].mean(dim=0) for ids in label_ids])  # (K, D)
+
+
+def label_init_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(9)
+    wte = torch.randn(10, 6, generator=gen)
+    return [Case(dict(K=K, D=6), (wte, labels), note) for K, labels, note in
+            [(2, [[3, 8], [5, 1, 2]], "labels of 2 and 3 tokens"), (1, [[0, 4]], "one label"),
+             (3, [[2, 9, 9], [7], [1, 6, 8, 3]], "labels of 3, 1 and 4 tokens")]]
+
+
+LABEL_MISTAKES = [
+    Mistake("the label's token embeddings are summed instead of averaged",
+            lambda wte, labels: torch.stack([wte[torch.tensor(ids)].sum(0) for ids in labels])),
+    Mistake("only the first token of each label is used; a label of several tokens is their mean",
+            lambda wte, labels: torch.stack([wte[ids[0]] for ids in labels])),
+    Mistake("the tokens of all labels are pooled into one mean: each class gets its own row",
+            lambda wte, labels: wte[torch.tensor([i for ids in labels for i in ids])].mean(0).expand(len(labels), -1)),
+    Mistake("only the last token of each label is used",
+            lambda wte, labels: torch.stack([wte[ids[-1]] for ids in labels])),
+]
+
+
+def check_label_init(answer) -> CheckResult:
+    """answer(wte (V, D), label_ids: list of K lists of token ids) -> (K, D): row k = mean of label k's rows."""
+    return check_function("label_init", answer, label_init_cases(), label_init_reference,
+                          arg_names=("wte", "label_ids"), dims=("k", "d"), shape_doc="(K, D)",
+                          mistakes=LABEL_MISTAKES, atol=1e-6, rtol=1e-6)
+
+
+# ---- ensemble_vote ---------------------------------------------------------------------------------------
+
+def ensemble_vote_reference(probs):
+    K, N, C = probs.shape
+    counts = torch.nn.functional.one_hot(probs.argmax(dim=-1), C).sum(dim=0)  # (N, C) votes per class
+    mean = probs.mean(dim=0)  # (N, C)
+    tied = counts == counts.max(dim=-1, keepdim=True).values  # (N, C) the classes with the most votes
+    return mean.masked_fill(~tied, -1.0).argmax(dim=-1)  # (N,) the tied class with the largest mean
+
+
+def ensemble_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(10)
+
+    def random(K, N, C):
+        return torch.randn(K, N, C, generator=gen, dtype=torch.float64).mul(2).softmax(-1)
+
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    outvoted = t([[[.4, .35, .25]], [[.4, .35, .25]], [[.0, .9, .1]]])  # votes 0, 0, 1; the mean favours 1
+    three_way = t([[[.02, .08, .9]], [[.45, .55, .0]], [[.55, .45, .0]]])  # 1 : 1 : 1; mean favours 1, max 2
+    tie_mean_vs_max = t([[[.95, .03, .02]], [[.34, .33, .33]], [[.1, .8, .1]], [[.1, .8, .1]]])  # 2 : 2
+    tie_third_class = t([[[.5, .1, .4]], [[.05, .5, .45]]])  # 1 : 1, and class 2 has the largest mean
+    sure_minority = t([[[.26, .25, .25, .24]]] * 3 + [[[.0, .97, .02, .01]]] * 2)  # 3 : 2, the 2 far surer
+    return [
+        Case(dict(K=3, N=5, C=3), (torch.cat([outvoted, three_way, random(3, 3, 3)], dim=1),),
+             "a majority against the mean, a 1 : 1 : 1 tie"),
+        Case(dict(K=4, N=1, C=3), (tie_mean_vs_max,), "a 2 : 2 tie"),
+        Case(dict(K=2, N=3, C=3), (torch.cat([tie_third_class, random(2, 2, 3)], dim=1),), "a 1 : 1 tie"),
+        Case(dict(K=1, N=5, C=4), (random(1, 5, 4),), "one prompt"),
+        Case(dict(K=5, N=6, C=4), (torch.cat([sure_minority, random(5, 5, 4)], dim=1),),
+             "a 3 : 2 majority against a surer minority"),
+    ]
+
+
+def _votes(probs):
+    return torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).sum(0)  # (N, C)
+
+
+ENSEMBLE_MISTAKES = [
+    Mistake("the mean probability decides alone (argmax of probs.mean(0)): a majority of prompts must win",
+            lambda p: p.mean(0).argmax(-1)),
+    Mistake("a tie goes to the lowest class id (argmax of the vote counts): it must go to the tied class with "
+            "the larger mean probability", lambda p: _votes(p).argmax(-1)),
+    Mistake("a tie goes to the tied class with the largest single probability (max over prompts), not the "
+            "largest mean probability",
+            lambda p: p.amax(0).masked_fill(_votes(p) != _votes(p).amax(-1, keepdim=True), -1.0).argmax(-1)),
+    Mistake("the tie-break looks at every class, not only the tied ones (a class with fewer votes can win)",
+            lambda p: (_votes(p) + p.mean(0) * p.shape[0]).argmax(-1)),
+]
+
+
+def check_ensemble_vote(answer) -> CheckResult:
+    """answer(probs (K, N, C)) -> (N,) int64: majority vote of K prompts, ties to the larger mean probability."""
+    return check_function("ensemble_vote", answer, ensemble_cases(), ensemble_vote_reference,
+                          arg_names=("probs",), dims=("i",), shape_doc="(N,)", mistakes=ENSEMBLE_MISTAKES,
+                          atol=0, rtol=0)
+
+
+CHECKERS = {
+    "fix_snippet": check_fix_snippet,
+    "training_loop": check_training_loop,
+    "vocab_init": check_vocab_init,
+    "label_init": check_label_init,
+    "ensemble_vote": check_ensemble_vote,
+}
