@@ -47,6 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="training steps per row; the first one is not timed")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/memory-<device>.csv)")
+    ap.add_argument("--parse-only", action="store_true",
+                    help="check the arguments as a real run would, then exit (no device, no files)")
     ap.add_argument("--worker", default=None, choices=CONFIGS, help=argparse.SUPPRESS)  # one row, in a subprocess
     return ap.parse_args(argv)
 
@@ -208,6 +210,13 @@ def write_csv(path: Path, preset: str, rows: dict[str, dict], command: str) -> N
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.parse_only:
+        from minipt import GPTConfig
+
+        GPTConfig.preset(args.preset)  # an unknown preset is an error here too
+        print(f"parse-only: preset {args.preset}, device {args.device}, B={args.batch_size}, T={args.seq_len}, "
+              f"n_prompt={args.n_prompt}, {args.steps} steps")
+        return
     if args.worker is not None:
         print(json.dumps(measure(args.worker, args)))
         return

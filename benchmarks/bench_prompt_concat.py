@@ -5,6 +5,8 @@
     python benchmarks/bench_prompt_concat.py --grid small       # GPU: 3 shapes (what gpu_check.sh runs)
     python benchmarks/bench_prompt_concat.py --device cpu       # CPU: a tiny grid, torch.utils.benchmark
     python benchmarks/bench_prompt_concat.py --smoke            # seconds: the CI setting (CPU, no compile)
+    python benchmarks/bench_prompt_concat.py --sweep-configs --grid small   # GPU: every autotune config's GB/s
+    python benchmarks/bench_prompt_concat.py ARGS --parse-only  # check ARGS and exit (no device, no files)
 
 The op (Lester et al. 2021): x[b, t] = (P[t] if t < n_p else wte[idx[b, t - n_p]]) + wpe[t], x (B, T, D),
 T = n_p + n, with P (n_p, D) fp32 and trainable (as PromptTuning keeps it), wte (V, D) and wpe (T, D) frozen in
@@ -14,11 +16,11 @@ Providers (every one computes the same x and dP; checked before timing):
     eager            torch.cat([P.to(dtype).expand(B, n_p, D), F.embedding(idx, wte)], 1) + wpe[:T], autograd
     compiled         the same function under torch.compile (skipped with --no-compile)
     reference        minipt.kernels.prompt_concat(..., backend="reference"): the eager chain behind the op's
-                     input validation and custom-op dispatch (CPU only: on a GPU it is eager plus a sync)
-    triton           minipt's kernels through their launchers (forward kernel; batch-sum kernel for dP):
-                     the kernel's own cost (GPU only)
-    triton op        prompt_concat(..., backend="triton"), the public op: adds the id-range check (one
-                     device-to-host copy, a sync) and autograd (GPU only)
+                     input validation and custom-op dispatch (CPU only: on a GPU it is eager plus the checks)
+    triton           minipt's kernels through their launchers (forward kernel; batch-sum kernel for dP), each
+                     with the config the autotuner picks: the kernel's own cost (GPU only)
+    triton op        prompt_concat(..., backend="triton"), the public op: adds the id-range check (a reduction
+                     of the ids and a device-side assert, no host sync) and autograd (GPU only)
     copy             the roof: x.clone() for the forward, g.clone() for the backward with g as large as the
                      gradient rows backward reads (B, n_p, D), both for forward+backward
 
@@ -34,7 +36,8 @@ concatenation: about 4n + 3n_p (+ 3T with wpe) rows of D per example against 2n 
 Timing. GPU: triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]) (warm-up, an L2 flush before every run,
 CUDA events) for every provider. For small work (a mode's bytes model under --cudagraph-below MiB), where launch
 overhead hides the kernel, the providers that a CUDA graph can capture (copy and the Triton launchers in every
-mode, eager and compiled forward; not autograd's backward, not the op, whose id check reads the GPU) are timed
+mode, eager and compiled forward; not autograd's backward, and not the op, which is timed only as a user calls
+it) are timed
 again with triton.testing.do_bench_cudagraph and reported as extra rows, "<provider> (graph)", whose fraction
 of the roof and speedup are taken against "copy (graph)" and "eager (graph)": a ratio never mixes timers.
 Backward alone: the forward runs once and y.backward(dy, retain_graph=True) is timed, with P.grad reset to None
@@ -45,6 +48,13 @@ nothing about the compiled kernel), so there are none on the CPU.
 Columns: GB/s (bytes model / median time), the fraction of the copy's GB/s at the same shape, mode and timer,
 and the speedup over eager (eager's median time / this provider's). The CSV carries the device name, the torch
 and triton versions and the date on every row; a PNG of GB/s per shape is written beside it.
+
+Config sweep (--sweep-configs, GPU): the Triton launchers with every config of the autotuner's lists passed
+explicitly (forward: BLOCK_T rows x BLOCK_D columns per program, num_warps; backward: BLOCK_B x BLOCK_D, num_warps),
+each timed with do_bench at every shape and dtype of the grid (small by default), with the same bytes model and
+the copy as the roof. One row per config; `autotuned` marks the config the autotuner picks for that shape.
+Written to benchmarks/results/prompt_concat_configs-<gpu>.csv. On the CPU (under TRITON_INTERPRET=1) the sweep
+checks every config against the eager chain on one tiny shape instead, and times nothing.
 """
 from __future__ import annotations
 
@@ -55,8 +65,6 @@ import itertools
 import re
 import sys
 from pathlib import Path
-
-from minipt.apps.benchio import device_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 V = 50257  # GPT-2's vocabulary
@@ -80,16 +88,21 @@ SMALL_GRID = [(8, 512, 20, 768), (32, 2048, 20, 768), (32, 2048, 100, 4096)]
 CPU_GRID = [(4, 128, 20, 768), (8, 512, 20, 768)]
 SMOKE_GRID = [(2, 16, 4, 64)]
 GRIDS = {"full": FULL_GRID, "default": DEFAULT_GRID, "small": SMALL_GRID, "cpu": CPU_GRID, "smoke": SMOKE_GRID}
+DTYPES = ("float32", "float16", "bfloat16")
 COLUMNS = ("device_name", "device", "mode", "dtype", "D", "n_p", "n", "B", "provider", "timer", "ms", "ms_q20",
            "ms_q80", "gbps", "bytes", "copy_gbps", "frac_of_copy", "speedup_vs_eager", "torch", "triton", "date")
+
+
+SWEEP_COLUMNS = ("device_name", "device", "mode", "dtype", "D", "n_p", "n", "B", "config", "autotuned", "timer", "ms",
+                 "ms_q20", "ms_q80", "gbps", "bytes", "copy_gbps", "frac_of_copy", "torch", "triton", "date")
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     ap.add_argument("--grid", default=None, choices=sorted(GRIDS),
-                    help="shapes (B, n, n_p, D): default on a GPU, cpu on the CPU")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+                    help="shapes (B, n, n_p, D): default on a GPU, cpu on the CPU (small, smoke for the sweep)")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated subset of {','.join(DTYPES)}")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)}")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
@@ -100,12 +113,27 @@ def parse_args(argv=None):
     ap.add_argument("--min-run-time", type=float, default=0.2, help="CPU: seconds per provider per round")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
     ap.add_argument("--smoke", action="store_true", help="CPU, one tiny shape, fp32, no compile, one short round")
-    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/prompt_concat-<device>.csv)")
+    ap.add_argument("--sweep-configs", action="store_true",
+                    help="time every autotune config of the forward and backward kernels (GPU; a check on the CPU)")
+    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/prompt_concat-<device>.csv, "
+                                                "prompt_concat_configs-<gpu>.csv with --sweep-configs)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--parse-only", action="store_true",
+                    help="check the other arguments, print what would run and exit 0 (no device, no files)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.device, args.grid, args.dtypes, args.no_compile = "cpu", "smoke", "float32", True
         args.rounds, args.min_run_time = 1, 0.02
+    for flag, value, allowed in (("--dtypes", args.dtypes, DTYPES), ("--modes", args.modes, MODES),
+                                 ("--providers", args.providers, PROVIDERS)):
+        unknown = [v.strip() for v in (value or "").split(",") if value is not None and v.strip() not in allowed]
+        if unknown:
+            ap.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    if args.sweep_configs and not {m.strip() for m in args.modes.split(",")} & {"fwd", "bwd"}:
+        ap.error("--sweep-configs times the fwd and bwd kernels: --modes must include fwd or bwd")
+    for flag, value in (("--rounds", args.rounds), ("--min-run-time", args.min_run_time)):
+        if value <= 0:
+            ap.error(f"{flag} must be positive, got {value}")
     return args
 
 
@@ -392,9 +420,18 @@ def plot(path: Path, rows, title):
 def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.parse_only:
+        what = "config sweep" if args.sweep_configs else "benchmark"
+        print(f"parse-only: {what}, device {args.device}, grid {args.grid or '(per device)'}, dtypes {args.dtypes}, "
+              f"modes {args.modes}, out {args.out or '(default)'}")
+        return []
     import torch
 
+    from minipt.apps.benchio import device_name
+
     device = resolve_device(args.device)
+    if args.sweep_configs:
+        return sweep_configs(args, argv, device)
     if args.threads and device == "cpu":
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
@@ -443,6 +480,123 @@ def main(argv=None) -> list[dict]:
         print(f"plot: {png}")
     return rows
 
+
+# ---- the config sweep ---------------------------------------------------------------------------------------
+
+
+def sweep_configs(args, argv, device) -> list[dict]:
+    """Every config of the autotuner's lists, timed on CUDA (one CSV row each); checked only, on the CPU."""
+    import importlib
+
+    import torch
+
+    from minipt.apps.benchio import device_name
+
+    pc = importlib.import_module("minipt.kernels.prompt_concat")
+    if not pc.HAS_TRITON:
+        raise SystemExit("--sweep-configs needs Triton (Linux)")
+    modes = [m for m in ("fwd", "bwd") if m in {m.strip() for m in args.modes.split(",")}]
+    dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",")]
+    if device == "cpu":
+        if not pc.TRITON_INTERPRET:
+            raise SystemExit("--sweep-configs times the compiled kernels: run it with --device cuda on a GPU "
+                             "(on the CPU, TRITON_INTERPRET=1 checks every config under the interpreter instead)")
+        # The interpreter computes bf16 arithmetic wrongly (the + wpe): bf16 is checked on a GPU only.
+        dtypes = [d for d in dtypes if d != torch.bfloat16] or [torch.float32]
+        return check_configs_on_cpu(pc, dtypes, modes, GRIDS[args.grid or "smoke"])
+    grid = GRIDS[args.grid or "small"]
+    name = device_name(device)
+    command = "python benchmarks/bench_prompt_concat.py " + " ".join(argv)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    common = dict(device_name=name, device=device, torch=torch.__version__, triton=triton_version(), date=date)
+    counts = {"fwd": len(pc.FWD_CONFIGS), "bwd": len(pc.BWD_CONFIGS)}
+    print(f"{command}\n{name}, torch {torch.__version__}, triton {triton_version()}: "
+          f"{' + '.join(f'{counts[m]} {m}' for m in modes)} configs x {len(grid)} shapes x {len(dtypes)} dtypes")
+    rows = sweep_rows(pc, grid, dtypes, modes, device, common)
+    out = Path(args.out) if args.out else RESULTS / f"prompt_concat_configs-{slug(name)}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        f.write(f"# bench_prompt_concat.py: {command}\n")
+        f.write("# one row per autotune config and one for the copy roof; bytes model as in prompt_concat-<gpu>.csv; "
+                "autotuned: the config triton.autotune picks for the shape\n")
+        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"written to {out}")
+    return rows
+
+
+def picked_config(pc, mode):
+    """The config a launch with config=None just ran: the autotuner's pick (its fixed one under the interpreter)."""
+    if pc.TRITON_INTERPRET:
+        return pc.FWD_CONFIGS[pc.FWD_INTERPRETER_CONFIG] if mode == "fwd" else pc.BWD_CONFIGS[pc.BWD_INTERPRETER_CONFIG]
+    return (pc._prompt_concat_fwd_tuned if mode == "fwd" else pc._prompt_concat_bwd_tuned).best_config
+
+
+def sweep_rows(pc, grid, dtypes, modes, device, common, timer=None) -> list[dict]:
+    """One row per (shape, dtype, mode, config), plus the copy roof, each checked, then timed with `timer`."""
+    import torch
+
+    timer = timer or time_gpu
+    rows = []
+    for (B, n, n_p, D), dtype in itertools.product(grid, dtypes):
+        case = Case(B, n, n_p, D, dtype, device, None)
+        P, wte, idx, wpe, dy = case.P.detach(), case.wte, case.idx, case.wpe, case.dy
+        ref = {"fwd": eager_chain(P, wte, idx, wpe), "bwd": dy[:, :n_p].float().sum(0, keepdim=True)}  # x, dP
+        runs = {  # mode: (configs, tensor the copy roof clones, launch(config))
+            "fwd": (pc.FWD_CONFIGS, case.x_like, lambda c: pc._forward_triton(P, wte, idx, wpe, None, config=c)),
+            "bwd": (pc.BWD_CONFIGS, case.g_like, lambda c: pc._batch_sum_triton(dy, None, 1, n_p, P.dtype, config=c)),
+        }
+        for mode in modes:
+            configs, roof_like, launch = runs[mode]
+            launch(None)  # the autotuner's pick for this shape (tuned now if the key is new)
+            chosen = pc.config_name(picked_config(pc, mode))
+            timed = [("copy", None, timer(roof_like.clone, None))]
+            for config in configs:
+                out = launch(config)
+                if mode == "fwd":  # the forward is exact; the batch sum agrees to rounding (fp32 sums)
+                    torch.testing.assert_close(out, ref[mode], rtol=0, atol=0)
+                else:
+                    torch.testing.assert_close(out, ref[mode], rtol=1e-4, atol=1e-4 * max(1.0, B ** 0.5))
+                timed.append((pc.config_name(config), config, timer(lambda c=config: launch(c), None)))
+            copy_gbps = case.copy_bytes[mode] / (timed[0][2][0] * 1e-3) / 1e9
+            for label, config, (ms, q20, q80) in timed:
+                moved = case.copy_bytes[mode] if config is None else case.bytes[mode]
+                gbps = moved / (ms * 1e-3) / 1e9
+                rows.append(dict(common, mode=mode, dtype=str(dtype).replace("torch.", ""), D=D, n_p=n_p, n=n, B=B,
+                                 config=label, autotuned="yes" if label == chosen else "", timer="do_bench",
+                                 ms=f"{ms:.5f}", ms_q20=f"{q20:.5f}", ms_q80=f"{q80:.5f}", gbps=f"{gbps:.5g}",
+                                 bytes=moved, copy_gbps=f"{copy_gbps:.5g}", frac_of_copy=f"{gbps / copy_gbps:.3f}"))
+                print(f"  {mode} {rows[-1]['dtype']:8s} B={B} n={n} n_p={n_p} D={D}  {label:36s} {ms:9.4f} ms "
+                      f"{gbps:9.1f} GB/s {gbps / copy_gbps:6.1%} of copy{'  <- autotuned' if label == chosen else ''}")
+        del case, ref, runs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def check_configs_on_cpu(pc, dtypes, modes, grid) -> list[dict]:
+    """Every config under the interpreter on CPU tensors, against the eager chain: a check, no timing."""
+    import torch
+
+    print(f"CPU: every config under the Triton interpreter at (B, n, n_p, D) in {grid}, checked against the eager "
+          "chain; nothing is timed (the interpreter's speed says nothing about the compiled kernel).")
+    for (B, n, n_p, D), dtype in itertools.product(grid, dtypes):
+        case = Case(B, n, n_p, D, dtype, "cpu", None)
+        P, wte, idx, wpe, dy = case.P.detach(), case.wte, case.idx, case.wpe, case.dy
+        if "fwd" in modes:
+            ref = eager_chain(P, wte, idx, wpe)
+            for config in pc.FWD_CONFIGS:
+                x = pc._forward_triton(P, wte, idx, wpe, None, config=config)
+                torch.testing.assert_close(x, ref, rtol=0, atol=0)
+                print(f"  fwd {str(dtype)[6:]:8s} {pc.config_name(config)}: bit-identical")
+        if "bwd" in modes:
+            ref = dy[:, :n_p].float().sum(0, keepdim=True)
+            for config in pc.BWD_CONFIGS:
+                dp = pc._batch_sum_triton(dy, None, 1, n_p, P.dtype, config=config)
+                torch.testing.assert_close(dp, ref, rtol=1e-5, atol=1e-5)
+                print(f"  bwd {str(dtype)[6:]:8s} {pc.config_name(config)}: equal to rounding")
+    return []
 
 if __name__ == "__main__":
     main()

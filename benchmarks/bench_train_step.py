@@ -83,6 +83,8 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="the smallest setting: nano, B=2, n=8, n_p=4, 2 steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/train_step-<device>.csv)")
+    ap.add_argument("--parse-only", action="store_true",
+                    help="check the arguments as a real run would, then exit (no device, no files)")
     ap.add_argument("--worker", default=None, choices=CONFIGS, help=argparse.SUPPRESS)  # peak memory, one row
     args = ap.parse_args(argv)
     if args.smoke:
@@ -341,6 +343,13 @@ def write_csv(path: Path, preset: str, new_rows: list[dict], command: str) -> No
 def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.parse_only:
+        from minipt import GPTConfig
+
+        GPTConfig.preset(args.preset)  # an unknown preset is an error here too
+        print(f"parse-only: preset {args.preset}, device {args.device}, B={args.batch_size}, n={args.seq_len}, "
+              f"n_prompt={args.n_prompt}, {args.steps} steps{', recompute' if args.recompute else ''}")
+        return []
     if args.worker is not None:
         print(json.dumps(measure_memory(args.worker, args)))
         return []

@@ -18,7 +18,8 @@ and its backward only needs the prompt rows of the upstream gradient dx = dL/dx:
 The file follows the usual layout of a Triton op (Triton tutorials, Liger-Kernel's ops):
 
 1. the `@triton.jit` kernels (`_prompt_concat_fwd_kernel`, `_prompt_concat_bwd_kernel`);
-2. launchers that allocate outputs, pick block sizes and launch;
+2. launchers that allocate outputs and launch, with block sizes and warps autotuned on a GPU over
+   a short, commented list of configs (a fixed one under the interpreter);
 3. the plain PyTorch reference (`prompt_concat_reference`), a few lines long;
 4. the autograd formula, registered with the kernels as `torch.library` custom ops
    (`minipt::prompt_concat` and the batch reduction `minipt::prompt_concat_batch_sum` that its
@@ -76,12 +77,16 @@ if HAS_TRITON:
         stride_pt,  # elements between two rows of one prompt
         stride_wte,  # elements between two rows of wte
         stride_wpe,  # elements between two rows of wpe
+        n_rows,  # B * T, the rows of X
         n_p,  # prompt length
         n,  # tokens per example
         D,  # embedding width (any value: the last column block is masked)
+        K,  # prompts in the bank: a prompt index outside [0, K) reads nothing
+        V,  # rows of wte: a token id outside [0, V) reads nothing
         IS_BANK: tl.constexpr,  # P is a bank indexed by PIDX
         HAS_WPE: tl.constexpr,  # add the position row
         ALIGN: tl.constexpr,  # a power of two (<= 16) dividing D and every row stride
+        BLOCK_T: tl.constexpr,  # output rows per program, a power of two
         BLOCK_D: tl.constexpr,  # columns per program, a power of two
     ):
         # Alignment hint: x // ALIGN * ALIGN equals x (ALIGN divides it) but lets the compiler
@@ -95,38 +100,56 @@ if HAS_TRITON:
         stride_wte = stride_wte // ALIGN * ALIGN
         stride_wpe = stride_wpe // ALIGN * ALIGN
 
-        # Grid: (B * T, cdiv(D, BLOCK_D)). Program (r, c) writes columns [c*BLOCK_D, (c+1)*BLOCK_D)
-        # of output row r = b * T + t. Row offsets are int64: B * T * D may exceed 2**31.
-        row = tl.program_id(0).to(tl.int64)
+        # Grid: (cdiv(B * T, BLOCK_T), cdiv(D, BLOCK_D)). Program (i, c) writes columns
+        # [c*BLOCK_D, (c+1)*BLOCK_D) of the BLOCK_T rows r = i*BLOCK_T + [0, BLOCK_T) of x seen as
+        # (B * T, D), with r = b * T + t. Rows may cross from one example into the next, and from
+        # prompt rows into token rows, so every row gets its own b, t and source. Row offsets are
+        # int64: B * T * D may exceed 2**31.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+        row_mask = rows < n_rows  # the last row block may be partial
         T = n_p + n
-        b = row // T
-        t = row % T
+        b = rows // T  # (BLOCK_T,) example of each row
+        t = rows % T  # (BLOCK_T,) position of each row
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-        col_mask = cols < D
+        col_mask = cols < D  # the last column block may be partial
 
-        # Memory traffic, s = bytes per element: each program reads one source row (D * s, from
-        # P or wte), with wpe one position row (D * s), and writes one output row (D * s), plus
-        # one id (4 or 8 bytes). Prompt and position rows are shared by the whole batch, so after
-        # the first example they come from L2. DRAM traffic per example: n wte rows read + T rows
-        # written = (2n + n_p) * D * s bytes, against about 4n + 3n_p rows (+ 3T with wpe) for
-        # eager embedding -> expand -> cat -> add, which writes and re-reads every intermediate.
-        # The branch is uniform over the program (t is one scalar), so it costs no divergence.
-        if t < n_p:
-            k = 0
-            if IS_BANK:
-                k = tl.load(PIDX + b).to(tl.int64)  # b < B by construction of the grid
-            # x[b, t] = P[k_b, t], cast to the table dtype like the reference's P.to(wte.dtype)
-            src = P + k * stride_pk + t * stride_pt + cols
-            vals = tl.load(src, mask=col_mask, other=0.0).to(X.dtype.element_ty)
-        else:
-            # x[b, t] = wte[idx[b, t - n_p]]; the launcher checked 0 <= idx < V, so the gather
-            # never leaves the table. The id is widened to int64 before the multiply.
-            tok = tl.load(IDX + b * n + (t - n_p)).to(tl.int64)  # in range by construction
-            vals = tl.load(WTE + tok * stride_wte + cols, mask=col_mask, other=0.0)
+        # Memory traffic, s = bytes per element: each row reads one source row (D * s, from P or
+        # wte), with wpe one position row (D * s), writes one output row (D * s), and reads one
+        # id (4 or 8 bytes). A program moves BLOCK_T such rows (BLOCK_D columns of them); prompt
+        # and position rows are shared by the whole batch, so after the first example they come
+        # from L2. DRAM traffic per example: n wte rows read + T rows written = (2n + n_p) * D * s
+        # bytes, against about 4n + 3n_p rows (+ 3T with wpe) for eager embedding -> expand ->
+        # cat -> add, which writes and re-reads every intermediate.
+        #
+        # Each row is a prompt row or a token row. Both loads are issued, each masked to the rows
+        # it serves, and tl.where picks per row: masked lanes move no memory, so the traffic is
+        # that of one load per row. (One select of pointers cannot do it: P and wte may differ in
+        # dtype, an fp32 prompt beside a bf16 table.)
+        is_prompt = t < n_p  # (BLOCK_T,)
+        take_p = row_mask & is_prompt
+        k = tl.zeros([BLOCK_T], dtype=tl.int64)
+        if IS_BANK:
+            k = tl.load(PIDX + b, mask=take_p, other=0).to(tl.int64)  # (BLOCK_T,) k_b per row
+            take_p = take_p & (k >= 0) & (k < K)  # a bad index reads nothing (the op checks ids)
+        # x[b, t] = P[k_b, t], cast to the table dtype like the reference's P.to(wte.dtype)
+        p_rows = P + k * stride_pk + t * stride_pt  # (BLOCK_T,) row pointers
+        p_mask = take_p[:, None] & col_mask[None, :]  # (BLOCK_T, BLOCK_D)
+        p_vals = tl.load(p_rows[:, None] + cols[None, :], mask=p_mask, other=0.0)
+
+        take_w = row_mask & (t >= n_p)
+        # x[b, t] = wte[idx[b, t - n_p]]; the id is widened to int64 before the multiply
+        tok = tl.load(IDX + b * n + (t - n_p), mask=take_w, other=0).to(tl.int64)  # (BLOCK_T,)
+        take_w = take_w & (tok >= 0) & (tok < V)  # an id outside the table reads nothing
+        w_rows = WTE + tok * stride_wte  # (BLOCK_T,) row pointers
+        w_mask = take_w[:, None] & col_mask[None, :]  # (BLOCK_T, BLOCK_D)
+        w_vals = tl.load(w_rows[:, None] + cols[None, :], mask=w_mask, other=0.0)
+
+        vals = tl.where(is_prompt[:, None], p_vals.to(X.dtype.element_ty), w_vals)
+        mask = row_mask[:, None] & col_mask[None, :]  # (BLOCK_T, BLOCK_D)
         if HAS_WPE:
             # x[b, t] += wpe[t], added in the table dtype (as the reference's x + wpe[:T])
-            vals += tl.load(WPE + t * stride_wpe + cols, mask=col_mask, other=0.0)
-        tl.store(X + row * D + cols, vals, mask=col_mask)
+            vals += tl.load((WPE + t * stride_wpe)[:, None] + cols[None, :], mask=mask, other=0.0)
+        tl.store((X + rows * D)[:, None] + cols[None, :], vals, mask=mask)
 
     @triton.jit
     def _prompt_concat_bwd_kernel(
@@ -156,7 +179,10 @@ if HAS_TRITON:
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         col_mask = cols < D
 
-        acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+        # The accumulator has the tile's shape: each step adds its (BLOCK_B, BLOCK_D) tile
+        # element-wise, in the registers of the threads that loaded it, so the loop needs no
+        # communication between threads; the BLOCK_B partial sums are reduced once, at the end.
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=ACC_DTYPE)
         for b0 in range(0, B, BLOCK_B):
             bs = b0 + tl.arange(0, BLOCK_B)  # (BLOCK_B,) examples of this step
             take = bs < B
@@ -164,17 +190,101 @@ if HAS_TRITON:
                 take = take & (tl.load(PIDX + bs, mask=take, other=-1) == k)
             offs = (bs.to(tl.int64) * T + t)[:, None] * D + cols[None, :]  # (BLOCK_B, BLOCK_D)
             tile = tl.load(DX + offs, mask=take[:, None] & col_mask[None, :], other=0.0)
-            # dP[k, t] += sum_b dX[b, t] over this step's examples, accumulated in fp32
-            acc += tl.sum(tile.to(ACC_DTYPE), axis=0)
-        tl.store(OUT + row * D + cols, acc.to(OUT.dtype.element_ty), mask=col_mask)
+            acc += tile.to(ACC_DTYPE)  # accumulated in fp32 (fp64 for fp64)
+        # dP[k, t] = sum_b dX[b, t] over the examples of prompt k
+        tl.store(OUT + row * D + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Launchers (inputs are already validated by `_check_inputs` and `_check_values`)
+# 2. Launchers (inputs validated by `_check_inputs`; id values by `_check_values` unless the caller
+#    passed check_ids=False, and masked in the kernels either way)
 # ---------------------------------------------------------------------------------------------
+# Block sizes and warps are tuned, not guessed: on a GPU `triton.autotune` times every config below
+# the first time it meets a new key and keeps the fastest. The configs are few, and each is there
+# for a reason. Bytes are per program, at GPT-2's D = 768 (a bf16 row is 1.5 KB, fp32 3 KB).
+#
+# Forward: a program writes BLOCK_T rows of BLOCK_D columns and reads as many, so it moves about
+# 2 * BLOCK_T * min(BLOCK_D, D) * s bytes. Every config but the first holds 32 elements of the
+# block per thread (BLOCK_T * BLOCK_D / (32 * num_warps)): enough loads in flight per thread to
+# hide DRAM latency, few enough registers to keep several programs on each SM.
+#                                                      writes per program, D = 768: bf16 / fp32
+FWD_CONFIG_SPECS = (
+    (1, 1024, 4),  # 1.5 KB / 3 KB: the one-row kernel; the most programs, for small B * T
+    (4, 1024, 4),  # 6 KB / 12 KB: four rows, one column block per row up to D = 1024
+    (8, 1024, 8),  # 12 KB / 24 KB: large batches: fewer, longer programs, twice the warps
+    (16, 256, 4),  # 8 KB / 16 KB: 256 columns divide D = 768, 1024 and 4096 exactly (1024
+    #                columns leave a quarter of the lanes idle at D = 768)
+    (32, 256, 8),  # 16 KB / 32 KB: the most bytes per program, again without idle lanes at 768
+)
+# Backward: a program reduces one (row, column block) over the batch, a (BLOCK_B, BLOCK_D) tile
+# per step, and reads B * min(BLOCK_D, D) * s bytes in all. Its parallelism is K * R * cdiv(D,
+# BLOCK_D) programs: for one prompt of n_p = 20 rows at D = 768 that is 60 programs with 256
+# columns, fewer than the SMs of a large GPU, so narrower blocks are in the list too.
+#                                                      tile per step: bf16 / fp32
+BWD_CONFIG_SPECS = (
+    (16, 256, 4),  # 8 KB / 16 KB: the middle of the road (60 programs for n_p = 20, D = 768)
+    (32, 64, 2),  # 4 KB / 8 KB: four times the programs, for short prompts on many SMs
+    (8, 512, 4),  # 8 KB / 16 KB: wide column blocks for small batches (B <= 8)
+    (32, 256, 8),  # 16 KB / 32 KB: large batches: the most bytes in flight per program
+)
+# Under the interpreter (no GPU) nothing can be timed: the launchers use one fixed config, the
+# one that needs the fewest program instances on the test shapes (the interpreter costs about a
+# millisecond per instance). The tests still run every config, passed explicitly.
+FWD_INTERPRETER_CONFIG = 4  # index into the configs: (32, 256, 8)
+BWD_INTERPRETER_CONFIG = 2  # (8, 512, 4)
+
+if HAS_TRITON:
+    FWD_CONFIGS = tuple(
+        triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in FWD_CONFIG_SPECS
+    )
+    BWD_CONFIGS = tuple(
+        triton.Config({"BLOCK_B": b, "BLOCK_D": d}, num_warps=w) for b, d, w in BWD_CONFIG_SPECS
+    )
+
+    def _autotune_bench(fn, quantiles):
+        """Triton's do_bench with a shorter warm-up and fewer repetitions than its defaults (25 and
+        100 ms): the kernels take microseconds, so 25 ms still times each config hundreds of times,
+        and a new key costs about 30 ms per config instead of 125."""
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+    # The key: a new sequence length n, width D or dtype (Triton adds the dtype of every tensor
+    # argument to the key itself) is tuned again, once; the batch size is not in the key, so the
+    # choice made for one B serves every B. The grid depends on the config (BLOCK_T, BLOCK_D),
+    # which is why the launchers pass it as a function of the config's meta-parameters.
+    _prompt_concat_fwd_tuned = triton.autotune(configs=list(FWD_CONFIGS), key=["n", "D"],
+                                               do_bench=_autotune_bench)(_prompt_concat_fwd_kernel)
+    _prompt_concat_bwd_tuned = triton.autotune(configs=list(BWD_CONFIGS), key=["B", "R", "D"],
+                                               do_bench=_autotune_bench)(_prompt_concat_bwd_kernel)
+else:  # pragma: no cover - exercised on machines without Triton
+    FWD_CONFIGS = BWD_CONFIGS = ()
+
+
+def config_name(config):
+    """'BLOCK_T=4 BLOCK_D=1024 num_warps=4': a config in a table or a test id."""
+    sizes = [f"{k}={v}" for k, v in config.kwargs.items()]
+    return " ".join([*sizes, f"num_warps={config.num_warps}"])
+
+
 def _on_device(device):
     """Launch on the tensors' GPU (Triton uses the current CUDA device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(kernel, tuned, grid, config, interpreter_config, *args, **meta):
+    """kernel[grid](*args, **meta) with `config`'s block sizes and warps.
+
+    config None: on a GPU the autotuned kernel picks the config (benchmarking all of them the
+    first time it sees a key); under the interpreter the fixed `interpreter_config` runs, as no
+    timing is possible there. An explicit config (tests, the config sweep) always runs as given.
+    """
+    if config is None and TRITON_INTERPRET:
+        config = interpreter_config
+    if config is None:
+        tuned[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta, **config.all_kwargs())
 
 
 def _unit_column_stride(t):
@@ -195,7 +305,8 @@ def _acc_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _forward_triton(prompt, wte, idx, wpe, prompt_index):
+def _forward_triton(prompt, wte, idx, wpe, prompt_index, config=None):
+    """x (B, T, D) by the forward kernel; config: a triton.Config from FWD_CONFIGS, None to tune."""
     B, n = idx.shape
     bank = prompt.dim() == 3
     P = _unit_column_stride(prompt if bank else prompt.unsqueeze(0))  # (K, n_p, D)
@@ -205,23 +316,24 @@ def _forward_triton(prompt, wte, idx, wpe, prompt_index):
         P = P.float()
     wte = _unit_column_stride(wte)  # (V, D), a non-contiguous row stride is fine
     idx = idx.contiguous()  # (B, n), small
-    _, n_p, D = P.shape
+    K, n_p, D = P.shape
     T = n_p + n
     x = torch.empty(B, T, D, dtype=wte.dtype, device=wte.device)  # (B, T, D)
     if wpe is not None:
         wpe = _unit_column_stride(wpe)
     pidx = prompt_index.contiguous() if bank else idx  # placeholder pointer when unused
-
-    # Block size and warps: one program copies BLOCK_D columns of one row. A thread moves 16
-    # bytes per vector load, so one warp covers 32 * 16 = 512 bytes of a row; take as many warps
-    # as the block needs, 1 to 8. 1024 columns cover GPT-2 small (D = 768) in one block per row;
-    # wider rows get several column blocks, which keeps programs short and the grid large.
-    BLOCK_D = min(triton.next_power_of_2(D), 1024)
-    num_warps = min(max(BLOCK_D * x.element_size() // 512, 1), 8)
     strides = (P.stride(0), P.stride(1), wte.stride(0), wpe.stride(0) if wpe is not None else 0)
-    grid = (B * T, triton.cdiv(D, BLOCK_D))
+
+    def grid(meta):  # the grid follows the config's block sizes
+        return (triton.cdiv(B * T, meta["BLOCK_T"]), triton.cdiv(D, meta["BLOCK_D"]))
+
     with _on_device(x.device):
-        _prompt_concat_fwd_kernel[grid](
+        _launch(
+            _prompt_concat_fwd_kernel,
+            _prompt_concat_fwd_tuned,
+            grid,
+            config,
+            FWD_CONFIGS[FWD_INTERPRETER_CONFIG],
             x,
             P,
             pidx,
@@ -229,36 +341,40 @@ def _forward_triton(prompt, wte, idx, wpe, prompt_index):
             idx,
             wpe if wpe is not None else x,  # placeholder pointer when unused
             *strides,  # stride_pk, stride_pt, stride_wte, stride_wpe
+            B * T,
             n_p,
             n,
             D,
+            K,
+            wte.shape[0],
             IS_BANK=bank,
             HAS_WPE=wpe is not None,
             ALIGN=_alignment(D, *strides),
-            BLOCK_D=BLOCK_D,
-            num_warps=num_warps,
         )
     return x
 
 
-def _batch_sum_triton(dx, prompt_index, K, R, out_dtype):
-    """out[k, t] = sum over b with k_b = k of dx[b, t], t < R (all b when prompt_index is None)."""
+def _batch_sum_triton(dx, prompt_index, K, R, out_dtype, config=None):
+    """out[k, t] = sum over b with k_b = k of dx[b, t], t < R (all b when prompt_index is None).
+
+    config: a triton.Config from BWD_CONFIGS, None to tune.
+    """
     dx = dx.contiguous()  # (B, T, D)
     B, T, D = dx.shape
     out = torch.empty(K, R, D, dtype=out_dtype, device=dx.device)  # (K, R, D)
     bank = prompt_index is not None
     acc = tl.float64 if _acc_dtype(dx.dtype, out_dtype) == torch.float64 else tl.float32
 
-    # Block size and warps: the batch is reduced inside one program, so parallelism comes from
-    # the K * R * cdiv(D, BLOCK_D) programs; 256 columns keep that grid large (n_p = 20, D = 768:
-    # 60 programs per prompt). Each loop step loads a (BLOCK_B, BLOCK_D) tile, up to 16 examples
-    # at once, so many loads are in flight; 4 warps for a full tile, fewer for small ones.
-    BLOCK_D = min(triton.next_power_of_2(D), 256)
-    BLOCK_B = min(triton.next_power_of_2(B), 16)
-    num_warps = min(max(BLOCK_B * BLOCK_D // 1024, 1), 4)
-    grid = (K * R, triton.cdiv(D, BLOCK_D))
+    def grid(meta):  # BLOCK_B sets the loop step, BLOCK_D the grid
+        return (K * R, triton.cdiv(D, meta["BLOCK_D"]))
+
     with _on_device(dx.device):
-        _prompt_concat_bwd_kernel[grid](
+        _launch(
+            _prompt_concat_bwd_kernel,
+            _prompt_concat_bwd_tuned,
+            grid,
+            config,
+            BWD_CONFIGS[BWD_INTERPRETER_CONFIG],
             out,
             dx,
             prompt_index.contiguous() if bank else dx,  # placeholder pointer when unused
@@ -269,9 +385,6 @@ def _batch_sum_triton(dx, prompt_index, K, R, out_dtype):
             IS_BANK=bank,
             ACC_DTYPE=acc,
             ALIGN=_alignment(D),
-            BLOCK_B=BLOCK_B,
-            BLOCK_D=BLOCK_D,
-            num_warps=num_warps,
         )
     return out
 
@@ -356,7 +469,7 @@ def _(dx, prompt_index, K, R, out_dtype, use_triton):
 
 
 def _setup_context(ctx, inputs, output):
-    prompt, wte, idx, wpe, prompt_index, use_triton, check_ids = inputs
+    prompt, wte, idx, wpe, prompt_index, use_triton, _ = inputs
     ctx.save_for_backward(idx, prompt_index)  # ids only: no (V, D) or (B, T, D) tensor is kept
     ctx.prompt_shape = prompt.shape
     ctx.prompt_dtype = prompt.dtype
@@ -480,27 +593,53 @@ def _check_inputs(prompt, wte, idx, wpe, prompt_index):
             )
 
 
-def _check_values(prompt, wte, idx, prompt_index):
-    """Id ranges, checked on the data before any launch: the kernel never reads out of bounds.
-
-    One device-to-host copy per tensor (a GPU sync); inside the custom op, so torch.compile
-    does not have to trace data-dependent Python.
-    """
-    V = wte.shape[0]
+def _id_ranges(prompt, wte, idx, prompt_index):
+    """(name, ids, limit, what the ids are, what they index) per id tensor: 0 <= ids < limit."""
+    ranges = []
     if idx.numel() > 0:
-        lo, hi = torch.stack(torch.aminmax(idx)).tolist()
-        if lo < 0 or hi >= V:
-            raise ValueError(
-                f"idx holds token ids in [{lo}, {hi}] but wte has V={V} rows: ids must be in [0, {V})"
-            )
+        ranges.append(("idx", idx, wte.shape[0], "token ids", f"wte has V={wte.shape[0]} rows"))
     if prompt_index is not None:
         K = prompt.shape[0]
-        lo, hi = torch.stack(torch.aminmax(prompt_index)).tolist()
-        if lo < 0 or hi >= K:
+        ranges.append(("prompt_index", prompt_index, K, "values", f"the bank has K={K} prompts"))
+    return ranges
+
+
+def _check_values(prompt, wte, idx, prompt_index):
+    """Id ranges, checked on the data before any launch: no kernel reads out of bounds.
+
+    On the CPU a clear ValueError (the ids are host memory: reading their range costs no sync).
+    On a GPU reading the range back to the host would stall the CPU until the GPU caught up, on
+    every call; instead a device-side assert is queued on the stream ahead of the op's kernels:
+    one reduction of the ids (B * n of them, a few bytes each) and torch._assert_async, whose
+    failure prints a message naming the argument and stops the stream before the kernels run.
+    (The kernels themselves also mask every id outside its table, so they never read out of
+    bounds, even with check_ids=False.) Called inside the custom op, so torch.compile does not
+    have to trace data-dependent Python.
+    """
+    for name, ids, limit, what, table in _id_ranges(prompt, wte, idx, prompt_index):
+        if ids.device.type == "cuda":
+            _check_ids_on_device(name, ids, limit, what)
+            continue
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+        if lo < 0 or hi >= limit:
             raise ValueError(
-                f"prompt_index holds values in [{lo}, {hi}] but the bank has K={K} prompts: "
-                f"indices must be in [0, {K})"
+                f"{name} holds {what} in [{lo}, {hi}] but {table}: "
+                f"{'ids' if name == 'idx' else 'indices'} must be in [0, {limit})"
             )
+
+
+def _check_ids_on_device(name, ids, limit, what):
+    """0 <= ids < limit as a device-side assert: queued on the stream, no host sync.
+
+    On CUDA a failure prints `prompt_concat: <name> holds <what> outside [0, <limit>)` from the
+    device and turns the next synchronising call into `RuntimeError: CUDA error: device-side
+    assert triggered`; the CUDA context is unusable after that (as after any device-side
+    assert), so the process must restart. On CPU tensors torch._assert_async raises at once, a
+    RuntimeError with the same message (the tests use that to check the condition and message).
+    """
+    lo, hi = torch.aminmax(ids)  # two 0-dim tensors on the ids' device
+    message = f"prompt_concat: {name} holds {what} outside [0, {limit})"
+    torch._assert_async((lo >= 0) & (hi < limit), message)
 
 
 def _resolve_backend(backend, device):
@@ -541,8 +680,20 @@ def prompt_concat(prompt, wte, idx, wpe=None, prompt_index=None, backend="auto",
         backend: "auto" runs the Triton kernels on CUDA tensors (and on CPU tensors under
             TRITON_INTERPRET=1) and the PyTorch reference elsewhere; "triton" insists on the
             kernels (RuntimeError where they cannot run); "reference" is plain PyTorch.
-        check_ids: check 0 <= idx < V and 0 <= prompt_index < K before any launch (one host read);
-            False when the caller has checked them already (PromptTuning does, once per batch).
+        check_ids: check that 0 <= idx < V and 0 <= prompt_index < K (the default). False
+            when the caller has validated the ids already (PromptTuning does, once, at its own
+            boundary): the op then reads no id values at all. Either way the kernels never read
+            outside the tables: a bad id's row comes out as zeros (+ wpe) on the Triton path,
+            and the reference fails in torch's own indexing.
+
+    What a bad id looks like, by device (shapes, dtypes and devices are checked on the host
+    everywhere, before anything runs, with a TypeError or ValueError naming the argument):
+        CPU   ValueError before any launch, e.g. "idx holds token ids in [0, 10] but wte has
+              V=10 rows: ids must be in [0, 10)".
+        CUDA  no host sync (the check is a device-side assert queued ahead of the kernels):
+              the device prints "prompt_concat: idx holds token ids outside [0, 10)" and the
+              next synchronising call raises "RuntimeError: CUDA error: device-side assert
+              triggered"; as after any device-side assert, the process must be restarted.
 
     Gradients flow to prompt, and to wte and wpe only when they require grad: a frozen table
     gets None and no (V, D) gradient is ever allocated. Both backends share the validation, so

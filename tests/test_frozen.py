@@ -257,3 +257,26 @@ def test_train_loop_runs_on_the_frozen_path():
     result = train(pt, lambda step: batch, TrainConfig(steps=5, batch_size=4, lr=0.1, warmup_steps=1, progress=False))
     assert len(result.losses) == 5 and result.losses[-1] < result.losses[0]
     assert [name for name, _ in trainable_parameters(pt)] == ["prompt"]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_recomputing_the_frozen_blocks_gives_the_same_gradient_and_keeps_only_block_inputs(dtype, tol):
+    model = make_model(dtype=dtype)
+    idx, targets = random_ids(3, 12), random_ids(3, 12, seed=1)
+    plain = PromptTuning(model, n_prompt=4, init="uniform", backend="reference").train()
+    again = PromptTuning.from_tensor(model, plain.prompt.detach(), backend="reference", recompute=True).train()
+    grads = []
+    for pt in (plain, again):
+        loss = pt.loss(idx, targets)
+        loss.backward()
+        grads.append((loss.detach(), pt.prompt.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=tol, atol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=tol, atol=tol * grads[0][1].abs().max().item())
+    kept = {name: saved_tensor_report(lambda pt=pt: pt.loss(idx, targets)).activation_bytes
+            for name, pt in (("plain", plain), ("recompute", again))}
+    row = 3 * (4 + 12) * CFG["n_embd"] * dtype.itemsize  # one (B, T, D) activation
+    dh = 3 * 12 * CFG["n_embd"] * dtype.itemsize  # the fused head's dL/dh, (B * n, D)
+    assert kept["recompute"] < 0.5 * kept["plain"]
+    # each block's input, ln_f's input (outside the blocks) and dh; LayerNorm statistics and ids are small
+    assert kept["recompute"] <= (CFG["n_layer"] + 1) * row + dh + 2048  # + ids and LayerNorm statistics
+    assert all(p.grad is None for p in model.parameters())  # still frozen

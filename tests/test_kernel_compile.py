@@ -12,6 +12,7 @@ Under TRITON_INTERPRET=1 (every run without a GPU) Triton's own `@jit` helpers s
 are interpreter objects that the compiler cannot call, so the compilation runs in a child
 process without that variable: this file doubles as the child's script.
 """
+import importlib
 import json
 import os
 import re
@@ -24,9 +25,16 @@ triton = pytest.importorskip("triton")
 
 TARGETS = {"sm80": ("cuda", 80, 32), "sm90": ("cuda", 90, 32)}
 TABLE_DTYPES = ["fp32", "fp16", "bf16"]
+# The autotuner's configs as (BLOCK_T or BLOCK_B, BLOCK_D, num_warps): plain tuples, read from the
+# module here and sent to the child process as JSON.
+_pc = importlib.import_module("minipt.kernels.prompt_concat")
+FWD_CONFIGS = [tuple(c) for c in _pc.FWD_CONFIG_SPECS]
+BWD_CONFIGS = [tuple(c) for c in _pc.BWD_CONFIG_SPECS]
 
 
-def forward_case(table, prompt="fp32", ids="i64", bank=True, wpe=True, align=16, block_d=1024, ones=()):
+def forward_case(table, prompt="fp32", ids="i64", bank=True, wpe=True, align=16, config=(1, 1024, 4), ones=()):
+    """One compilation of the forward kernel; config = (BLOCK_T, BLOCK_D, num_warps)."""
+    block_t, block_d, num_warps = config
     signature = {
         "X": f"*{table}",
         "P": f"*{prompt}",
@@ -38,26 +46,31 @@ def forward_case(table, prompt="fp32", ids="i64", bank=True, wpe=True, align=16,
         "stride_pt": "i32",
         "stride_wte": "i32",
         "stride_wpe": "i32",
+        "n_rows": "i32",
         "n_p": "i32",
         "n": "i32",
         "D": "i32",
+        "K": "i32",
+        "V": "i32",
     }
-    constexprs = {"IS_BANK": bank, "HAS_WPE": wpe, "ALIGN": align, "BLOCK_D": block_d}
+    constexprs = {"IS_BANK": bank, "HAS_WPE": wpe, "ALIGN": align, "BLOCK_T": block_t, "BLOCK_D": block_d}
     constexprs.update({name: 1 for name in ones})  # the JIT turns integer arguments equal to 1 into constants
-    return {"kernel": "_prompt_concat_fwd_kernel", "signature": signature, "constexprs": constexprs}
+    return {"kernel": "_prompt_concat_fwd_kernel", "signature": signature, "constexprs": constexprs,
+            "num_warps": num_warps}
 
 
-def backward_case(grad, out="fp32", ids="i64", bank=True, align=16, block_b=16, block_d=256, ones=()):
+def backward_case(grad, out="fp32", ids="i64", bank=True, align=16, config=(16, 256, 4), ones=()):
+    """One compilation of the backward kernel; config = (BLOCK_B, BLOCK_D, num_warps)."""
+    block_b, block_d, num_warps = config
     signature = {"OUT": f"*{out}", "DX": f"*{grad}", "PIDX": f"*{ids}", "B": "i32", "T": "i32", "R": "i32", "D": "i32"}
     constexprs = {"IS_BANK": bank, "ACC_DTYPE": "fp32", "ALIGN": align, "BLOCK_B": block_b, "BLOCK_D": block_d}
     constexprs.update({name: 1 for name in ones})
-    return {"kernel": "_prompt_concat_bwd_kernel", "signature": signature, "constexprs": constexprs}
+    return {"kernel": "_prompt_concat_bwd_kernel", "signature": signature, "constexprs": constexprs,
+            "num_warps": num_warps}
 
 
-def compile_case(case, target, num_warps=4):
+def compile_case(case, target):
     """Compile one case for `target` (a GPUTarget tuple); return its PTX global memory ops."""
-    import importlib
-
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -72,7 +85,7 @@ def compile_case(case, target, num_warps=4):
     signature = {name: signature[name] for name in names}  # in the kernel's argument order
     aligned = {(names.index(a),): [["tt.divisibility", 16]] for a, ty in signature.items() if ty.startswith("*")}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(src, target=GPUTarget(*target), options={"num_warps": num_warps})
+    compiled = triton.compile(src, target=GPUTarget(*target), options={"num_warps": case["num_warps"]})
     ptx = compiled.asm["ptx"]
     return {
         "entry": case["kernel"] in ptx,
@@ -99,45 +112,71 @@ def compile_cases(cases, target):
 def test_every_kernel_compiles(target):
     """Both kernels, fp32/fp16/bf16 tables, every constexpr branch, both id dtypes.
 
-    The last two cases are D = n_p = n = B = 1: the JIT makes every integer argument that
-    equals 1 a compile-time constant, and the kernels must still compile then.
+    The last two cases are D = n_p = n = B = 1 with one-element blocks: the JIT makes every
+    integer argument that equals 1 a compile-time constant, and the kernels must still compile.
     """
     cases = []
     for table in TABLE_DTYPES:
         cases.append(forward_case(table, prompt="fp32", ids="i64", bank=True, wpe=True))
         cases.append(forward_case(table, prompt=table, ids="i32", bank=False, wpe=False, align=1))
         cases.append(backward_case(table, out="fp32", ids="i64", bank=True))
-        cases.append(backward_case(table, out=table, ids="i32", bank=False, align=1, block_b=1))
-    fwd_ones = ("stride_pk", "stride_pt", "stride_wte", "stride_wpe", "n_p", "n", "D")
-    cases.append(forward_case("fp16", align=1, block_d=1, ones=fwd_ones))
-    cases.append(backward_case("fp16", align=1, block_b=1, block_d=1, ones=("B", "R", "D")))
+        cases.append(backward_case(table, out=table, ids="i32", bank=False, align=1, config=(1, 256, 4)))
+    fwd_ones = ("stride_pk", "stride_pt", "stride_wte", "stride_wpe", "n_rows", "n_p", "n", "D", "K", "V")
+    cases.append(forward_case("fp16", align=1, config=(1, 1, 4), ones=fwd_ones))
+    cases.append(backward_case("fp16", align=1, config=(1, 1, 4), ones=("B", "R", "D")))
     for case, result in zip(cases, compile_cases(cases, target)):
         assert result["entry"] and result["cubin_bytes"] > 0, case
         assert result["loads"] and result["stores"], case
 
 
 @pytest.mark.parametrize("target", TARGETS.values(), ids=TARGETS.keys())
-def test_16bit_rows_use_vector_loads(target):
-    """fp16/bf16 rows with D % 8 == 0 move 16 bytes per thread: ld.global.v4.b32 (8 halves).
+def test_every_autotune_config_compiles(target):
+    """Every config the autotuner may pick, twice: an fp32 table with every branch on (a bank,
+    wpe, int64 ids, ALIGN = 16) and a bf16 table with every branch off (one prompt, no wpe,
+    int32 ids, ALIGN = 1). The vector-load test below adds bf16 with every branch on.
 
-    The forward's row loads and stores are all 128-bit (the only scalar load left is the 64-bit
-    token or prompt id); the backward's tile loads of dx are too. Without the ALIGN hint
-    (ALIGN = 1: D odd) the same rows fall back to one 16-bit load per element.
+    On a GPU the autotuner compiles every config the first time it meets a key: a config that
+    failed to compile for sm_80 or sm_90 would fail there, at the user's first call. (A config
+    changes the block shapes and warps, not the branches, so fp16, which compiles like bf16,
+    is left to the test above with the default configs.)
     """
     cases = []
-    for table in ("fp16", "bf16"):
-        cases.append(forward_case(table, prompt=table, align=8))  # D = 8 * odd, e.g. 24 or 1000
-        cases.append(forward_case(table, prompt=table, align=16))  # D = 768
-        cases.append(backward_case(table, align=8))
-        cases.append(forward_case(table, prompt=table, align=1))  # D = 127: the control
-    results = compile_cases(cases, target)
-    for i, table in enumerate(("fp16", "bf16")):
-        fwd8, fwd16, bwd8, fwd1 = results[4 * i : 4 * i + 4]
-        for result in (fwd8, fwd16):
-            assert result["loads"] == ["ld.global.b64", "ld.global.v4.b32"], (table, result)
-            assert result["stores"] == ["st.global.v4.b32"], (table, result)
-        assert "ld.global.v4.b32" in bwd8["loads"] and "ld.global.b16" not in bwd8["loads"], (table, bwd8)
-        assert "ld.global.b16" in fwd1["loads"] and fwd1["stores"] == ["st.global.b16"], (table, fwd1)
+    for config in FWD_CONFIGS:
+        cases.append(forward_case("fp32", prompt="fp32", ids="i64", bank=True, wpe=True, config=config))
+        cases.append(forward_case("bf16", prompt="bf16", ids="i32", bank=False, wpe=False, align=1, config=config))
+    for config in BWD_CONFIGS:
+        cases.append(backward_case("fp32", out="fp32", ids="i64", bank=True, config=config))
+        cases.append(backward_case("bf16", out="bf16", ids="i32", bank=False, align=1, config=config))
+    for case, result in zip(cases, compile_cases(cases, target), strict=True):
+        assert result["entry"] and result["cubin_bytes"] > 0, case
+        assert result["loads"] and result["stores"], case
+
+
+@pytest.mark.parametrize("target", TARGETS.values(), ids=TARGETS.keys())
+def test_16bit_rows_use_vector_loads(target):
+    """16-bit rows with D % 8 == 0 move 16 bytes per thread: ld.global.v4.b32 (8 halves).
+
+    In every forward config (bf16; fp16 with the default config) the row loads and stores are
+    all 128-bit: the only scalar loads left are the 64-bit token and prompt ids, one per row. In
+    every backward config the tile loads of dx are 128-bit too. Without the ALIGN hint (ALIGN =
+    1: D odd) the same rows fall back to one 16-bit load per element: the control.
+    """
+    fwd = [("bf16", c, 8) for c in FWD_CONFIGS] + [("bf16", FWD_CONFIGS[0], 16), ("fp16", FWD_CONFIGS[0], 8)]
+    bwd = [("bf16", c) for c in BWD_CONFIGS] + [("fp16", BWD_CONFIGS[0])]
+    cases = [forward_case(table, prompt=table, align=align, config=c) for table, c, align in fwd]  # D = 8 * odd, 768
+    cases += [backward_case(table, align=8, config=c) for table, c in bwd]
+    cases += [forward_case(table, prompt=table, align=1) for table in ("bf16", "fp16")]  # D = 127: the control
+    results = iter(compile_cases(cases, target))
+    for case in fwd:
+        result = next(results)
+        assert result["loads"] == ["ld.global.b64", "ld.global.v4.b32"], (case, result)
+        assert result["stores"] == ["st.global.v4.b32"], (case, result)
+    for case in bwd:
+        result = next(results)
+        assert "ld.global.v4.b32" in result["loads"] and "ld.global.b16" not in result["loads"], (case, result)
+    for table in ("bf16", "fp16"):
+        control = next(results)
+        assert "ld.global.b16" in control["loads"] and control["stores"] == ["st.global.b16"], (table, control)
 
 
 if __name__ == "__main__":  # the child process of compile_cases: JSON in on stdin, JSON out

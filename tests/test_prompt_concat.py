@@ -8,6 +8,8 @@ incorrectly, so bf16 is checked on the copy path here and fully in the `gpu` tes
 """
 import importlib
 import itertools
+import subprocess
+import sys
 from typing import NamedTuple
 
 import pytest
@@ -291,6 +293,166 @@ def test_gradcheck_fp64_single_prompt(seed):
 
 
 # ---------------------------------------------------------------------------------------------
+# Every autotune config, passed explicitly (under the interpreter nothing can be timed, so the
+# launchers run one fixed config unless given one; on a GPU the autotuner picks among these)
+# ---------------------------------------------------------------------------------------------
+FWD_CONFIGS = list(pc.FWD_CONFIGS)
+BWD_CONFIGS = list(pc.BWD_CONFIGS)
+
+
+def config_id(config):
+    return pc.config_name(config).replace(" ", "-")
+
+
+@needs_triton
+def test_config_lists():
+    """The configs are the commented specs, the one-row forward is among them, the autotuners
+    tune over exactly these lists, and the interpreter's fixed configs come from them."""
+    specs = [(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps) for c in FWD_CONFIGS]
+    assert specs == list(pc.FWD_CONFIG_SPECS) and len(set(specs)) == len(specs)
+    assert [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_D"], c.num_warps) for c in BWD_CONFIGS] == list(pc.BWD_CONFIG_SPECS)
+    assert any(c.kwargs["BLOCK_T"] == 1 for c in FWD_CONFIGS), "the one-row config stays a candidate"
+    for t, d, w in (*pc.FWD_CONFIG_SPECS, *pc.BWD_CONFIG_SPECS):  # powers of two, as Triton's blocks must be
+        assert t & (t - 1) == 0 and d & (d - 1) == 0 and w in (1, 2, 4, 8)
+    assert pc._prompt_concat_fwd_tuned.configs == FWD_CONFIGS and pc._prompt_concat_fwd_tuned.keys == ["n", "D"]
+    assert pc._prompt_concat_bwd_tuned.configs == BWD_CONFIGS and pc._prompt_concat_bwd_tuned.keys == ["B", "R", "D"]
+    assert pc.FWD_CONFIGS[pc.FWD_INTERPRETER_CONFIG] in FWD_CONFIGS
+    assert pc.BWD_CONFIGS[pc.BWD_INTERPRETER_CONFIG] in BWD_CONFIGS
+
+
+# Partial blocks in both directions: B * T = 21 and 12 rows (no BLOCK_T > 1 divides them), D = 257
+# and 33 columns (a last column block of 1 or 33 of 256 / 1024), ids of both dtypes, bank and wpe
+# on and off; bf16 on the copy path (the interpreter rounds bf16 arithmetic wrongly, see above).
+CONFIG_CASES = [
+    (Case(257, 3, 4, 3, True, True, torch.float16, torch.int64), None),
+    (Case(33, 2, 4, 3, False, False, torch.float32, torch.int32), None),
+    (Case(7, 1, 5, 2, True, False, torch.float64, torch.int64), None),
+    (Case(24, 3, 4, 3, False, True, torch.bfloat16, torch.int32), torch.bfloat16),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("config", FWD_CONFIGS, ids=config_id)
+def test_every_forward_config_is_bit_identical(config, seed):
+    for case, prompt_dtype in CONFIG_CASES:
+        prompt, wte, idx, wpe, prompt_index = make_inputs(case, prompt_dtype=prompt_dtype, device=KERNEL_DEVICE)
+        x = pc._forward_triton(prompt.detach(), wte, idx, wpe, prompt_index, config=config)
+        x_ref = prompt_concat_reference(prompt, wte, idx, wpe=wpe, prompt_index=prompt_index)
+        assert_verbose_allclose(x, x_ref, name=f"x {case} {config_id(config)}")
+
+
+@needs_triton
+@pytest.mark.parametrize("config", BWD_CONFIGS, ids=config_id)
+def test_every_backward_config_is_bit_identical(config, seed):
+    """The batch sum of every config, bit for bit, on integer-valued gradients.
+
+    Small integers make every partial sum exact in fp32 (and in the fp16/bf16 results), so the
+    kernel's order of summation and torch's give the same bits and the comparison can be exact.
+    B = 37 leaves a partial last step for every BLOCK_B; D = 257 a partial last column block.
+    With random values the two orders agree to rounding: checked too, within GRAD_TOL.
+    """
+    B, T, R, D, K = 37, 5, 3, 257, 3
+    prompt_index = torch.randint(0, K, (B,), device=KERNEL_DEVICE)
+    for dx_dtype, out_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]:
+        dx = torch.randint(-8, 9, (B, T, D), device=KERNEL_DEVICE).to(dx_dtype)  # |sum| <= 296: exact
+        for pidx, k in ((None, 1), (prompt_index, K)):
+            out = pc._batch_sum_triton(dx, pidx, k, R, out_dtype, config=config)
+            ref = pc._batch_sum_reference(dx, pidx, k, R, out_dtype)
+            assert_verbose_allclose(out, ref, name=f"sum {dx_dtype} -> {out_dtype} K={k}")
+    dx = torch.randn(B, T, D, device=KERNEL_DEVICE)
+    out = pc._batch_sum_triton(dx, prompt_index, K, T, torch.float32, config=config)
+    atol, rtol = GRAD_TOL[torch.float32]
+    assert_verbose_allclose(out, pc._batch_sum_reference(dx, prompt_index, K, T, torch.float32), atol, rtol)
+
+
+@needs_triton
+def test_launchers_tune_on_a_gpu_and_use_a_fixed_config_under_the_interpreter(monkeypatch, seed):
+    """config=None: the autotuned kernel on a GPU (here a recording stand-in, since nothing can be
+    timed on the CPU), with a grid that follows each config's block sizes; the interpreter's
+    fixed config under TRITON_INTERPRET=1, without touching the autotuner."""
+    case = Case(40, 3, 5, 3, True, True, torch.float32, torch.int64)
+    prompt, wte, idx, wpe, prompt_index = make_inputs(case, device=KERNEL_DEVICE)
+    x_ref = prompt_concat_reference(prompt, wte, idx, wpe=wpe, prompt_index=prompt_index)
+    dx = torch.randn_like(x_ref)
+
+    class Recorder:
+        def __init__(self):
+            self.launches = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: self.launches.append((grid, meta))
+
+    fwd, bwd = Recorder(), Recorder()
+    monkeypatch.setattr(pc, "_prompt_concat_fwd_tuned", fwd)
+    monkeypatch.setattr(pc, "_prompt_concat_bwd_tuned", bwd)
+    if pc.TRITON_INTERPRET:  # the fixed config runs, the autotuner is never asked
+        x = pc._forward_triton(prompt.detach(), wte, idx, wpe, prompt_index)
+        out = pc._batch_sum_triton(dx, prompt_index, 3, case.n_p, torch.float32)
+        assert fwd.launches == [] and bwd.launches == []
+        assert_verbose_allclose(x, x_ref)
+        assert_verbose_allclose(out, pc._batch_sum_reference(dx, prompt_index, 3, case.n_p, torch.float32),
+                                *GRAD_TOL[torch.float32])
+    monkeypatch.setattr(pc, "TRITON_INTERPRET", False)  # as on a GPU: the autotuner launches
+    pc._forward_triton(prompt.detach(), wte, idx, wpe, prompt_index)
+    pc._batch_sum_triton(dx, prompt_index, 3, case.n_p, torch.float32)
+    (grid, meta), = fwd.launches
+    assert not {"BLOCK_T", "BLOCK_D", "num_warps"} & set(meta), "the autotuner supplies the config"
+    B_T = case.B * (case.n_p + case.n)
+    for c in FWD_CONFIGS:
+        assert grid(c.kwargs) == (-(-B_T // c.kwargs["BLOCK_T"]), -(-case.D // c.kwargs["BLOCK_D"]))
+    (grid, meta), = bwd.launches
+    assert not {"BLOCK_B", "BLOCK_D", "num_warps"} & set(meta)
+    for c in BWD_CONFIGS:
+        assert grid(c.kwargs) == (3 * case.n_p, -(-case.D // c.kwargs["BLOCK_D"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# check_ids: the id-range check, on the host (CPU) or as a device-side assert (CUDA)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_check_ids_false_reads_no_id_values(backend, monkeypatch, seed):
+    """check_ids=False: the caller has validated the ids, so the op does not look at them."""
+    case = Case(8, 2, 3, 2, True, True, torch.float32, torch.int64)
+    inputs = make_inputs(case, device=KERNEL_DEVICE)
+    checked = []
+    monkeypatch.setattr(pc, "_check_values", lambda *args: checked.append(len(args)))
+    x = prompt_concat(*inputs, backend=backend, check_ids=False)
+    assert checked == []
+    assert_verbose_allclose(x, prompt_concat_reference(*inputs))
+    prompt_concat(*inputs, backend=backend)
+    assert checked == [4], "check_ids=True (the default) checks the ids"
+
+
+@needs_triton
+def test_kernel_never_reads_outside_the_tables(seed):
+    """Even unchecked, a bad id reads nothing: its row comes out as zeros + wpe."""
+    V, K = 5, 2
+    case = Case(6, 2, 3, 2, True, True, torch.float32, torch.int64)
+    prompt, wte, idx, wpe, prompt_index = make_inputs(case, V=V, K=K, device=KERNEL_DEVICE)
+    idx[0, 1], idx[1, 2] = V, -1  # token rows t = n_p + 1 and n_p + 2
+    prompt_index[1] = K  # example 1's prompt rows
+    x = prompt_concat(prompt, wte, idx, wpe=wpe, prompt_index=prompt_index, backend="triton", check_ids=False)
+    assert_verbose_allclose(x[0, case.n_p + 1], wpe[case.n_p + 1], name="row of id V")
+    assert_verbose_allclose(x[1, case.n_p + 2], wpe[case.n_p + 2], name="row of id -1")
+    assert_verbose_allclose(x[1, : case.n_p], wpe[: case.n_p], name="rows of prompt index K")
+    assert_verbose_allclose(x[0, : case.n_p], prompt[prompt_index[0]] + wpe[: case.n_p], name="good rows")
+
+
+@pytest.mark.parametrize("name", ["idx", "prompt_index"])
+def test_device_side_check_fires_on_cpu_tensors(name):
+    """The CUDA path's check (torch._assert_async) on CPU tensors raises at once, with the
+    message the device prints on a GPU: the same condition, the argument named."""
+    V, K = 10, 3
+    good = torch.tensor([0, 1, V - 1]) if name == "idx" else torch.tensor([0, K - 1])
+    limit, what = (V, "token ids") if name == "idx" else (K, "values")
+    pc._check_ids_on_device(name, good, limit, what)  # in range: nothing happens
+    for bad in (good.clone().fill_(limit), good.clone().fill_(-1)):
+        with pytest.raises(RuntimeError, match=rf"prompt_concat: {name} holds {what} outside \[0, {limit}\)"):
+            pc._check_ids_on_device(name, bad, limit, what)
+
+
+# ---------------------------------------------------------------------------------------------
 # The frozen-weight path
 # ---------------------------------------------------------------------------------------------
 class ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
@@ -412,14 +574,22 @@ def test_torch_compile_fullgraph(backend, seed):
     assert_verbose_allclose(loss, loss_ref, atol=1e-5, rtol=1e-6, name="loss")
     for g, g_ref in zip(grads, grads_ref):
         assert_verbose_allclose(g, g_ref, atol=1e-5, rtol=1e-5, name="grad")
-    # The id check lives inside the op, so it still runs in the compiled function.
-    with pytest.raises(ValueError, match="idx holds token ids"):
-        bad = torch.full_like(idx, 11)
-        torch.compile(
-            lambda p: prompt_concat(p, wte, bad, prompt_index=prompt_index, wpe=wpe, backend=backend),
-            fullgraph=True,
-            backend="aot_eager",
-        )(prompt)
+    # check_ids is a plain flag of the op: False compiles to the same single graph.
+    unchecked = torch.compile(
+        lambda p: prompt_concat(p, wte, idx, wpe=wpe, prompt_index=prompt_index, backend=backend, check_ids=False),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    assert_verbose_allclose(unchecked(prompt), prompt_concat_reference(prompt, wte, idx, wpe, prompt_index))
+    if KERNEL_DEVICE == "cpu":  # on CUDA a bad id is a device-side assert: see the gpu tests below
+        # The id check lives inside the op, so it still runs in the compiled function.
+        with pytest.raises(ValueError, match="idx holds token ids"):
+            bad = torch.full_like(idx, 11)
+            torch.compile(
+                lambda p: prompt_concat(p, wte, bad, prompt_index=prompt_index, wpe=wpe, backend=backend),
+                fullgraph=True,
+                backend="aot_eager",
+            )(prompt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,3 +691,98 @@ def test_gpu_torch_compile_inductor(seed):
     (g_ref,) = torch.autograd.grad(loss_ref, prompt)
     assert_verbose_allclose(loss, loss_ref, atol=1e-3, rtol=1e-4, name="loss")
     assert_verbose_allclose(g, g_ref, atol=1e-3, rtol=1e-3, name="grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", FWD_CONFIGS, ids=config_id)
+def test_gpu_every_forward_config_is_bit_identical(config, seed):
+    """The compiled kernel of every config, bf16 arithmetic included, at GPT-2's width and odd ones."""
+    for case in (Case(768, 20, 33, 8, True, True, torch.bfloat16, torch.int64),
+                 Case(1000, 7, 3, 3, True, False, torch.float16, torch.int32),
+                 Case(127, 5, 17, 5, True, True, torch.float32, torch.int32)):
+        prompt, wte, idx, wpe, prompt_index = make_inputs(case, device="cuda", V=50257 if case.D == 768 else 101)
+        x = pc._forward_triton(prompt.detach(), wte, idx, wpe, prompt_index, config=config)
+        x_ref = prompt_concat_reference(prompt, wte, idx, wpe=wpe, prompt_index=prompt_index)
+        assert_verbose_allclose(x, x_ref, name=f"x {case}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", BWD_CONFIGS, ids=config_id)
+def test_gpu_every_backward_config_is_bit_identical(config, seed):
+    """Integer-valued gradients make every order of summation exact (see the interpreter test)."""
+    B, T, R, D, K = 70, 40, 20, 768, 3
+    prompt_index = torch.randint(0, K, (B,), device="cuda")
+    for dx_dtype, out_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                (torch.float16, torch.float16)]:
+        dx = torch.randint(-8, 9, (B, T, D), device="cuda").to(dx_dtype)  # |sum| <= 560: exact
+        for pidx, k in ((None, 1), (prompt_index, K)):
+            out = pc._batch_sum_triton(dx, pidx, k, R, out_dtype, config=config)
+            assert_verbose_allclose(out, pc._batch_sum_reference(dx, pidx, k, R, out_dtype), name=f"{dx_dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_gpu_op_and_its_backward_never_sync(backend, seed):
+    """With check_ids=True (the default) the op and its backward issue no host sync on CUDA:
+    torch.cuda.set_sync_debug_mode("error") turns any sync into an error."""
+    case = Case(64, 5, 7, 4, True, True, torch.bfloat16, torch.int64)
+    prompt, wte, idx, wpe, prompt_index = make_inputs(case, device="cuda")
+    dx = torch.randn(case.B, case.n_p + case.n, case.D, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        x = prompt_concat(prompt, wte, idx, wpe=wpe, prompt_index=prompt_index, backend=backend)
+        return torch.autograd.grad(x, (prompt, wpe), dx)
+
+    expected = step()  # the first call compiles and autotunes (timing syncs, by nature)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for g, g_ref in zip(grads, expected):
+        assert torch.equal(g, g_ref)
+
+
+DEVICE_ASSERT_SCRIPT = """
+import sys
+import torch
+from minipt.kernels import prompt_concat
+
+arg, backend = sys.argv[1:]
+torch.manual_seed(0)
+V, K, B, n, n_p, D = 50, 3, 4, 6, 5, 64
+prompt = torch.randn(K, n_p, D, device="cuda", requires_grad=True)
+wte = torch.randn(V, D, device="cuda")
+wpe = torch.randn(n_p + n, D, device="cuda")
+idx = torch.randint(0, V, (B, n), device="cuda")
+prompt_index = torch.randint(0, K, (B,), device="cuda")
+prompt_concat(prompt, wte, idx, wpe, prompt_index, backend=backend)  # compile and tune first
+torch.cuda.synchronize()
+if arg == "idx":
+    idx[1, 2] = V
+else:
+    prompt_index[3] = K
+torch.cuda.set_sync_debug_mode("error")  # a host sync inside the op would raise here
+x = prompt_concat(prompt, wte, idx, wpe, prompt_index, backend=backend)
+torch.cuda.set_sync_debug_mode(0)
+print("the op returned without a host sync", flush=True)
+torch.cuda.synchronize()
+print("no error", flush=True)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("arg", ["idx", "prompt_index"])
+def test_gpu_bad_id_fires_a_device_side_assert_without_a_host_sync(arg, backend):
+    """A bad id on CUDA: the device-side assert fires, its message names the argument, and the
+    op never synchronised to find out. In a child process: a device-side assert leaves the CUDA
+    context unusable for the rest of the process."""
+    done = subprocess.run([sys.executable, "-c", DEVICE_ASSERT_SCRIPT, arg, backend], capture_output=True,
+                          text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "no error" not in done.stdout, output
+    assert "device-side assert triggered" in output, output
+    assert f"prompt_concat: {arg} holds" in output, output  # printed by the device
+    assert "synchronizing CUDA operation" not in output, output  # set_sync_debug_mode("error") did not fire

@@ -2,6 +2,8 @@
 
 Every bad input raises before any launch, with a message that names the argument, and the
 checks are shared by both backends: the reference path gives the same errors as the kernels.
+Id values out of range are the one exception by device: a ValueError on CPU tensors (here), a
+device-side assert on CUDA tensors (test_prompt_concat.py, in a child process).
 """
 import importlib
 import os
@@ -21,14 +23,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V, D, B, n, n_p, K = 10, 6, 2, 3, 4, 3
 
 
-def good(**overrides):
+def good(device=DEVICE, **overrides):
     """Valid inputs (a bank of K prompts, wpe with exactly n_p + n rows), with some replaced."""
     inputs = dict(
-        prompt=torch.randn(K, n_p, D, device=DEVICE),
-        wte=torch.randn(V, D, device=DEVICE),
-        idx=torch.randint(0, V, (B, n), device=DEVICE),
-        wpe=torch.randn(n_p + n, D, device=DEVICE),
-        prompt_index=torch.tensor([0, K - 1], device=DEVICE),
+        prompt=torch.randn(K, n_p, D, device=device),
+        wte=torch.randn(V, D, device=device),
+        idx=torch.randint(0, V, (B, n), device=device),
+        wpe=torch.randn(n_p + n, D, device=device),
+        prompt_index=torch.tensor([0, K - 1], device=device),
     )
     inputs.update(overrides)
     return inputs
@@ -45,19 +47,7 @@ def no_launch(monkeypatch):
     monkeypatch.setattr(pc, "prompt_concat_reference", launched)
 
 
-BAD_INPUTS = [  # pytest.param(overrides of good(), exception, message pattern, id=...)
-    pytest.param(
-        dict(idx=torch.zeros(B, n)),
-        TypeError,
-        r"idx must hold integer ids .* got dtype torch.float32",
-        id="float idx",
-    ),
-    pytest.param(
-        dict(idx=torch.zeros(B, n, dtype=torch.int16)),
-        TypeError,
-        r"idx must hold integer ids",
-        id="int16 idx",
-    ),
+BAD_IDS = [  # id values out of range: checked on the data, so on CPU tensors here (see below)
     pytest.param(
         dict(idx=torch.tensor([[0, -1, 2], [1, 2, 3]])),
         ValueError,
@@ -77,6 +67,34 @@ BAD_INPUTS = [  # pytest.param(overrides of good(), exception, message pattern, 
         id="huge int32 id",
     ),
     pytest.param(
+        dict(prompt_index=torch.tensor([0, K])),
+        ValueError,
+        r"prompt_index holds values in \[0, 3\] but the bank has K=3 prompts",
+        id="prompt_index >= K",
+    ),
+    pytest.param(
+        dict(prompt_index=torch.tensor([-1, 0])),
+        ValueError,
+        r"prompt_index holds values in \[-1, 0\]",
+        id="negative prompt_index",
+    ),
+]
+
+
+BAD_INPUTS = [  # pytest.param(overrides of good(), exception, message pattern, id=...)
+    pytest.param(
+        dict(idx=torch.zeros(B, n)),
+        TypeError,
+        r"idx must hold integer ids .* got dtype torch.float32",
+        id="float idx",
+    ),
+    pytest.param(
+        dict(idx=torch.zeros(B, n, dtype=torch.int16)),
+        TypeError,
+        r"idx must hold integer ids",
+        id="int16 idx",
+    ),
+    pytest.param(
         dict(idx=torch.zeros(n, dtype=torch.long)),
         ValueError,
         r"idx must be 2-D \(B, n\), got shape \(3,\)",
@@ -93,18 +111,6 @@ BAD_INPUTS = [  # pytest.param(overrides of good(), exception, message pattern, 
         ValueError,
         r"empty batch \(B == 0\)",
         id="empty batch",
-    ),
-    pytest.param(
-        dict(prompt_index=torch.tensor([0, K])),
-        ValueError,
-        r"prompt_index holds values in \[0, 3\] but the bank has K=3 prompts",
-        id="prompt_index >= K",
-    ),
-    pytest.param(
-        dict(prompt_index=torch.tensor([-1, 0])),
-        ValueError,
-        r"prompt_index holds values in \[-1, 0\]",
-        id="negative prompt_index",
     ),
     pytest.param(
         dict(prompt_index=None),
@@ -221,6 +227,31 @@ def test_bad_input_raises_before_launch(backend, overrides, error, message, no_l
                  for k, v in overrides.items()}
     with pytest.raises(error, match=message):
         prompt_concat(**good(**on_device), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("overrides, error, message", BAD_IDS)
+def test_bad_ids_raise_before_launch_on_cpu(backend, overrides, error, message, no_launch):
+    """On CPU tensors the id ranges are read on the host: a ValueError before any launch.
+
+    On CUDA the same check is a device-side assert instead (no host sync), which would leave
+    this process's CUDA context unusable: test_prompt_concat.py checks it in a child process.
+    """
+    with pytest.raises(error, match=message):
+        prompt_concat(**good(device="cpu", **overrides), backend=backend)
+
+
+@pytest.mark.parametrize("overrides, error, message", BAD_IDS)
+def test_check_ids_false_skips_the_id_check(overrides, error, message, monkeypatch):
+    """check_ids=False: the op raises no ValueError and goes on to launch (the caller vouched
+    for the ids; the kernels mask bad ones, the reference fails or wraps in torch's indexing)."""
+
+    def reference(*args, **kwargs):
+        raise IndexError("reached the reference")
+
+    monkeypatch.setattr(pc, "prompt_concat_reference", reference)
+    with pytest.raises(IndexError, match="reached the reference"):
+        prompt_concat(**good(device="cpu", **overrides), backend="reference", check_ids=False)
 
 
 def test_unknown_backend(no_launch):
