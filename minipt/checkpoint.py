@@ -7,7 +7,16 @@ plus what the kind needs (a model's config, a prompt's n_prompt and base-model f
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target with
 `os.replace`, which is atomic on POSIX and Windows: a crash leaves either the old file or the new one, never
-half of one.
+half of one. The temporary file's name holds the writer's process id; a later write of the same file removes
+the temporary files of writers that no longer run (a write killed with SIGKILL cannot clean up after itself).
+
+`check_output_path` is what programs call on every output path *before* any work: the file can be written
+(its folder exists or can be made, is writable) and the path is a regular file or nothing yet, never a folder
+or a device. Only regular files are ever written.
+
+Training state (`save_train_state`) carries the identity of its run (`run`: task or data hash, base-model
+fingerprint, n_prompt, init, the training config, the trainable tensors' names and shapes); `check_same_run`
+refuses to resume a different run and says which field differs.
 """
 from __future__ import annotations
 
@@ -27,11 +36,78 @@ class CheckpointError(ValueError):
     """A file that exists but cannot be used: corrupted, truncated, or made for something else."""
 
 
-def atomic_write(path, write: Callable[[str], None]) -> Path:
-    """Call write(tmp_path), fsync it, then rename it over `path`."""
+def check_output_path(path, what: str = "--out") -> Path:
+    """Fail now, before any work, if `path` cannot be written as a regular file (`what` names it in messages).
+
+    Nothing is created or changed, except the missing folders above `path`, which the write would make anyway.
+    """
     path = Path(path)
+    if str(path) in ("", "."):
+        raise ValueError(f"{what} is empty: give a file name")
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, socket or pipe)"
+        raise ValueError(f"{what} {path} is {kind}; give the path of a file")
+    parent = path.parent
+    for above in (parent, *parent.parents):  # the nearest folder that exists must be a folder, and writable
+        if above.exists():
+            if not above.is_dir():
+                raise ValueError(f"{what} {path}: {above} is a file, not a folder")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise ValueError(f"{what} {path}: the folder {above} is not writable")
+            break
+    if path.exists() and not os.access(path, os.W_OK) and not os.access(parent, os.W_OK):
+        raise ValueError(f"{what} {path} is not writable")
+    return path
+
+
+def check_output_dir(path, what: str) -> Path:
+    """Like check_output_path, for an output that is a folder of files (a PEFT adapter)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is an existing file; give the path of a folder (made if missing)")
+    check_output_path(path / "adapter_config.json", what)
+    return path
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temps(path) -> list[Path]:
+    """Remove the temporary files an earlier, killed write of `path` left behind; return what was removed.
+
+    A temporary file is named .NAME.PID.RANDOM.tmp; it is stale when process PID no longer runs.
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f"{_temp_prefix(path)}*.tmp"):
+        pid = tmp.name[len(_temp_prefix(path)):].split(".")[0]
+        if pid.isdigit() and not _process_runs(int(pid)) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not writing that file now: any temp file of its pid is left over
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or cannot tell): leave its file alone
+    return True
+
+
+def atomic_write(path, write: Callable[[str], None]) -> Path:
+    """Call write(tmp_path), fsync it, then rename it over `path` (a regular file or nothing yet)."""
+    path = check_output_path(path, "output")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -120,8 +196,12 @@ def load_model(path, map_location="cpu"):
         config = GPTConfig(**json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the model config in the metadata is missing or invalid ({e})") from e
-    model = GPT(config).to(map_location)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        model = GPT(config).to(map_location)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except (RuntimeError, ValueError, TypeError) as e:  # a tensor whose shape does not fit, or a bad config
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: the weights do not fit the model config in the file ({first})") from e
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
@@ -131,16 +211,36 @@ def load_model(path, map_location="cpu"):
 # ---- training state (for resuming) --------------------------------------------------------------------
 
 
+TRAIN_STATE_KIND = "minipt.train_state"
+
+
 def save_train_state(path, state: dict) -> Path:
-    """Trainable tensors, optimizer state, step and RNG states, for `train(..., resume=True)`."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Trainable tensors, optimizer state, step, RNG states and the run's identity, for `train(..., resume=True)`."""
+    for name, t in state.get("trainable", {}).items():
+        if not torch.isfinite(t).all():  # never write a checkpoint of non-finite values over a good one
+            raise FloatingPointError(f"not writing {path}: the trainable tensor {name!r} holds NaN or inf")
+    return atomic_write(path, lambda tmp: torch.save({"kind": TRAIN_STATE_KIND, **state}, tmp))
 
 
 def load_train_state(path) -> dict:
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a file: --checkpoint names the training-state file")
     if not path.is_file():
         raise FileNotFoundError(f"no such training checkpoint: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a cut or garbled file
         raise CheckpointError(f"{path} is not a readable training checkpoint (truncated or corrupted?): {e}") from e
+    if not isinstance(state, dict) or state.get("kind") != TRAIN_STATE_KIND:
+        raise CheckpointError(f"{path} is not a minipt training checkpoint (a file written by --checkpoint)")
+    return state
+
+
+def check_same_run(saved: dict, current: dict, path) -> None:
+    """Refuse to resume from a checkpoint of another run: name every field that differs."""
+    differ = [f"{key} is {saved.get(key)!r} there, {current.get(key)!r} in this run"
+              for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if differ:
+        raise CheckpointError(f"{path} is the checkpoint of another run: {'; '.join(differ)}. Use another "
+                              f"--checkpoint, or the settings of that run")

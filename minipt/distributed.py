@@ -24,7 +24,7 @@ means keeps the result equal to one process when the ranks' shards hold differen
 
 Only rank 0 writes files and prints. Validation is sharded too: each rank scores val[r::W], the counts are
 summed, so keep-best decides the same on every rank. Training-state checkpoints (--checkpoint/--resume)
-are not supported under torchrun yet: every rank would have to read the file and only rank 0 write it.
+work the same way: rank 0 writes the file, every rank reads it on resume (the state is the same on all).
 """
 from __future__ import annotations
 

@@ -91,9 +91,13 @@ def read_peft(directory) -> tuple[torch.Tensor, dict]:
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a PEFT adapter folder")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{config_path} is not UTF-8 text (byte {e.start}): not an adapter config") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "PROMPT_TUNING":
         raise CheckpointError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only PROMPT_TUNING "
                               f"adapters hold a soft prompt minipt can use")

@@ -11,6 +11,15 @@ The mode is whatever is trainable: a GPT trains all its weights; a PromptTuning 
 
 Checkpoints hold the trainable tensors, the optimizer state, the step and the best-so-far, and are written
 atomically, so an interrupted run resumes (`resume=True`) to the same final result as an uninterrupted one.
+
+Nothing non-finite is kept: a NaN/inf loss or gradient norm stops training before the optimizer step, and the
+trainable tensors are checked after every step (read back with the loss, so no extra host sync), so a
+checkpoint of NaN or inf values is never written.
+
+A checkpoint knows its run (`run_identity`): the caller's `run_id` (task or data hash, base fingerprint,
+n_prompt, init), the training config and the trainable tensors' names and shapes. Resume refuses a mismatch
+and names the field. `steps` is part of the identity: the learning-rate schedule (warmup, then cosine decay to
+the last step) depends on it, so resuming with other steps would give a run that equals no uninterrupted one.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_train_state, save_train_state
+from .checkpoint import check_same_run, load_train_state, save_train_state
 from .frozen import trainable_parameters
 
 
@@ -41,6 +50,38 @@ class TrainConfig:
     eval_every: int = 100  # steps between evaluations (and checkpoints)
     seed: int = 0
     progress: bool = True  # show a tqdm bar
+
+    def __post_init__(self):
+        """Check every field before any work, with a message that names it (minipt.checks rule 1)."""
+        for name in ("steps", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'adafactor', got {self.optimizer!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"TrainConfig.seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+
+# Fields that may differ between a run and its resumption (they do not change what is computed).
+NOT_RUN_IDENTITY = ("progress",)
+
+
+def run_identity(cfg: TrainConfig, named, run_id: dict | None = None) -> dict:
+    """What identifies a run, for a checkpoint to be resumed only by the same run (see the module docstring)."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_RUN_IDENTITY}
+    shapes = {name: list(p.shape) for name, p in named}
+    return {**(run_id or {}), **{f"config.{k}": v for k, v in config.items()}, "trainable": shapes}
 
 
 @dataclass
@@ -73,13 +114,16 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
 
 def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig,
           evaluate: Callable[[], float] | None = None, checkpoint_path=None, resume: bool = False,
-          callbacks: list[Callable[[int, float], None]] = ()) -> TrainResult:
+          callbacks: list[Callable[[int, float], None]] = (), run_id: dict | None = None,
+          write_checkpoint: bool = True) -> TrainResult:
     """Train the parameters of `module` that require grad; see the module docstring.
 
     get_batch(step) -> (idx, targets) or (idx, targets, attention_mask); module.loss(*batch) -> the loss
     (GPT.loss, PromptTuning.loss, or any module with such a method).
     evaluate() -> a metric where higher is better (e.g. validation accuracy); the best state is restored at
-    the end. callbacks are called as cb(step, loss) after each step.
+    the end. callbacks are called as cb(step, loss) after each step. run_id: what else identifies the run
+    (JSON-like values), stored in the checkpoint and compared on resume. write_checkpoint=False: read the
+    checkpoint on resume but never write it (the ranks other than 0 of a data-parallel run).
     """
     named = trainable_parameters(module)
     if not named:
@@ -89,9 +133,12 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
     result = TrainResult()
     best_state: dict[str, torch.Tensor] | None = None
     start = 0
-    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+    identity = run_identity(cfg, named, run_id)
+    last_checkpoint = None  # the checkpoint file that holds this run's last good state, once there is one
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         state = load_train_state(checkpoint_path)
-        _check_names(state["trainable"], named, checkpoint_path)
+        check_same_run(state.get("run", {}), identity, checkpoint_path)
+        last_checkpoint = checkpoint_path
         with torch.no_grad():
             for name, p in named:
                 p.copy_(state["trainable"][name])
@@ -114,18 +161,22 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
         batch = get_batch(step)
         loss = module.loss(*batch)
         if not torch.isfinite(loss):
-            where = f"; the last good checkpoint ({checkpoint_path}) is kept" if checkpoint_path else ""
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}: training stopped{where}")
+            _stop(f"loss is {loss.item()}", step, last_checkpoint)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Clip to grad_clip; with grad_clip 0 the norm is still checked (max_norm inf scales by exactly 1), so
         # an inf/NaN gradient never reaches the optimizer and a checkpoint of NaN weights is never written.
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if not torch.isfinite(norm):
-            raise FloatingPointError(f"gradient norm is {norm.item()} at step {step}: training stopped")
+            _stop(f"gradient norm is {norm.item()}", step, last_checkpoint)
         optimizer.step()
-        result.losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        # The loss and "every trainable tensor is finite after the step", in one host read.
+        loss_value, params_finite = torch.stack([loss.detach().float(), _all_finite(params)]).tolist()
+        if not params_finite:
+            _stop("a trainable tensor became NaN or inf after the optimizer step (learning rate too large?)",
+                  step, last_checkpoint)
+        result.losses.append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
         at_eval = done % cfg.eval_every == 0 or done == cfg.steps  # evaluate and checkpoint together
         if evaluate is not None and at_eval:
@@ -136,7 +187,7 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
             if result.best_metric is None or metric > result.best_metric:
                 result.best_metric, result.best_step = metric, done
                 best_state = {name: p.detach().clone() for name, p in named}
-        if checkpoint_path is not None and at_eval:
+        if checkpoint_path is not None and at_eval and write_checkpoint:
             result.seconds = time.perf_counter() - t0
             save_train_state(checkpoint_path, {
                 "step": done,
@@ -145,11 +196,14 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
                 "result": asdict(result),
                 "best": best_state,
                 "config": asdict(cfg),
+                "run": identity,
                 "rng": torch.get_rng_state(),
                 **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
             })
+        if checkpoint_path is not None and at_eval:
+            last_checkpoint = checkpoint_path
         for cb in callbacks:
-            cb(step, loss.item())
+            cb(step, loss_value)
     bar.close()
     if best_state is not None:  # keep-best: end on the parameters that scored best on validation
         with torch.no_grad():
@@ -160,7 +214,12 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
     return result
 
 
-def _check_names(saved: dict, named, path) -> None:
-    want = {n for n, _ in named}
-    if set(saved) != want:
-        raise ValueError(f"{path} holds trainable tensors {sorted(saved)}, but this module trains {sorted(want)}")
+def _all_finite(params) -> torch.Tensor:
+    """A 0-d float tensor: 1.0 if every element of every tensor is finite, else 0.0 (no host read)."""
+    return torch.stack([torch.isfinite(p.detach()).all() for p in params]).all().float()
+
+
+def _stop(what: str, step: int, last_checkpoint) -> None:
+    kept = f"; the last good checkpoint ({last_checkpoint}) is kept" if last_checkpoint else \
+        "; no checkpoint was written"
+    raise FloatingPointError(f"{what} at step {step}: training stopped{kept}")

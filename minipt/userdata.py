@@ -35,7 +35,7 @@ def read_jsonl(path, default_task: str = "user") -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _utf8_lines(path)
     while lines and not lines[-1].strip():  # blank lines at the end hold no record
         lines.pop()
     if not lines:
@@ -51,6 +51,22 @@ def read_jsonl(path, default_task: str = "user") -> list[Example]:
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         examples.append(_example(record, where, default_task))
     return examples
+
+
+def _utf8_lines(path: Path) -> list[str]:
+    """The lines of a text file, split on "\\n" only: JSON strings may hold U+2028 or U+0085, which
+    str.splitlines would also split on. A byte that is not UTF-8 is an error naming its line."""
+    raw = path.read_bytes().split(b"\n")
+    lines = []
+    for lineno, line in enumerate(raw, start=1):
+        try:
+            lines.append(line.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); save the file "
+                            f"as UTF-8") from None
+    if lines and lines[0].startswith("\ufeff"):
+        lines[0] = lines[0][1:]  # a byte-order mark some editors write
+    return lines
 
 
 def _example(record, where: str, default_task: str) -> Example:

@@ -5,11 +5,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from minipt import GPT, PromptTuning
+from minipt import GPT, ByteTokenizer, PromptTuning
 from minipt.apps.cli import COMMANDS, build_parser, main
 from minipt.apps.demo import ROWS
+from minipt.apps.recipes import pretraining_token_counts
 from minipt.assets import shipped_base_path
+from minipt.data import exact_match_accuracy
+from minipt.tasks import make_split
 
 
 def run_minipt(*args, cwd):
@@ -58,12 +62,24 @@ def test_tune_eval_generate_round_trip(tmp_path):
                       "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "test exact match" in proc.stdout
+    model = GPT.from_checkpoint(shipped_base_path())
+    pt = PromptTuning.load(model, prompt)  # the file is a prompt for the shipped model, and it was trained
+    assert pt.prompt.shape == (4, model.config.n_embd)
+    untrained = PromptTuning(model, n_prompt=4, init="vocab", tokenizer=ByteTokenizer(),
+                             token_counts=pretraining_token_counts(), seed=0).prompt
+    assert not torch.equal(pt.prompt, untrained)
     proc = run_minipt("eval", "--task", "copy", "--prompt", str(prompt), "-n", "20", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "exact match" in proc.stdout
+    expected = exact_match_accuracy(pt, make_split("copy", "test", 20), ByteTokenizer())
+    assert f"copy (test, n=20): exact match {expected:.1%}" in proc.stdout  # the number eval prints is the score
     proc = run_minipt("generate", "abc", "--prompt", str(prompt), "--task-format", "--max-new-tokens", "4",
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    ids = ByteTokenizer().encode("abc") + [ByteTokenizer().sep_id]
+    out = pt.generate(torch.tensor([ids]), 4, temperature=0.0)[0, len(ids):].tolist()
+    if ByteTokenizer().eos_id in out:
+        out = out[: out.index(ByteTokenizer().eos_id)]
+    assert proc.stdout.rstrip("\n") == ByteTokenizer().decode(out)  # generate prints the greedy continuation
 
 
 def test_errors_are_one_clear_line(tmp_path, capsys):

@@ -110,10 +110,17 @@ def test_exact_match_equals_greedy_decoding_for_a_prompt_without_instruction(mod
     check_teacher_forcing_equals_greedy(pt, instruction=False)
 
 
-def test_exact_match_accuracy_restores_the_mode_and_rejects_no_examples(model):
-    model.train()
-    exact_match_accuracy(model, make_split("copy", "val", 4), tok, instruction=True)
-    assert model.training
-    model.eval()
+def test_exact_match_accuracy_scores_in_eval_mode_and_restores_the_mode(model):
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    try:
+        for start in (True, False):  # from training mode and from eval mode
+            model.train(start)
+            seen.clear()
+            exact_match_accuracy(model, make_split("copy", "val", 4), tok, instruction=True)
+            assert seen and not any(seen)  # every forward pass ran in eval mode (no dropout)
+            assert model.training is start  # and the caller's mode is back
+    finally:
+        hook.remove()
     with pytest.raises(ValueError, match="examples is empty"):
         exact_match_accuracy(model, [], tok)

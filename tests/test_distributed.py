@@ -34,6 +34,8 @@ def test_one_process_is_the_plain_training_loop():
     runs = [tune_prompt(model, None, n_prompt=3, init="uniform", cfg=cfg, data=(examples[:12], examples[12:]),
                         tokenizer=ByteTokenizer(), info=DistInfo(), backend="reference")[0] for _ in range(2)]
     assert isinstance(runs[0], PromptTuning) and torch.equal(runs[0].prompt, runs[1].prompt)
+    init = PromptTuning(model, n_prompt=3, init="uniform", seed=0, backend="reference").prompt
+    assert (runs[0].prompt - init).abs().max() > 1e-3  # it trained: the prompt moved from its init
 
 
 def run(args, tmp_path):

@@ -1,31 +1,113 @@
-"""The `minipt` command: demo | pretrain | tune | eval | generate | bench | experiment | exercises.
+"""The `minipt` command: demo | pretrain | tune | eval | generate | serve | bench | experiment | exercises.
 
 Every subcommand has --help. This module only parses arguments and prints; the work is in minipt and its apps.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
 import sys
 from dataclasses import replace
+from pathlib import Path
+
+# ---- argument types: every value is checked while parsing, before any model is built or file touched ----
+# argparse turns an ArgumentTypeError into "minipt CMD: error: argument --NAME: MESSAGE" and exit code 2.
+
+SEED_RANGE = 2**32
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def count(text: str) -> int:
+    """An integer >= 1 (steps, batch size, examples, n_prompt, max_new_tokens, ...)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < SEED_RANGE:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def rate(text: str) -> float:
+    """A finite number > 0 (learning rates)."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """A finite number >= 0 (0 is greedy)."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1."""
+    value = _float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
+def text_arg(text: str) -> str:
+    """A non-empty text (blank is refused too)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty text, got {text!r}")
+    return text
+
+
+def path_arg(text: str) -> str:
+    """A non-empty path."""
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
 
 
 def _train_flags(p: argparse.ArgumentParser, defaults) -> None:
-    p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--steps", type=count, default=defaults.steps, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=count, default=defaults.batch_size, help="default %(default)s")
+    p.add_argument("--lr", type=rate, default=defaults.lr, help="peak learning rate (default %(default)s)")
     p.add_argument("--optimizer", choices=["adamw", "adafactor"], default=defaults.optimizer)
-    p.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
-    p.add_argument("--checkpoint", help="training-state file written every eval; with --resume, continue from it")
+    p.add_argument("--seed", type=seed, default=defaults.seed, help="default %(default)s")
+    p.add_argument("--eval-every", type=count, default=defaults.eval_every,
+                   help="steps between evaluations and checkpoints (default %(default)s)")
+    p.add_argument("--checkpoint", type=path_arg,
+                   help="training-state file written every eval; with --resume, continue from it")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _config(args, defaults):
     return replace(defaults, steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                   seed=args.seed, progress=not args.no_progress)
+                   seed=args.seed, eval_every=args.eval_every, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..model import PRESETS
     from ..prompt import INIT_MODES
     from ..tasks import TASKS
     from .demo import DEMO_TASK
@@ -35,18 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="tune a soft prompt on the frozen tiny base model; print what it gained")
-    p.add_argument("--out", default="runs/demo", help="folder for prompt, plot and demo.json (default %(default)s)")
+    p.add_argument("--out", type=path_arg, default="runs/demo",
+                   help="folder for prompt, plot and demo.json (default %(default)s)")
     p.add_argument("--task", default=DEMO_TASK, choices=sorted(TASKS), help="default %(default)s")
-    p.add_argument("--n-prompt", type=int, default=20, help="soft prompt length (default %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {TUNE_DEFAULTS.steps})")
-    p.add_argument("--base", help="base model file (default: the shipped tiny model)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-prompt", type=count, default=20, help="soft prompt length (default %(default)s)")
+    p.add_argument("--steps", type=count, default=None,
+                   help=f"training steps per run (default {TUNE_DEFAULTS.steps})")
+    p.add_argument("--base", type=path_arg, help="base model file (default: the shipped tiny model)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("pretrain", help="pretrain a base model on the task mixture (with instructions)")
-    p.add_argument("--preset", default="tiny", help="model preset (default %(default)s)")
-    p.add_argument("--out", required=True, help="where to write the model (.safetensors)")
-    p.add_argument("--examples", type=int, default=60_000, help="size of the pretraining mixture")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default %(default)s)")
+    p.add_argument("--out", type=path_arg, required=True, help="where to write the model (.safetensors)")
+    p.add_argument("--examples", type=count, default=60_000, help="size of the pretraining mixture")
     _train_flags(p, PRETRAIN_DEFAULTS)
 
     p = sub.add_parser("tune", help="tune a soft prompt for one task on a frozen base model",
@@ -57,16 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help='your own examples: a .jsonl file, one {"input": ..., "output": ...} a line '
                                   '(optional "task"); see minipt.userdata')
     p.add_argument("--val-data", help="validation records (.jsonl); default: hold out --val-fraction of --data")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="default %(default)s")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="default %(default)s")
     p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER for "
                                   "a GPT-2 and its tokenizer from the local Hugging Face cache or a folder")
-    p.add_argument("--peft-out", help="also write the prompt as a PEFT adapter folder (adapter_config.json, "
+    p.add_argument("--peft-out", type=path_arg, help="also write the prompt as a PEFT adapter folder (adapter_config.json, "
                                       "adapter_model.safetensors)")
-    p.add_argument("--n-prompt", type=int, default=20)
+    p.add_argument("--n-prompt", type=count, default=20)
     p.add_argument("--init", choices=INIT_MODES, default="vocab",
                    help="label: the class labels' embeddings first (classification only); default %(default)s")
-    p.add_argument("--init-text", help="text whose token embeddings start the prompt (with --init text)")
-    p.add_argument("--out", required=True, help="where to write the prompt (.safetensors)")
+    p.add_argument("--init-text", type=text_arg, help="text whose token embeddings start the prompt (with --init text)")
+    p.add_argument("--out", type=path_arg, required=True, help="where to write the prompt (.safetensors)")
     _train_flags(p, TUNE_DEFAULTS)
 
     p = sub.add_parser("eval", help="test-split exact match of a base model, with or without a prompt")
@@ -75,16 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="a soft prompt file from `minipt tune`")
     p.add_argument("--instruction", action="store_true", help="put the task's written instruction first")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("-n", type=int, default=500, help="number of examples (default %(default)s)")
+    p.add_argument("-n", type=count, default=500, help="number of examples (default %(default)s)")
 
     p = sub.add_parser("generate", help="continue a text greedily (or sampled) with the KV cache")
-    p.add_argument("text", help="input text; a <sep> is appended when --task-format is set")
+    p.add_argument("text", type=text_arg, help="input text; a <sep> is appended when --task-format is set")
     p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER")
     p.add_argument("--prompt", help="a soft prompt file from `minipt tune`")
     p.add_argument("--task-format", action="store_true", help="append <sep> and stop at <eos>, as the tasks do")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=count, default=16)
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=count, default=None)
+
+    p = sub.add_parser("serve", help="answer many tasks' requests in mixed batches, one soft prompt per task",
+                       description='Reads {"task": NAME, "input": TEXT} a line; writes {"task", "input", "output"} '
+                                   'a line, in order. "-" is stdin / stdout.')
+    p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER")
+    p.add_argument("--prompt", action="append", required=True, metavar="NAME=FILE",
+                   help="a task's soft prompt file (repeat for each task)")
+    p.add_argument("--requests", required=True, help="requests .jsonl file, or - for stdin")
+    p.add_argument("--out", default="-", help="answers .jsonl file, or - for stdout (default)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="default %(default)s")
+    p.add_argument("--max-batch", type=int, default=64, help="rows per batch (default %(default)s)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="run the prompt positions at every prefill")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (source checkout)",
                        description="Runs benchmarks/bench_<name>.py with the remaining arguments; "
@@ -92,33 +189,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
+    p = sub.add_parser("exercises", help="the self-grading exercises: list | build | check NOTEBOOK.ipynb",
+                       description="Runs `python -m minipt.exercises` with the remaining arguments "
+                                   "(`minipt exercises check -h` shows a command's own options).")
+    p.add_argument("exercise_args", nargs=argparse.REMAINDER, help="list | build [--check] | check NOTEBOOK.ipynb")
+
     p = sub.add_parser("experiment", help="Lester et al.'s experiments in miniature (see minipt/experiments.py)")
-    p.add_argument("name", choices=["lester", "lester-bases"],
-                   help="lester: length, init, scale and ensembling; lester-bases: pretrain its base models")
-    p.add_argument("--quick", action="store_true", help="lester: a small version (one task, short runs, ~1 min)")
+    p.add_argument("name", choices=["lester", "lester-bases", "seed-claims"],
+                   help="lester: length, init, scale and ensembling; lester-bases: pretrain its base models; "
+                        "seed-claims: the explainer's claims (few-shot, vs fine-tuning, prompt design, domain "
+                        "shift; see minipt/apps/seed_claims.py)")
+    p.add_argument("--quick", action="store_true", help="lester, seed-claims: a small version (one task, short "
+                                                        "runs, about a minute)")
     p.add_argument("--bases", help="folder of SIZE.safetensors base models (default: the shipped ones)")
     p.add_argument("--results", help="lester: folder for lester-*.json and lester.png "
-                                     "(default benchmarks/results, or runs/lester-quick with --quick)")
+                                     "(default benchmarks/results, or runs/lester-quick with --quick); "
+                                     "seed-claims: for seed-*.json and seed-claims.png (likewise)")
     p.add_argument("--work", help="lester: folder for finished runs and prompts, to resume from "
-                                  "(default runs/lester, or runs/lester-quick/work with --quick)")
+                                  "(default runs/lester, or runs/lester-quick/work with --quick); "
+                                  "seed-claims: likewise, default runs/seed-claims")
     p.add_argument("--out", default="runs/lester-bases", help="lester-bases: output folder (default %(default)s)")
     p.add_argument("--sizes", nargs="+", help="lester-bases: which sizes (default: the whole ladder)")
+    p.add_argument("--base", help="seed-claims: base model file (default: the shipped tiny model)")
+    p.add_argument("--threads", type=int, help="torch threads for the run (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args) or 0
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:  # OSError: FileNotFound, PermissionError
         print(f"minipt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"minipt {args.command}: interrupted; {_how_to_continue(args, argv)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's convention
+
+
+def _how_to_continue(args, argv) -> str:
+    """One line: where the last checkpoint is and the command that continues from it (or that there is none)."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return "nothing was saved" + (" (add --checkpoint FILE to be able to resume)"
+                                      if hasattr(args, "checkpoint") else "")
+    again = argv + ([] if "--resume" in argv else ["--resume"])
+    return f"the last checkpoint is {checkpoint}; continue with: minipt {shlex.join(again)}"
+
+
+def check_outputs(args) -> None:
+    """Every output path of a training command, checked before any model is built (minipt.checkpoint)."""
+    from ..checkpoint import check_output_dir, check_output_path
+
+    check_output_path(args.out, "--out")
+    if getattr(args, "peft_out", None):
+        check_output_dir(args.peft_out, "--peft-out")
+    if args.checkpoint is not None:
+        check_output_path(args.checkpoint, "--checkpoint")
+        if Path(args.checkpoint).resolve() == Path(args.out).resolve():
+            raise ValueError(f"--checkpoint and --out are the same file ({args.out}); give two paths")
+    elif args.resume:
+        raise ValueError("--resume needs --checkpoint FILE (the training-state file to continue from)")
 
 
 def cmd_demo(args):
     from .demo import run_demo
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; the demo writes a folder")
     run_demo(args.out, task=args.task, n_prompt=args.n_prompt, steps=args.steps, base=args.base, seed=args.seed,
              progress=not args.no_progress)
 
@@ -126,11 +266,16 @@ def cmd_demo(args):
 def cmd_pretrain(args):
     from .recipes import PRETRAIN_DEFAULTS, pretrain
 
+    check_outputs(args)
     model, result = pretrain(args.preset, _config(args, PRETRAIN_DEFAULTS), n_examples=args.examples,
                              checkpoint_path=args.checkpoint, resume=args.resume)
     model.save(args.out)
     print(f"saved {args.out}: {model.num_params():,} parameters, final loss {result.losses[-1]:.4f}, "
-          f"validation exact match {result.best_metric:.1%} ({result.seconds:.0f} s)")
+          f"validation exact match {_percent(result.best_metric)} ({result.seconds:.0f} s)")
+
+
+def _percent(metric) -> str:
+    return "n/a" if metric is None else f"{metric:.1%}"
 
 
 def cmd_tune(args):
@@ -145,6 +290,9 @@ def cmd_tune(args):
         if args.task is None:
             raise ValueError("tune needs --task (a built-in task) or --data (a .jsonl file of your examples)")
         get_task(args.task)  # an unknown name lists the valid ones
+    if (args.init == "text") != (args.init_text is not None):
+        raise ValueError("--init-text goes with --init text, and --init text needs --init-text")
+    check_outputs(args)  # before the base model is loaded: a bad path fails now, not after training
     info = init_from_env()  # under torchrun: join the process group; else one process
     model, tok = load_base_and_tokenizer(args.base)
     if args.data is not None:
@@ -172,7 +320,7 @@ def cmd_tune(args):
         what = f"{len(data[0])} training / {len(data[1])} validation examples"
         if info.world_size > 1:
             what += f", {info.world_size} processes"
-        line = f"saved {args.out} ({what}): best validation exact match {result.best_metric:.1%}"
+        line = f"saved {args.out} ({what}): best validation exact match {_percent(result.best_metric)}"
         if test_ex is not None:
             line += f", test exact match {exact_match_accuracy(pt, test_ex, tok, device=info.device):.1%}"
         print(line)
@@ -214,9 +362,45 @@ def cmd_generate(args):
     print(tok.decode(new))
 
 
+def cmd_serve(args):
+    import json
+
+    from tqdm import tqdm
+
+    from ..assets import load_base_and_tokenizer
+    from ..serve import PromptBank, RequestError, read_requests
+    from ..userdata import DataError
+
+    prompts = {}
+    for spec in args.prompt:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--prompt expects NAME=FILE, got {spec!r}")
+        prompts[name] = path
+    requests = read_requests(sys.stdin if args.requests == "-" else args.requests, set(prompts))  # before any work
+    model, tok = load_base_and_tokenizer(args.base)
+    bank = PromptBank(model, prompts, max_batch=args.max_batch)
+    encoded = [(task, tok.encode(text) + [tok.sep_id]) for task, text in requests]  # input<sep>, as in tuning
+    try:
+        bank.check_requests(encoded, args.max_new_tokens)  # every request, before any generation
+    except RequestError as e:
+        raise DataError(f"{args.requests}:{e.index + 1}: {e.reason}") from None
+    with tqdm(total=len(encoded), desc="serve", unit="req", disable=args.no_progress, file=sys.stderr) as bar:
+        answers = bank.generate(encoded, args.max_new_tokens, eos_id=tok.eos_id,
+                                prefix_cache=not args.no_prefix_cache, progress=bar.update)
+    lines = [json.dumps({"task": task, "input": text, "output": tok.decode([t for t in a if t != tok.eos_id])})
+             for (task, text), a in zip(requests, answers)]
+    if args.out == "-":
+        print("\n".join(lines))
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+        print(f"answered {len(lines)} requests ({len(prompts)} tasks) into {args.out}", file=sys.stderr)
+
+
 # The benchmark scripts live in the source checkout's benchmarks/ folder (they are not installed).
 BENCHMARKS = {"memory": "bench_memory.py", "prompt-concat": "bench_prompt_concat.py",
-              "train-step": "bench_train_step.py"}
+              "train-step": "bench_train_step.py", "serve": "bench_serve.py"}
 
 
 def cmd_bench(args):
@@ -234,11 +418,26 @@ def cmd_bench(args):
         sys.argv = saved_argv
 
 
+def cmd_exercises(args):
+    from ..exercises.__main__ import main as exercises_main
+
+    return exercises_main(args.exercise_args)
+
+
 def cmd_experiment(args):
     from .experiments import QUICK, SIZES, LesterSetup, command_line, pretrain_bases, run_lester
 
     if args.name == "lester-bases":
         pretrain_bases(args.out, args.sizes or SIZES, progress=not args.no_progress)
+        return
+    if args.name == "seed-claims":
+        from . import seed_claims
+
+        results = args.results or ("runs/seed-claims-quick" if args.quick else "benchmarks/results")
+        work = args.work or ("runs/seed-claims-quick/work" if args.quick else "runs/seed-claims")
+        seed_claims.run_seed_claims(seed_claims.QUICK if args.quick else seed_claims.SeedSetup(), results, work,
+                                    base=args.base, command=command_line(), progress=not args.no_progress,
+                                    threads=args.threads)
         return
     setup = QUICK if args.quick else LesterSetup()
     results = args.results or ("runs/lester-quick" if args.quick else "benchmarks/results")
@@ -247,7 +446,8 @@ def cmd_experiment(args):
 
 
 COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "tune": cmd_tune, "eval": cmd_eval,
-            "generate": cmd_generate, "bench": cmd_bench, "experiment": cmd_experiment}
+            "generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench, "experiment": cmd_experiment,
+            "exercises": cmd_exercises}
 
 if __name__ == "__main__":
     sys.exit(main())

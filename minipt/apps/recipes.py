@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 from dataclasses import replace
 
 import torch
@@ -44,7 +46,8 @@ def pretrain(preset: str = "tiny", cfg: TrainConfig = PRETRAIN_DEFAULTS, n_examp
     val = [ex for name in TASKS if name != HELD_OUT_TASK for ex in make_split(name, "val", 64, seed=cfg.seed)]
     get_batch = batch_fn(data, tok, cfg.batch_size, seed=cfg.seed, instruction=True)
     result = train(model, get_batch, cfg, evaluate=lambda: exact_match_accuracy(model, val, tok, instruction=True),
-                   checkpoint_path=checkpoint_path, resume=resume)
+                   checkpoint_path=checkpoint_path, resume=resume,
+                   run_id={"recipe": "pretrain", "preset": preset, "n_examples": n_examples})
     return model, result
 
 
@@ -83,6 +86,21 @@ def init_token_counts(tokenizer, train_ex, n_prompt: int):
     return counts if int((counts > 0).sum()) >= n_prompt else None
 
 
+def examples_sha256(examples) -> str:
+    """16 hex digits that identify a list of examples (task, input, answer), in order."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.task, ex.input, ex.answer]).encode())
+    return digest.hexdigest()[:16]
+
+
+def tune_run_id(model: GPT, task, train_ex, n_prompt: int, init: str, init_text, world_size: int) -> dict:
+    """What identifies a prompt-tuning run besides its TrainConfig (stored in, and checked on, resume)."""
+    return {"recipe": "tune_prompt", "task": task, "data_sha256": examples_sha256(train_ex),
+            "base_fingerprint": model.fingerprint(), "n_prompt": n_prompt, "init": init, "init_text": init_text,
+            "world_size": world_size}
+
+
 def tune_prompt(model: GPT, task: str | None = None, n_prompt: int = 20, init: str = "vocab",
                 cfg: TrainConfig = TUNE_DEFAULTS, *, data=None, tokenizer=None, init_text: str | None = None,
                 info: DistInfo = DistInfo(), backend: str = "auto", recompute: bool = False,
@@ -101,17 +119,17 @@ def tune_prompt(model: GPT, task: str | None = None, n_prompt: int = 20, init: s
     pt = PromptTuning(model, n_prompt=n_prompt, init=init, init_text=init_text, tokenizer=tok, token_counts=counts,
                       seed=cfg.seed, backend=backend, labels=labels, recompute=recompute)
     get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False, device=info.device)
+    resuming = dict(checkpoint_path=checkpoint_path, resume=resume,
+                    run_id=tune_run_id(model, task, train_ex, n_prompt, init, init_text, info.world_size))
     if info.world_size == 1:
-        result = train(pt, get_batch, cfg, checkpoint_path=checkpoint_path, resume=resume,
+        result = train(pt, get_batch, cfg, **resuming,
                        evaluate=lambda: exact_match_accuracy(pt, val_ex, tok, device=info.device))
         return pt, result
-    if checkpoint_path is not None:
-        raise ValueError("--checkpoint/--resume are not supported with several processes yet")
     shard_rows(cfg.batch_size, info.rank, info.world_size)  # fail early on an indivisible batch
     module = DataParallelPrompt(pt, info.rank, info.world_size)
-    try:
-        result = train(module, get_batch, replace(cfg, progress=cfg.progress and info.is_main),
-                       evaluate=lambda: sharded_accuracy(pt, val_ex, tok, info))
+    try:  # every rank reads the checkpoint on resume; only rank 0 writes it
+        result = train(module, get_batch, replace(cfg, progress=cfg.progress and info.is_main), **resuming,
+                       write_checkpoint=info.is_main, evaluate=lambda: sharded_accuracy(pt, val_ex, tok, info))
     finally:
         module.close()
     return pt, result
