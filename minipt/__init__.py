@@ -1,12 +1,13 @@
 """minipt: soft prompt tuning (Lester et al. 2021) for GPT-style models, small enough to read.
 
-    from minipt import GPT, GPTConfig, ByteTokenizer, PromptTuning
+    from minipt import GPT, GPTConfig, ByteTokenizer, PromptTuning, PromptBank
     from minipt.kernels import prompt_concat
 """
 from .model import GPT, GPTConfig
 from .prompt import PromptTuning
+from .serve import PromptBank
 from .tokenizer import ByteTokenizer
 from .train import TrainConfig
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "GPTConfig", "ByteTokenizer", "PromptTuning", "TrainConfig", "__version__"]
+__all__ = ["GPT", "GPTConfig", "ByteTokenizer", "PromptTuning", "PromptBank", "TrainConfig", "__version__"]

@@ -72,7 +72,7 @@ PRESETS = {
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with an optional key/value cache for generation."""
+    """Multi-head causal self-attention; with a `KVCache`, the keys and values of x are written into it first."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -82,29 +82,101 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: tuple | None = None):
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0):
         B, T, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)  # 3 x (B, T, D)
         # (B, T, D) -> (B, n_head, T, head_dim)
         q = q.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
-        if cache is not None and cache[0] is not None:
-            # Decoding: the new queries see every cached position, so no causal mask is needed as long as
-            # they are a single new position (T == 1), which is what `generate` feeds.
-            if T != 1:
-                raise ValueError("with a non-empty cache, feed one new position at a time")
-            k = torch.cat([cache[0], k], dim=2)  # (B, n_head, T_past + 1, head_dim)
-            v = torch.cat([cache[1], v], dim=2)
-            is_causal = False
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (B, n_head, T, hd)
         else:
-            is_causal = True
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, n_head, T, head_dim)
+            k, v = cache.write(layer, k, v)  # (B, n_head, T_max, head_dim): every row's past and this chunk
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, D)  # (B, T, D)
-        y = self.resid_dropout(self.c_proj(y))
-        return y, (k, v)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for generation with rows of different lengths.
+
+        k, v      per layer (B, n_head, T_max, head_dim); row b's valid keys are positions [0, lengths[b])
+        lengths   (B,) int64: how many positions of each row are in the cache
+
+    A chunk x (B, T, D) fed to `GPT.body` is written at positions lengths[b] + t of its row (`begin`), and
+    query t of row b attends to the keys j <= lengths[b] + t: the row's past plus the causal part of the chunk
+    (eq. 1, the boolean mask given to scaled_dot_product_attention). Then `advance(n_valid)` moves each row by
+    its number of real positions, so right padding in the chunk is overwritten by the row's next token. No
+    tensor is concatenated per step: decoding one token writes one slot per row.
+
+    Rows can start from a filled prefix (the prompt-prefix KV cache of minipt.serve): write its keys and values
+    into positions [0, P_b) with `set_prefix` and the row continues at position P_b.
+    """
+
+    def __init__(self, n_layer: int, B: int, n_head: int, T_max: int, head_dim: int, device=None, dtype=None):
+        # One buffer per layer, not one (n_layer, ...) tensor: an in-place write into one layer's buffer must not
+        # change the version of the keys another layer's attention saved for backward (deep prompts train
+        # through the cache, minipt.prefix).
+        shape = (B, n_head, T_max, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.lengths = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
+        self.mask = None
+
+    @classmethod
+    def for_model(cls, model: "GPT", B: int, T_max: int, dtype=None) -> "KVCache":
+        c, w = model.config, model.transformer.wte.weight
+        return cls(c.n_layer, B, c.n_head, T_max, c.n_embd // c.n_head, device=w.device, dtype=dtype or w.dtype)
+
+    @property
+    def T_max(self) -> int:
+        return self.k[0].shape[2]
+
+    def row(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row b's keys and values at every layer, each (n_layer, n_head, T_max, head_dim)."""
+        return torch.stack([k[b] for k in self.k]), torch.stack([v[b] for v in self.v])
+
+    def set_prefix(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Row b starts from a prefix: k, v (n_layer, n_head, P, head_dim) go to positions [0, P)."""
+        P = k.shape[2]
+        for layer in range(len(self.k)):
+            self.k[layer][b, :, :P] = k[layer]
+            self.v[layer][b, :, :P] = v[layer]
+        self.lengths[b] = P
+
+    def fill_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Every row starts from the same prefix k, v (n_layer, n_head, P, head_dim): deep prompts (minipt.prefix).
+
+        A plain copy into the buffers, so when k and v require grad their gradient flows back through it."""
+        P = k.shape[2]
+        for layer in range(len(self.k)):
+            self.k[layer][:, :, :P] = k[layer]  # broadcast over the B rows
+            self.v[layer][:, :, :P] = v[layer]
+        self.lengths.fill_(P)
+
+    def begin(self, T: int) -> None:
+        """Prepare a chunk of T positions: where each row writes (B, T) and what each query sees (eq. 1)."""
+        self.pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T) write positions
+        keys = torch.arange(self.T_max, device=self.lengths.device)  # (T_max,)
+        self.mask = (keys[None, None, :] <= self.pos[:, :, None])[:, None]  # (B, 1, T, T_max)   eq. 1
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this chunk's k, v (B, n_head, T, head_dim) at `pos`; return the layer's (B, n_head, T_max, hd)."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        self.k[layer][rows, :, self.pos] = k.transpose(1, 2)  # (B, T, n_head, head_dim) into (B, n_head, T_max, hd)
+        self.v[layer][rows, :, self.pos] = v.transpose(1, 2)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n_valid) -> None:
+        """Each row moves by its number of real positions in the chunk: an int, or (B,) for right padding."""
+        self.lengths += n_valid
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (finished rows leave the batch and stop costing work)."""
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        self.lengths = self.lengths[rows]
 
 
 class MLP(nn.Module):
@@ -129,11 +201,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        a, new_cache = self.attn(self.ln_1(x), cache)
-        x = x + a  # (B, T, D)
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)  # (B, T, D)
         x = x + self.mlp(self.ln_2(x))  # (B, T, D)
-        return x, new_cache
+        return x
 
 
 class GPT(nn.Module):
@@ -170,32 +241,34 @@ class GPT(nn.Module):
 
     # ---- the three steps -------------------------------------------------------------------------------
 
-    def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """x[b, t] = wte[idx[b, t]] + wpe[start_pos + t]."""
+    def embed(self, idx: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x[b, t] = wte[idx[b, t]] + wpe[start_pos + t], or wpe[positions[b, t]] with positions (B, T)."""
         T = idx.shape[1]
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, D)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, D)
         return self.transformer.drop(x)
 
-    def body(self, x: torch.Tensor, cache: list | None = None, recompute: bool = False) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, recompute: bool = False,
+             n_valid=None) -> torch.Tensor:
         """Run the blocks and the final LayerNorm on input embeddings x (B, T, D).
 
-        cache: a list with one (k, v) entry per layer, each (B, n_head, T_past, head_dim), empty or from an
-        earlier call; the keys and values of x are appended to it, so the next call only needs the new position.
+        cache: a `KVCache`; x's keys and values are written after each row's cached positions and x attends to
+        them, so generation feeds only new positions. n_valid: the real positions of each row of x (an int or
+        (B,), right padding; default T), by which each row of the cache advances.
         recompute: run each block under `torch.utils.checkpoint` (non-reentrant): backward keeps only the block
         inputs and runs each block's forward again. It needs no input that requires grad, so it works on a
         frozen model as it is (PEFT issue #742 is about the reentrant variant, which does).
         """
-        if cache is not None and len(cache) == 0:
-            cache.extend([None] * len(self.transformer.h))
+        if cache is not None:
+            cache.begin(x.shape[1])
         for i, block in enumerate(self.transformer.h):
-            layer_cache = None if cache is None else (cache[i] if cache[i] is not None else (None, None))
-            if recompute and torch.is_grad_enabled():
-                x, kv = checkpoint(block, x, layer_cache, use_reentrant=False)
+            if recompute and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
             else:
-                x, kv = block(x, layer_cache)
-            if cache is not None:
-                cache[i] = kv
+                x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(x.shape[1] if n_valid is None else n_valid)
         return self.transformer.ln_f(x)  # (B, T, D)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -229,38 +302,40 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None, eos_id: int | None = None) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens tokens; temperature 0 means greedy. Returns (B, T + new).
 
-        Every row continues from its last position, so the rows of a batch must have the same length (no
-        padding); batch examples of equal length together.
+        attention_mask (B, T), 1 = token, 0 = pad, right-padded: row b continues after its own last token, and
+        its new tokens are out[b, T:] whatever its length. With eos_id, a row stops at its first eos (kept)
+        and the rest of its row is eos_id.
         """
-        self.check(idx)
+        self.check(idx, attention_mask=attention_mask)
         check_generation_length(idx.shape[1], max_new_tokens, self.config.block_size, "idx length")
         if not use_cache:
-            return generate_without_cache(lambda ids: self(ids)[0], idx, max_new_tokens, temperature, top_k, generator)
-        new = self.generate_from_embeddings(self.embed(idx), max_new_tokens, temperature, top_k, generator)
+            return generate_without_cache(lambda ids: self(ids)[0], idx, max_new_tokens, temperature, top_k,
+                                          generator, attention_mask, eos_id)
+        n_valid = idx.shape[1] if attention_mask is None else attention_mask.sum(1)  # (B,) or T
+        new = self.generate_from_embeddings(self.embed(idx), max_new_tokens, temperature, top_k, generator,
+                                            n_valid=n_valid, eos_id=eos_id)
         return torch.cat([idx, new], dim=1)
 
     @torch.no_grad()
-    def generate_from_embeddings(self, x, max_new_tokens, temperature=1.0, top_k=None, generator=None) -> torch.Tensor:
+    def generate_from_embeddings(self, x, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+                                 n_valid=None, eos_id=None, cache: KVCache | None = None) -> torch.Tensor:
         """Generate after a prefix given as embeddings x (B, T0, D), e.g. a soft prompt + input, with the KV cache.
 
+        n_valid: the real positions of each row (an int or (B,) tensor; right padding; default T0). cache: a
+        KVCache whose rows already hold a prefix (its lengths say where x starts); by default a new one.
         The prefix is run once (prefill) and each new token costs one position. Returns the new ids (B, new).
         """
         B, T0, _ = x.shape
-        check_generation_length(T0, max_new_tokens, self.config.block_size, "prefix length")
-        new_ids = torch.empty(B, 0, dtype=torch.long, device=x.device)
-        if max_new_tokens == 0:
-            return new_ids
-        cache = []
-        h = self.body(x, cache)  # prefill: (B, T0, D)
-        for step in range(max_new_tokens):
-            next_id = sample_next(self.head(h[:, -1]), temperature, top_k, generator)  # (B, 1)
-            new_ids = torch.cat([new_ids, next_id], dim=1)
-            if step < max_new_tokens - 1:
-                h = self.body(self.embed(next_id, start_pos=T0 + step), cache)  # (B, 1, D)
-        return new_ids
+        n_valid = torch.full((B,), T0, dtype=torch.long, device=x.device) if n_valid is None \
+            else torch.as_tensor(n_valid, device=x.device).expand(B)  # (B,)
+        if cache is None:
+            check_generation_length(T0, max_new_tokens, self.config.block_size, "prefix length")
+            cache = KVCache.for_model(self, B, T0 + max_new_tokens, dtype=x.dtype)
+        return decode(self, x, cache, n_valid, max_new_tokens, temperature, top_k, generator, eos_id)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
 
@@ -306,15 +381,67 @@ def check_generation_length(T0: int, max_new_tokens: int, block_size: int, what:
 
 
 @torch.no_grad()
+def decode(model: GPT, x, cache: KVCache, n_valid, max_new_tokens, temperature=1.0, top_k=None,
+           generator=None, eos_id=None, budgets=None) -> torch.Tensor:
+    """Prefill x (B, T0, D) after each row's cached prefix, then decode; returns the new ids (B, max_new_tokens).
+
+    Row b's real positions are x[b, :n_valid[b]], placed after the cache's lengths[b] positions; its next token
+    is read at its last real position and written at position lengths[b] + n_valid[b] + step. budgets (B,): the most new
+    tokens of each row (default max_new_tokens). A row is done at its first eos_id (kept) or its budget; the
+    rest of its output is eos_id (0 without one), and done rows leave the batch (`KVCache.keep`).
+    """
+    B = x.shape[0]
+    fill = 0 if eos_id is None else eos_id
+    out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=x.device)  # (B, new)
+    if max_new_tokens == 0:
+        return out
+    rows = torch.arange(B, device=x.device)  # (B_active,) the rows still decoding
+    h = model.body(x, cache, n_valid=n_valid)  # prefill: (B, T0, D)
+    h = h[rows, n_valid - 1]  # (B, D): each row's last real position
+    stop_early = eos_id is not None or budgets is not None
+    budgets = torch.as_tensor(max_new_tokens if budgets is None else budgets, device=x.device).expand(B)
+    for step in range(max_new_tokens):
+        next_id = sample_next(model.head(h), temperature, top_k, generator)  # (B_active, 1)
+        out[rows, step] = next_id[:, 0]
+        if step == max_new_tokens - 1:
+            break
+        if stop_early:  # one host read per step: which rows are done
+            done = budgets[rows] <= step + 1
+            if eos_id is not None:
+                done |= next_id[:, 0] == eos_id
+            if bool(done.any()):
+                keep = (~done).nonzero()[:, 0]  # (B_active',)
+                if len(keep) == 0:
+                    break
+                rows, next_id = rows[keep], next_id[keep]
+                cache.keep(keep)
+        pos = cache.lengths[:, None]  # (B_active, 1): each row's next position
+        h = model.body(model.embed(next_id, positions=pos), cache)[:, 0]  # (B_active, D)
+    return out
+
+
+@torch.no_grad()
 def generate_without_cache(logits_fn, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
-                           generator=None) -> torch.Tensor:
+                           generator=None, attention_mask=None, eos_id=None) -> torch.Tensor:
     """The reference decoder: run the whole sequence again for every new token (what the cache must equal).
 
-    logits_fn(ids (B, T)) -> logits (B, T, V) is any forward pass (the model's, or a prompt-tuned one).
+    logits_fn(ids (B, T)) -> logits (B, T, V) is any forward pass (the model's, or a prompt-tuned one). With
+    attention_mask (right padding), each row is decoded alone, unpadded: the plainest reference there is.
     """
+    if attention_mask is not None:
+        T = idx.shape[1]
+        rows = [generate_without_cache(logits_fn, idx[b:b + 1, :n], max_new_tokens, temperature, top_k,
+                                       generator, None, eos_id)[:, n:]
+                for b, n in enumerate(attention_mask.sum(1).tolist())]
+        return torch.cat([idx, torch.cat(rows)], dim=1)  # (B, T + new)
+    T = idx.shape[1]
     for _ in range(max_new_tokens):
         next_id = sample_next(logits_fn(idx)[:, -1], temperature, top_k, generator)  # (B, 1)
         idx = torch.cat([idx, next_id], dim=1)
+    if eos_id is not None:  # everything after a row's first eos is eos
+        new = idx[:, T:]
+        after = (new == eos_id).long().cumsum(1) - (new == eos_id).long() > 0  # (B, new): past the first eos
+        idx = torch.cat([idx[:, :T], new.masked_fill(after, eos_id)], dim=1)
     return idx
 
 

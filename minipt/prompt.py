@@ -213,20 +213,35 @@ class PromptTuning(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None,
-                 prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+                 prompt_index: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 eos_id: int | None = None) -> torch.Tensor:
         """Continue idx (B, n); the prompt enters the KV cache once, at prefill. Returns (B, n + new).
 
+        attention_mask (B, n), right-padded: row b continues after its own last token; its new tokens are
+        out[b, n:]. eos_id: a row stops at its first eos (kept), the rest of its row is eos_id.
         use_cache=False runs the whole prompted sequence again for every token: the reference the cache equals.
         """
-        self.check(idx, prompt_index=prompt_index)
+        self.check(idx, attention_mask=attention_mask, prompt_index=prompt_index)
         check_generation_length(self.n_prompt + idx.shape[1], max_new_tokens, self.model.config.block_size,
                                 "n_prompt + idx length")
         if not use_cache:
+            if attention_mask is not None and prompt_index is not None:  # row by row, each with its own prompt
+                rows = [self._generate_row(idx[b:b + 1, :n], prompt_index[b:b + 1], max_new_tokens, temperature,
+                                           top_k, generator, eos_id)
+                        for b, n in enumerate(attention_mask.sum(1).tolist())]
+                return torch.cat([idx, torch.cat(rows)], dim=1)
             return generate_without_cache(lambda ids: self(ids, prompt_index=prompt_index)[0], idx, max_new_tokens,
-                                          temperature, top_k, generator)
+                                          temperature, top_k, generator, attention_mask, eos_id)
+        n_valid = None if attention_mask is None else self.n_prompt + attention_mask.sum(1)  # (B,) real positions
         new = self.model.generate_from_embeddings(self.embed(idx, prompt_index), max_new_tokens, temperature,
-                                                  top_k, generator)
+                                                  top_k, generator, n_valid=n_valid, eos_id=eos_id)
         return torch.cat([idx, new], dim=1)
+
+    def _generate_row(self, ids, prompt_index, max_new_tokens, temperature, top_k, generator, eos_id):
+        """The no-cache reference for one unpadded row of a bank: its new tokens (1, new)."""
+        out = generate_without_cache(lambda x: self(x, prompt_index=prompt_index)[0], ids, max_new_tokens,
+                                     temperature, top_k, generator, None, eos_id)
+        return out[:, ids.shape[1]:]
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
