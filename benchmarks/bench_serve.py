@@ -10,7 +10,7 @@ inputs of 8-64 random tokens, answers of 1-8 tokens (a per-request budget, greed
     mixed-prefix  minipt PromptBank, mixed batches with the prompt-prefix KV cache
 
 `agree` is the fraction of generated tokens equal to the greedy reference. Each configuration serves the
-whole workload once, after a warm-up on 8 requests. The "tiny" model is the tiny preset with block_size 256
+whole workload once, after a warm-up on 8 requests; the two mixed ones --rounds times, in turn (the median). The "tiny" model is the tiny preset with block_size 256
 (100 + 64 + 8 positions do not fit in 128); "gpt2" is GPT-2 small's shape.
 
     python benchmarks/bench_serve.py                 # both models, 20- and 100-vector prompts
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,23 +45,28 @@ def parse_args(argv):
     p.add_argument("--gpt2-requests", type=int, default=64, help="requests for the gpt2 model (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of the two mixed configurations, taken in turn; the median counts (default 3)")
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--smoke", action="store_true", help="a pico model, 16 requests: runs in seconds")
     p.add_argument("--out", help="CSV path (default benchmarks/results/serve-cpu.csv; --smoke: no file)")
     p.add_argument("--plot", help="PNG path (default next to the CSV)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--parse-only", action="store_true",
+                   help="check the arguments as a real run would, then exit (no device, no files)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.presets, args.requests, args.n_prompts, args.max_batch = ["pico"], 16, [20], 8
+        args.presets, args.requests, args.n_prompts, args.max_batch, args.rounds = ["pico"], 16, [20], 8, 1
     return args
 
 
-def workload(cfg, n_prompt, n_requests, seed=0):
+def workload(cfg, n_prompt, n_requests, device="cpu", seed=0):
     import torch
 
     from minipt import GPT, GPTConfig, PromptTuning
 
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**cfg)).eval()
+    model = GPT(GPTConfig(**cfg)).to(device).eval()
     g = torch.Generator().manual_seed(seed + 1)
     prompts = {f"task{k}": PromptTuning.from_tensor(model, torch.rand(n_prompt, cfg["n_embd"], generator=g) - 0.5,
                                                     backend="reference") for k in range(4)}
@@ -76,7 +82,8 @@ def workload(cfg, n_prompt, n_requests, seed=0):
 def run_alone(model, prompts, requests, budgets):
     import torch
 
-    return [prompts[n].generate(torch.tensor([ids]), b, temperature=0)[0, len(ids):].tolist()
+    device = model.transformer.wte.weight.device
+    return [prompts[n].generate(torch.tensor([ids], device=device), b, temperature=0)[0, len(ids):].tolist()
             for (n, ids), b in zip(requests, budgets)]
 
 
@@ -121,6 +128,8 @@ def run_peft(peft, requests, budgets, use_cache, max_batch):
                 seq = requests[i][1]
                 ids[r, T - len(seq):], mask[r, T - len(seq):] = torch.tensor(seq), 1
             new = max(budgets[i] for i in chunk)
+            device = next(m.parameters()).device
+            ids, mask = ids.to(device), mask.to(device)
             with torch.no_grad():
                 out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                  do_sample=False, use_cache=use_cache, pad_token_id=0)
@@ -137,7 +146,7 @@ def agreement(answers, reference) -> float:
 def measure(preset, n_prompt, n_requests, args):
     import torch
 
-    model, prompts, requests, budgets = workload(MODELS[preset], n_prompt, n_requests)
+    model, prompts, requests, budgets = workload(MODELS[preset], n_prompt, n_requests, args.device)
     runs = {"alone": lambda: run_alone(model, prompts, requests, budgets),
             "mixed": lambda: run_bank(model, prompts, requests, budgets, False, args.max_batch),
             "mixed-prefix": lambda: run_bank(model, prompts, requests, budgets, True, args.max_batch)}
@@ -160,6 +169,18 @@ def measure(preset, n_prompt, n_requests, args):
         if config == "alone":
             reference = answers
         print(f"  {preset} n_prompt={n_prompt} {config}: {results[config][0]:.1f} s", flush=True)
+    # The two mixed configurations are compared with each other: more rounds, taken in turn, so that a change in
+    # the machine's load hits both; the median of each counts.
+    times = {c: [results[c][0]] for c in ("mixed", "mixed-prefix")}
+    for _ in range(args.rounds - 1):
+        for config in times:
+            t0 = time.perf_counter()
+            runs[config]()
+            times[config].append(time.perf_counter() - t0)
+    for config, ts in times.items():
+        results[config] = (statistics.median(ts), results[config][1])
+        print(f"  {preset} n_prompt={n_prompt} {config}: median of {len(ts)} rounds {results[config][0]:.1f} s "
+              f"({', '.join(f'{t:.1f}' for t in ts)})", flush=True)
     del torch
     return results, reference, sum(budgets), failed
 
@@ -169,6 +190,12 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.parse_only:
+        print(f"parse-only: presets {args.presets}, n_prompts {args.n_prompts}, {args.requests} requests, "
+              f"device {args.device}")
+        return {}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
     torch.set_num_threads(args.threads)
     command = "python benchmarks/bench_serve.py " + " ".join(argv)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -176,7 +203,7 @@ def main(argv=None):
         load = open("/proc/loadavg").read().split()[0]
     except OSError:
         load = "?"
-    print(f"{command}\n{device_name('cpu')}, {args.threads} threads, load average {load} at start")
+    print(f"{command}\n{device_name(args.device)}, {args.threads} threads, load average {load} at start")
     all_rows, ratios = {}, []
     for preset in args.presets:
         rows = []
@@ -186,12 +213,12 @@ def main(argv=None):
             for config, error in failed.items():
                 rows.append(dict(preset=preset, n_prompt=n_p, config=config, requests=n_req, new_tokens=n_tokens,
                                  seconds="", requests_per_s="", tokens_per_s="", agree=f"failed: {error}",
-                                 device=device_name("cpu"), threads=args.threads, date=date))
+                                 device=device_name(args.device), threads=args.threads, date=date))
             for config, (sec, answers) in results.items():
                 rows.append(dict(preset=preset, n_prompt=n_p, config=config, requests=n_req, new_tokens=n_tokens,
                                  seconds=f"{sec:.3f}", requests_per_s=f"{n_req / sec:.2f}",
                                  tokens_per_s=f"{n_tokens / sec:.1f}", agree=f"{agreement(answers, reference):.3f}",
-                                 device=device_name("cpu"), threads=args.threads, date=date))
+                                 device=device_name(args.device), threads=args.threads, date=date))
             rps = {c: n_req / s for c, (s, _) in results.items()}
             peft_best = max((rps[c] for c in ("peft-nocache", "peft-cache") if c in rps), default=None)
             ratios.append((preset, n_p, rps["mixed-prefix"] / peft_best if peft_best else None,
@@ -208,7 +235,7 @@ def main(argv=None):
               f"mixed-prefix / mixed = {vs_mixed:.2f}x (goal 1.5x)")
     if args.smoke and not args.out:
         return all_rows
-    out = Path(args.out) if args.out else RESULTS / "serve-cpu.csv"
+    out = Path(args.out) if args.out else RESULTS / f"serve-{args.device}.csv"
     for preset, rows in all_rows.items():
         write_preset_csv(out, preset, rows, COLUMNS, f"{command}  (load average {load} at start)",
                          "bench_serve.py: a mixed workload of 4 soft prompts, greedy, random weights, fp32")

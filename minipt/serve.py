@@ -125,7 +125,7 @@ class PromptBank:
         if p.model is not self.model and model_fingerprint(p.model) != fingerprint:
             raise CheckpointError(f"prompt {name!r} was made for another base model (fingerprint "
                                   f"{model_fingerprint(p.model)}, this model is {fingerprint})")
-        return p.prompt.detach()  # (P, D), fp32
+        return p.prompt_embeddings().detach()  # (P, D), fp32
 
     def __len__(self) -> int:
         return len(self.prompts)
