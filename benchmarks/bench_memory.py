@@ -10,6 +10,7 @@ Rows (random weights, fp32, every input position supervised: the worst case for 
     minipt prompt tuning   PromptTuning as shipped: a frozen model, the fused frozen head; n_prompt + T positions
     ..., recompute         the same with PromptTuning(recompute=True): each frozen block is run again in
                            backward, so only the block inputs are kept
+    minipt P-tuning v2     PrefixTuning: n_prompt trainable key/value positions at every layer (minipt.prefix)
 
 Columns: trainable parameters (what the optimizer updates), gradient bytes (every .grad after backward),
 optimizer-state bytes, bytes saved for backward (`minipt.saved_tensors.saved_tensor_report`, parameters not
@@ -33,7 +34,8 @@ from pathlib import Path
 
 from minipt.apps.benchio import write_preset_csv
 
-CONFIGS = ("full fine-tuning", "naive prompt tuning", "minipt prompt tuning", "minipt prompt tuning, recompute")
+CONFIGS = ("full fine-tuning", "naive prompt tuning", "minipt prompt tuning", "minipt prompt tuning, recompute",
+           "minipt P-tuning v2 (deep prefix)")
 COLUMNS = ("trainable_params", "gradient_bytes", "optimizer_state_bytes", "saved_bytes", "peak_bytes", "ms_per_step")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,6 +83,11 @@ def build(config: str, cfg, args):
     model = GPT(cfg).to(args.device)
     if config == "full fine-tuning":
         return model.train(), list(model.parameters())
+    if config == "minipt P-tuning v2 (deep prefix)":
+        from minipt import PrefixTuning
+
+        module = PrefixTuning(model, n_prefix=args.n_prompt, init="normal")  # n_layer * 2 * n_prefix * D numbers
+        return module.train(), [module.prefix]
     module = PromptTuning(model, n_prompt=args.n_prompt, init="uniform", frozen_head=config.startswith("minipt"),
                           recompute=config.endswith("recompute"))
     if config == "naive prompt tuning":

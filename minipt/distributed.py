@@ -37,7 +37,6 @@ import torch.nn as nn
 
 from .data import exact_match_accuracy
 from .loss import mask_padding
-from .prompt import PromptTuning
 
 
 @dataclass(frozen=True)
@@ -78,16 +77,20 @@ def shard_rows(B: int, rank: int, world_size: int) -> slice:
 class DataParallelPrompt(nn.Module):
     """pt on this rank's shard of a global batch; the prompt's gradient is summed over ranks (steps 1-3 above).
 
+    pt is any tuned module with a `loss` (PromptTuning, or PrefixTuning): every tensor of it that trains (the
+    prompt; a prefix; an encoder's weights) gets the all-reduce hook.
+
     loss(idx, targets, mask) takes the *global* batch and returns a loss with the value of the global loss (the
     same on every rank) and the gradient of this rank's share (N_r / N) loss_r.
-    Call close() to remove the all-reduce hook from the prompt.
+    Call close() to remove the all-reduce hooks.
     """
 
-    def __init__(self, pt: PromptTuning, rank: int, world_size: int):
+    def __init__(self, pt: nn.Module, rank: int, world_size: int):
         super().__init__()
         self.pt, self.rank, self.world_size = pt, rank, world_size
-        # after backward has accumulated dL_r/dP into prompt.grad: sum it over ranks, in place
-        self._hook = pt.prompt.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad))
+        # after backward has accumulated dL_r/dP into p.grad: sum it over ranks, in place
+        self._hooks = [p.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad))
+                       for p in pt.parameters() if p.requires_grad]
 
     def loss(self, idx, targets, attention_mask=None):
         supervised = mask_padding(targets, attention_mask) != -100  # (B, T)
@@ -101,7 +104,8 @@ class DataParallelPrompt(nn.Module):
         return part + (total - part.detach())  # value: global loss; gradient: this rank's share
 
     def close(self) -> None:
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
 
 
 def sharded_accuracy(pt, examples, tokenizer, info: DistInfo) -> float:

@@ -49,8 +49,15 @@ _MINIPT_INIT = {"RANDOM": "uniform", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
 
 
 def peft_config(pt, base_model_name_or_path: str | None = None) -> dict:
-    """The adapter_config.json of a PromptTuning, with the keys `peft.PromptTuningConfig` writes."""
+    """The adapter_config.json of a PromptTuning (or a PrefixTuning), with the keys PEFT's config writes."""
     cfg = pt.model.config
+    if hasattr(pt, "prefix_embeddings"):  # a deep prompt: PEFT's PrefixTuningConfig, saved materialised
+        return {"auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "encoder_hidden_size": None,
+                "inference_mode": True, "init_weights": None, "modules_to_save": None,
+                "num_attention_heads": cfg.n_head, "num_layers": cfg.n_layer, "num_transformer_submodules": 1,
+                "num_virtual_tokens": pt.n_prefix, "peft_type": "PREFIX_TUNING", "peft_version": None,
+                "prefix_projection": False,  # the MLP of reparam="mlp" is never saved: the prefix itself is
+                "revision": None, "task_type": "CAUSAL_LM", "token_dim": cfg.n_embd}
     return {
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
@@ -66,7 +73,7 @@ def peft_config(pt, base_model_name_or_path: str | None = None) -> dict:
         "prompt_tuning_init_text": None,
         "revision": None,
         "task_type": "CAUSAL_LM",
-        "token_dim": pt.prompt.shape[1],
+        "token_dim": pt.prompt.shape[-1],
         "tokenizer_kwargs": None,
         "tokenizer_name_or_path": None,
     }
@@ -76,7 +83,8 @@ def save_peft(pt, directory, base_model_name_or_path: str | None = None) -> Path
     """Write adapter_config.json and adapter_model.safetensors (fp32 prompt) into `directory`, atomically each."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    prompt = pt.prompt.detach().float().cpu().contiguous()  # (n_prompt, D)
+    tuned = pt.prefix_embeddings() if hasattr(pt, "prefix_embeddings") else pt.prompt_embeddings()
+    prompt = tuned.detach().float().cpu().contiguous()  # (n_prompt, D), or a prefix (n_prefix, n_layer * 2 * D)
     atomic_write(directory / WEIGHTS_NAME,
                  lambda tmp: save_file({TENSOR_NAME: prompt}, tmp, metadata={"format": "pt"}))
     text = json.dumps(peft_config(pt, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
@@ -84,8 +92,11 @@ def save_peft(pt, directory, base_model_name_or_path: str | None = None) -> Path
     return directory
 
 
-def read_peft(directory) -> tuple[torch.Tensor, dict]:
-    """(prompt_embeddings (n_p, D), adapter config) of a PEFT prompt-tuning folder, checked; no model needed."""
+def read_peft(directory, peft_type: str = "PROMPT_TUNING") -> tuple[torch.Tensor, dict]:
+    """(prompt_embeddings, adapter config) of a PEFT adapter folder of `peft_type`, checked; no model needed.
+
+    PROMPT_TUNING: prompt_embeddings (n_p, D). PREFIX_TUNING: (n_prefix, n_layer * 2 * D), minipt.prefix's layout.
+    """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file():
@@ -98,9 +109,13 @@ def read_peft(directory) -> tuple[torch.Tensor, dict]:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != "PROMPT_TUNING":
-        raise CheckpointError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only PROMPT_TUNING "
-                              f"adapters hold a soft prompt minipt can use")
+    if config.get("peft_type") != peft_type:
+        what = "a soft prompt" if peft_type == "PROMPT_TUNING" else "a key/value prefix"
+        raise CheckpointError(f"{config_path}: peft_type is {config.get('peft_type')!r}; {what} comes from "
+                              f"{peft_type} adapters")
+    if peft_type == "PREFIX_TUNING" and config.get("prefix_projection"):
+        raise CheckpointError(f"{config_path}: prefix_projection is true; minipt reads the materialised prefix "
+                              f"(PEFT saves it so only with prefix_projection false, or in inference mode)")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise CheckpointError(f"{config_path}: task_type is {config.get('task_type')!r}; minipt's GPT is a CAUSAL_LM")
     if config.get("num_transformer_submodules") not in (None, 1):
@@ -119,6 +134,8 @@ def read_peft(directory) -> tuple[torch.Tensor, dict]:
         raise CheckpointError(f"{weights_path}: no (num_virtual_tokens, token_dim) tensor named {TENSOR_NAME!r} "
                               f"(found {sorted(tensors)})")
     declared = (config.get("num_virtual_tokens"), config.get("token_dim"))
+    if peft_type == "PREFIX_TUNING" and isinstance(config.get("num_layers"), int) and isinstance(declared[1], int):
+        declared = (declared[0], config["num_layers"] * 2 * declared[1])  # (n_prefix, n_layer * 2 * D)
     if declared != tuple(prompt.shape):
         raise CheckpointError(f"{directory}: the config declares (num_virtual_tokens, token_dim) = {declared} "
                               f"but {TENSOR_NAME} has shape {tuple(prompt.shape)}")
@@ -137,6 +154,19 @@ def load_peft(model: GPT, directory, backend: str = "auto"):
     # kept fp32 and requiring grad: it can be trained further
     return PromptTuning.from_tensor(model, prompt, init=_MINIPT_INIT.get(str(config.get("prompt_tuning_init")),
                                                                          "unknown"), backend=backend)
+
+
+def load_peft_prefix(model: GPT, directory):
+    """PrefixTuning.from_peft: a trainable PrefixTuning (P-tuning v2) on `model` from a PREFIX_TUNING folder."""
+    from .prefix import PrefixTuning
+
+    prefix, config = read_peft(directory, "PREFIX_TUNING")
+    c = model.config
+    shape = (config.get("num_layers"), config.get("num_attention_heads"), config.get("token_dim"))
+    if shape != (c.n_layer, c.n_head, c.n_embd):
+        raise CheckpointError(f"{directory}: the adapter is for (num_layers, num_attention_heads, token_dim) = "
+                              f"{shape}, the model has ({c.n_layer}, {c.n_head}, {c.n_embd}); made for another model")
+    return PrefixTuning.from_tensor(model, prefix)
 
 
 # ---- PEFT's loss convention --------------------------------------------------------------------------------

@@ -118,14 +118,19 @@ class PromptTuning(nn.Module):
     def __init__(self, model: GPT, n_prompt: int = 20, init: str = "vocab", *, init_text: str | None = None,
                  tokenizer=None, token_counts: torch.Tensor | None = None, seed: int = 0,
                  backend: str = "auto", frozen_head: bool = True, labels: Sequence[str] | None = None,
-                 recompute: bool = False, prompt: torch.Tensor | None = None):
+                 recompute: bool = False, prompt: torch.Tensor | None = None, reparam: str | None = None,
+                 hidden: int | None = None):
         super().__init__()
         if not isinstance(model, GPT):
             raise TypeError(f"model must be a minipt GPT, got {type(model).__name__}")
         if prompt is not None:  # from_tensor: start from a given prompt or bank
             n_prompt = prompt.shape[-2]
-        if not 1 <= n_prompt < model.config.block_size:
-            raise ValueError(f"n_prompt must be in [1, block_size={model.config.block_size}), got {n_prompt}")
+        if not isinstance(n_prompt, int) or not 1 <= n_prompt < model.config.block_size:
+            raise ValueError(f"n_prompt must be in [1, block_size={model.config.block_size}), an integer; got {n_prompt!r}")
+        if reparam not in (None, "mlp"):
+            raise ValueError(f"reparam must be None (prompt tuning) or 'mlp' (P-tuning), got {reparam!r}")
+        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
+            raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
         self.model = freeze(model)
         self.n_prompt = n_prompt
         self.init = init
@@ -140,6 +145,16 @@ class PromptTuning(nn.Module):
         device = model.transformer.wte.weight.device
         # The prompt is kept in fp32 whatever the model's dtype; prompt_concat casts it to the activation dtype.
         self.prompt = nn.Parameter(prompt.detach().to(device=device, dtype=torch.float32).clone())  # (n_p, D) or (K, n_p, D)
+        self.reparam = reparam
+        if reparam == "mlp":
+            # P-tuning (Liu et al. 2021, "GPT Understands, Too"): the prompt the model sees is an MLP of a trained
+            # table, D -> hidden -> hidden -> D with ReLU, PEFT's PromptEncoder (MLP). `prompt` is then the table,
+            # `prompt_embeddings()` what the model reads; `save` writes the latter, a plain soft prompt.
+            D, H = prompt.shape[-1], hidden or prompt.shape[-1]
+            with torch.random.fork_rng(devices=[]):  # the MLP's initial weights from `seed`, the global RNG untouched
+                torch.manual_seed(seed)
+                self.encoder = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(),
+                                             nn.Linear(H, D)).to(device)
 
     @classmethod
     def from_tensor(cls, model: GPT, prompt: torch.Tensor, init: str = "unknown", **kwargs) -> "PromptTuning":
@@ -151,6 +166,10 @@ class PromptTuning(nn.Module):
             raise ValueError(f"prompt must have shape (n_prompt, n_embd={D}) or a bank (K, n_prompt, n_embd={D}), "
                              f"got {got}")
         return cls(model, init=init, prompt=prompt, **kwargs)
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """What the model reads at the prompt positions: the prompt, or with reparam="mlp" the encoder's output."""
+        return self.prompt if self.reparam is None else self.encoder(self.prompt)
 
     @property
     def bank_size(self) -> int | None:
@@ -183,7 +202,7 @@ class PromptTuning(nn.Module):
         Inputs unchecked: call `check` first (forward, loss and generate do)."""
         tr = self.model.transformer
         # check_ids=False: the public methods have checked the ids once already (`check`)
-        x = prompt_concat(self.prompt, tr.wte.weight, idx, wpe=tr.wpe.weight, prompt_index=prompt_index,
+        x = prompt_concat(self.prompt_embeddings(), tr.wte.weight, idx, wpe=tr.wpe.weight, prompt_index=prompt_index,
                           backend=self.backend, check_ids=False)
         return tr.drop(x)
 
@@ -257,7 +276,7 @@ class PromptTuning(nn.Module):
             "base_fingerprint": model_fingerprint(self.model),
             "base_config": json.dumps(self.model.config.to_dict()),
         }
-        save_tensors(path, {"prompt": self.prompt}, kind="prompt", metadata=meta)
+        save_tensors(path, {"prompt": self.prompt_embeddings().detach()}, kind="prompt", metadata=meta)
 
     @classmethod
     def load(cls, model: GPT, path, backend: str = "auto") -> "PromptTuning":

@@ -17,7 +17,8 @@ def test_bench_memory_smallest_setting(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(line for line in out.read_text().splitlines() if not line.startswith("#")))
     configs = [r["config"] for r in rows]
-    assert configs == ["full fine-tuning", "naive prompt tuning", "minipt prompt tuning", "minipt prompt tuning, recompute"]
+    assert configs == ["full fine-tuning", "naive prompt tuning", "minipt prompt tuning", "minipt prompt tuning, recompute",
+                       "minipt P-tuning v2 (deep prefix)"]
     by = {r["config"]: r for r in rows}
     # Only the prompt trains in both prompt-tuning rows; only minipt's frees the weight gradients.
     assert int(by["naive prompt tuning"]["trainable_params"]) == int(by["minipt prompt tuning"]["trainable_params"])
@@ -25,4 +26,6 @@ def test_bench_memory_smallest_setting(tmp_path):
     assert int(by["minipt prompt tuning"]["saved_bytes"]) < int(by["naive prompt tuning"]["saved_bytes"])
     # recomputing the frozen blocks keeps only their inputs
     assert int(by["minipt prompt tuning, recompute"]["saved_bytes"]) < int(by["minipt prompt tuning"]["saved_bytes"])
+    # a deep prefix trains n_layer * 2 keys and values per position: 2 layers of nano, n_prompt 2, D 64
+    assert int(by["minipt P-tuning v2 (deep prefix)"]["trainable_params"]) == 2 * 2 * 2 * 64
     assert "full fine-tuning" in done.stdout

@@ -70,3 +70,25 @@ def test_two_processes_give_the_one_process_prompt(tmp_path):
     torch.testing.assert_close(p2, p1, atol=1e-6, rtol=0)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["base.safetensors", "d.jsonl", "one.safetensors",
                                                           "two.safetensors"]
+
+
+def test_two_processes_give_the_one_process_deep_prefix_and_ptuning_encoder(tmp_path):
+    """Every trainable tensor is all-reduced: a P-tuning v2 prefix, and P-tuning's table and MLP."""
+    from minipt.prefix import PrefixTuning
+
+    torch.manual_seed(0)
+    base = tmp_path / "base.safetensors"
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=260, block_size=64)).save(base)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"input": w, "output": w[::-1] * (1 + i % 3)}) + "\n"
+                            for i, w in enumerate(WORDS)))
+    model = GPT.from_checkpoint(base)
+    for method, load in (("ptuning-v2", lambda p: PrefixTuning.load(model, p).prefix),
+                         ("ptuning", lambda p: PromptTuning.load(model, p).prompt)):
+        tune = ["-m", "minipt", "tune", "--data", str(data), "--base", str(base), "--steps", "3", "--batch-size",
+                "6", "--n-prompt", "3", "--method", method, "--no-progress"]
+        run([*tune, "--out", f"{method}-one.safetensors"], tmp_path)
+        run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *tune,
+             "--out", f"{method}-two.safetensors"], tmp_path)
+        one, two = load(tmp_path / f"{method}-one.safetensors"), load(tmp_path / f"{method}-two.safetensors")
+        torch.testing.assert_close(two, one, atol=1e-5, rtol=0)

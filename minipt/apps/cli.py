@@ -109,6 +109,7 @@ def _config(args, defaults):
 def build_parser() -> argparse.ArgumentParser:
     from ..model import PRESETS
     from ..prompt import INIT_MODES
+    from .recipes import METHODS
     from ..tasks import TASKS
     from .demo import DEMO_TASK
     from .recipes import PRETRAIN_DEFAULTS, TUNE_DEFAULTS
@@ -146,12 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
                                   "a GPT-2 and its tokenizer from the local Hugging Face cache or a folder")
     p.add_argument("--peft-out", type=path_arg, help="also write the prompt as a PEFT adapter folder (adapter_config.json, "
                                       "adapter_model.safetensors)")
-    p.add_argument("--n-prompt", type=count, default=20)
-    p.add_argument("--init", choices=INIT_MODES, default="vocab",
-                   help="label: the class labels' embeddings first (classification only); default %(default)s")
+    p.add_argument("--method", choices=METHODS, default="prompt",
+                   help="prompt: a soft prompt (Lester et al.); ptuning: the prompt through an MLP; ptuning-v2: a "
+                        "key/value prefix at every layer; prefix: that prefix through an MLP (Li & Liang). Each "
+                        "has its own default --lr; default %(default)s")
+    p.add_argument("--n-prompt", type=count, default=20, help="prompt (or prefix) length (default %(default)s)")
+    p.add_argument("--init", choices=(*INIT_MODES, "normal"), default="vocab",
+                   help="label: the class labels' embeddings first (classification only); the prefix methods take "
+                        "vocab (the keys and values of sampled tokens) or normal; default %(default)s")
     p.add_argument("--init-text", type=text_arg, help="text whose token embeddings start the prompt (with --init text)")
     p.add_argument("--out", type=path_arg, required=True, help="where to write the prompt (.safetensors)")
     _train_flags(p, TUNE_DEFAULTS)
+    p.set_defaults(lr=None)  # each method's own rate (recipes.METHOD_DEFAULTS) unless --lr is given
 
     p = sub.add_parser("eval", help="test-split exact match of a base model, with or without a prompt")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
@@ -195,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("exercise_args", nargs=argparse.REMAINDER, help="list | build [--check] | check NOTEBOOK.ipynb")
 
     p = sub.add_parser("experiment", help="Lester et al.'s experiments in miniature (see minipt/experiments.py)")
-    p.add_argument("name", choices=["lester", "lester-bases", "seed-claims"],
+    p.add_argument("name", choices=["lester", "lester-bases", "seed-claims", "depth"],
                    help="lester: length, init, scale and ensembling; lester-bases: pretrain its base models; "
+                        "depth: P-tuning v2 and P-tuning on the scale curve (see minipt/apps/depth.py); "
                         "seed-claims: the explainer's claims (few-shot, vs fine-tuning, prompt design, domain "
                         "shift; see minipt/apps/seed_claims.py)")
     p.add_argument("--quick", action="store_true", help="lester, seed-claims: a small version (one task, short "
@@ -284,7 +292,7 @@ def cmd_tune(args):
     from ..distributed import init_from_env
     from ..tasks import get_task
     from ..userdata import check_fits, read_jsonl, select_task, split_validation
-    from .recipes import TUNE_DEFAULTS, task_data, tune_prompt
+    from .recipes import METHOD_DEFAULTS, task_data, tune_prompt
 
     if args.data is None:
         if args.task is None:
@@ -309,8 +317,11 @@ def cmd_tune(args):
     else:
         data = task_data(args.task, seed=args.seed)
         test_ex = data[2]
-    pt, result = tune_prompt(model, args.task, args.n_prompt, args.init, _config(args, TUNE_DEFAULTS), data=data,
-                             tokenizer=tok, init_text=args.init_text, info=info,
+    defaults = METHOD_DEFAULTS[args.method]
+    args.lr = args.lr or defaults.lr  # the method's own rate unless --lr is given
+    cfg = _config(args, defaults)
+    pt, result = tune_prompt(model, args.task, args.n_prompt, args.init, cfg, data=data, tokenizer=tok,
+                             init_text=args.init_text, info=info, method=args.method,
                              checkpoint_path=args.checkpoint, resume=args.resume)
     if info.is_main:  # only rank 0 writes files and prints
         pt.save(args.out)
@@ -334,12 +345,11 @@ def cmd_tune(args):
 def cmd_eval(args):
     from ..assets import load_base
     from ..data import exact_match_accuracy
-    from ..prompt import PromptTuning
     from ..tasks import make_split
     from ..tokenizer import ByteTokenizer
 
     model = load_base(args.base)
-    module = PromptTuning.load(model, args.prompt) if args.prompt else model
+    module = load_tuned(model, args.prompt) if args.prompt else model
     examples = make_split(args.task, args.split, args.n)
     acc = exact_match_accuracy(module, examples, ByteTokenizer(), instruction=args.instruction)
     print(f"{args.task} ({args.split}, n={len(examples)}): exact match {acc:.1%}")
@@ -349,10 +359,9 @@ def cmd_generate(args):
     import torch
 
     from ..assets import load_base_and_tokenizer
-    from ..prompt import PromptTuning
 
     model, tok = load_base_and_tokenizer(args.base)
-    module = PromptTuning.load(model, args.prompt) if args.prompt else model
+    module = load_tuned(model, args.prompt) if args.prompt else model
     ids = tok.encode(args.text) + ([tok.sep_id] if args.task_format else [])
     idx = torch.tensor([ids])
     out = module.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)[0, len(ids):]
@@ -418,6 +427,20 @@ def cmd_bench(args):
         sys.argv = saved_argv
 
 
+def load_tuned(model, path):
+    """A `minipt tune` file on `model`: a soft prompt, or a deep prompt (a prefix file of --method ptuning-v2/prefix)."""
+    from ..checkpoint import CheckpointError
+    from ..prefix import PrefixTuning
+    from ..prompt import PromptTuning
+
+    try:
+        return PromptTuning.load(model, path)
+    except CheckpointError as e:
+        if "holds 'prefix'" not in str(e):
+            raise
+        return PrefixTuning.load(model, path)
+
+
 def cmd_exercises(args):
     from ..exercises.__main__ import main as exercises_main
 
@@ -429,6 +452,14 @@ def cmd_experiment(args):
 
     if args.name == "lester-bases":
         pretrain_bases(args.out, args.sizes or SIZES, progress=not args.no_progress)
+        return
+    if args.name == "depth":
+        from .depth import DEPTH_QUICK, DepthSetup, run_depth
+
+        results = args.results or ("runs/depth-quick" if args.quick else "benchmarks/results")
+        work = args.work or ("runs/depth-quick/work" if args.quick else "runs/depth")
+        run_depth(DEPTH_QUICK if args.quick else DepthSetup(), results, work, bases_dir=args.bases,
+                  command=command_line(), progress=not args.no_progress, threads=args.threads)
         return
     if args.name == "seed-claims":
         from . import seed_claims

@@ -21,6 +21,7 @@ import torch
 from ..data import batch_fn, exact_match_accuracy, token_frequencies
 from ..distributed import DataParallelPrompt, DistInfo, shard_rows, sharded_accuracy
 from ..model import GPT, GPTConfig
+from ..prefix import PREFIX_INITS, PrefixTuning
 from ..prompt import PromptTuning
 from ..tasks import HELD_OUT_TASK, TASKS, get_task, make_split, pretraining_mixture
 from ..tokenizer import ByteTokenizer
@@ -33,6 +34,13 @@ PRETRAIN_EXAMPLES = 60_000
 # Prompt tuning takes a much larger learning rate than model tuning (Lester et al. use 0.3 with Adafactor).
 TUNE_DEFAULTS = TrainConfig(steps=300, batch_size=32, lr=0.1, warmup_steps=20, eval_every=50, seed=0)
 FINETUNE_DEFAULTS = TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, eval_every=50, seed=0)
+# Each method's defaults. Adam's step is about lr in parameter units: a prompt and a bare prefix live on the scale
+# of the embeddings and keys, so they take a large rate; through an MLP every step moves many weights at once, so
+# the rate is 10x smaller. The rates are the best of {0.003, 0.01, 0.03, 0.1} (prefix, P-tuning: of {3e-4 ..
+# 1e-2}) in 150-step runs on `sentiment` with the shipped tiny model.
+METHODS = ("prompt", "ptuning", "ptuning-v2", "prefix")
+METHOD_DEFAULTS = {"prompt": TUNE_DEFAULTS, "ptuning": replace(TUNE_DEFAULTS, lr=1e-2),
+                   "ptuning-v2": replace(TUNE_DEFAULTS, lr=1e-1), "prefix": replace(TUNE_DEFAULTS, lr=1e-2)}
 MAX_LABELS = 20  # init="label" on your own data: more distinct outputs than this is not a classification data set
 
 
@@ -94,33 +102,56 @@ def examples_sha256(examples) -> str:
     return digest.hexdigest()[:16]
 
 
-def tune_run_id(model: GPT, task, train_ex, n_prompt: int, init: str, init_text, world_size: int) -> dict:
+def tune_run_id(model: GPT, task, train_ex, n_prompt: int, init: str, init_text, world_size: int,
+                method: str = "prompt") -> dict:
     """What identifies a prompt-tuning run besides its TrainConfig (stored in, and checked on, resume)."""
     return {"recipe": "tune_prompt", "task": task, "data_sha256": examples_sha256(train_ex),
             "base_fingerprint": model.fingerprint(), "n_prompt": n_prompt, "init": init, "init_text": init_text,
-            "world_size": world_size}
+            "world_size": world_size, "method": method}
+
+
+def tuned_module(method: str, model: GPT, n_prompt: int, init: str, seed: int, tokenizer, **prompt_kwargs):
+    """The module a method trains on the frozen model: a soft prompt (through an MLP for P-tuning) or a deep
+    key/value prefix at every layer (P-tuning v2; through an MLP for Li & Liang's prefix tuning)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method in ("prompt", "ptuning"):
+        return PromptTuning(model, n_prompt=n_prompt, init=init, tokenizer=tokenizer, seed=seed,
+                            reparam="mlp" if method == "ptuning" else None, **prompt_kwargs)
+    if init not in PREFIX_INITS:
+        raise ValueError(f"--init {init} is for soft prompts; --method {method} starts from {' or '.join(PREFIX_INITS)}")
+    return PrefixTuning(model, n_prefix=n_prompt, reparam="mlp" if method == "prefix" else None, init=init,
+                        seed=seed, special_ids=getattr(tokenizer, "special_ids", ()))
 
 
 def tune_prompt(model: GPT, task: str | None = None, n_prompt: int = 20, init: str = "vocab",
-                cfg: TrainConfig = TUNE_DEFAULTS, *, data=None, tokenizer=None, init_text: str | None = None,
-                info: DistInfo = DistInfo(), backend: str = "auto", recompute: bool = False,
-                checkpoint_path=None, resume: bool = False) -> tuple[PromptTuning, TrainResult]:
-    """A soft prompt on the frozen `model`, trained without any instruction, on one process or W (`info`).
+                cfg: TrainConfig | None = None, *, data=None, tokenizer=None, init_text: str | None = None,
+                info: DistInfo = DistInfo(), backend: str = "auto", recompute: bool = False, method: str = "prompt",
+                checkpoint_path=None, resume: bool = False) -> tuple[PromptTuning | PrefixTuning, TrainResult]:
+    """A soft prompt (or a deep prompt: `method`) on the frozen `model`, trained without any instruction, on one
+    process or W (`info`).
 
-    data: (train, val, ...) examples, default the built-in `task`'s splits. tokenizer: default ByteTokenizer.
+    method: "prompt" (Lester et al.), "ptuning" (the prompt through an MLP), "ptuning-v2" (a key/value prefix at
+    every layer), "prefix" (that prefix through an MLP); n_prompt is the prompt's or the prefix's length, cfg
+    defaults to the method's METHOD_DEFAULTS. data: (train, val, ...) examples, default the built-in `task`'s
+    splits. tokenizer: default ByteTokenizer.
     With W processes (info from `minipt.distributed.init_from_env`) the prompt equals the one-process prompt
     with the same global batch, up to float rounding.
     """
     tok = tokenizer or ByteTokenizer()
+    cfg = cfg or METHOD_DEFAULTS.get(method, TUNE_DEFAULTS)
     train_ex, val_ex = (data if data is not None else task_data(task, seed=cfg.seed))[:2]
-    labels = class_labels(task, train_ex) if init == "label" else None
-    counts = init_token_counts(tok, train_ex, n_prompt) if init in ("vocab", "label") else None
     model = model.to(info.device)
-    pt = PromptTuning(model, n_prompt=n_prompt, init=init, init_text=init_text, tokenizer=tok, token_counts=counts,
-                      seed=cfg.seed, backend=backend, labels=labels, recompute=recompute)
+    if method in ("prompt", "ptuning"):
+        labels = class_labels(task, train_ex) if init == "label" else None
+        counts = init_token_counts(tok, train_ex, n_prompt) if init in ("vocab", "label") else None
+        pt = tuned_module(method, model, n_prompt, init, cfg.seed, tok, init_text=init_text, token_counts=counts,
+                          backend=backend, labels=labels, recompute=recompute)
+    else:
+        pt = tuned_module(method, model, n_prompt, init, cfg.seed, tok)
     get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False, device=info.device)
     resuming = dict(checkpoint_path=checkpoint_path, resume=resume,
-                    run_id=tune_run_id(model, task, train_ex, n_prompt, init, init_text, info.world_size))
+                    run_id=tune_run_id(model, task, train_ex, n_prompt, init, init_text, info.world_size, method))
     if info.world_size == 1:
         result = train(pt, get_batch, cfg, **resuming,
                        evaluate=lambda: exact_match_accuracy(pt, val_ex, tok, device=info.device))
