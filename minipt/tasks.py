@@ -127,12 +127,12 @@ NEUTRAL_WORDS = (
 _SENTIMENT_COUNTS = ((1, 0, 2), (0, 1, 2), (2, 0, 1), (0, 2, 1), (3, 0, 0), (0, 3, 0), (2, 1, 0), (1, 2, 0))
 
 
-def _sentence(rng: random.Random) -> str:
-    n_pos, n_neg, n_neu = rng.choice(_SENTIMENT_COUNTS)
+def _sentence(rng: random.Random, counts=_SENTIMENT_COUNTS, neutral_words=NEUTRAL_WORDS) -> str:
+    n_pos, n_neg, n_neu = rng.choice(counts)
     words = (
         [rng.choice(POSITIVE_WORDS) for _ in range(n_pos)]
         + [rng.choice(NEGATIVE_WORDS) for _ in range(n_neg)]
-        + [rng.choice(NEUTRAL_WORDS) for _ in range(n_neu)]
+        + [rng.choice(neutral_words) for _ in range(n_neu)]
     )
     rng.shuffle(words)
     return " ".join(words)
@@ -195,6 +195,66 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+# --- shifted domains (Lester et al. 2021, section 5) -----------------------------------------------
+#
+# A domain is another input distribution for some tasks, with the same answer rule. Tune on one domain and test
+# on another (`make_split(..., domain=NAME)`): the drop from the in-domain test split to the shifted one measures
+# robustness to domain shift. The number and letter domains split the pretraining inputs by length, so the
+# frozen model knows both sides of the shift and only the tuning data is narrow; "unseen-words" goes outside
+# the pretraining data altogether.
+
+UNSEEN_NEUTRAL_WORDS = (
+    "lamp", "door", "pencil", "garden", "bottle", "carpet", "ladder", "basket",
+    "mirror", "wheel", "forest", "button", "candle", "bridge", "tower",
+)  # fmt: skip  (disjoint from the word lists above: no pretraining sentence holds one)
+
+# The sentence shapes with at least one neutral word, so every shifted sentence holds an unseen word.
+_SENTIMENT_COUNTS_WITH_NEUTRAL = tuple(c for c in _SENTIMENT_COUNTS if c[2] > 0)
+
+
+def _number_of_digits(lo: int, hi: int) -> Callable[[random.Random], str]:
+    """A sampler of numbers with lo..hi digits (the digit count drawn first, uniformly)."""
+    def sample(rng: random.Random) -> str:
+        n_digits = rng.randint(lo, hi)
+        return str(rng.randint(10 ** (n_digits - 1), 10**n_digits - 1))
+    return sample
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A named input distribution for ``tasks``: ``sample_input(rng)`` draws one of its inputs."""
+
+    name: str
+    tasks: tuple[str, ...]
+    description: str
+    _sample: Callable[[random.Random], str] = field(repr=False, compare=False)
+
+    def sample_input(self, rng: random.Random) -> str:
+        return self._sample(rng)
+
+
+_LETTER_TASKS = ("copy", "reverse", "sort", "shift", "upper")
+DOMAINS: dict[str, Domain] = {
+    d.name: d
+    for d in (
+        Domain("short-numbers", ("parity",), "numbers of 3 or 4 digits", _number_of_digits(3, 4)),
+        Domain("five-digit-numbers", ("parity",), "numbers of 5 digits", _number_of_digits(5, 5)),
+        Domain("short-letters", _LETTER_TASKS, "3 to 5 letters", lambda rng: _letters(rng, 3, 5)),
+        Domain("long-letters", _LETTER_TASKS, "6 or 7 letters", lambda rng: _letters(rng, 6, 7)),
+        Domain("unseen-words", ("sentiment",), "sentences with 1 or 2 neutral words never seen in pretraining",
+               lambda rng: _sentence(rng, _SENTIMENT_COUNTS_WITH_NEUTRAL, UNSEEN_NEUTRAL_WORDS)),
+    )
+}  # fmt: skip
+
+
+def get_domain(name: str, task_name: str) -> Domain:
+    """Look a shifted domain up by name; it must be one of ``task_name``'s (a ValueError lists those)."""
+    ok = [d.name for d in DOMAINS.values() if task_name in d.tasks]
+    if name not in DOMAINS or task_name not in DOMAINS[name].tasks:
+        raise ValueError(f"unknown domain {name!r} for task {task_name!r}; its domains: {', '.join(ok) or 'none'}")
+    return DOMAINS[name]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Examples and splits
 # ---------------------------------------------------------------------------------------------------
@@ -224,13 +284,16 @@ def _rng(*parts: object) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
 
 
-def make_split(task_name: str, split: str, n: int, seed: int = 0, unique: bool = True) -> list[Example]:
+def make_split(task_name: str, split: str, n: int, seed: int = 0, unique: bool = True,
+               domain: str | None = None) -> list[Example]:
     """Draw ``n`` examples of ``task_name`` whose inputs belong to ``split``.
 
     Inputs are rejection-sampled: draw one, keep it only if ``split_of(input) == split`` (and, with
     ``unique``, it was not drawn before). For classification tasks the i-th example must have label
     ``labels[i % len(labels)]``, so the labels alternate and every prefix of the list is balanced.
-    The same (task, split, n, seed) always gives the same list; another seed gives another sample.
+    The same (task, split, n, seed) always gives the same list, and a smaller n its first n examples (so
+    training sets of growing size are nested); another seed gives another sample. ``domain`` draws the
+    inputs from a shifted domain of the task instead (``DOMAINS``), with the same split rule.
     If the split runs out of distinct inputs (e.g. ``add`` has only ~1,000 val inputs) a ValueError
     says so after a bounded number of attempts, instead of looping forever.
     """
@@ -239,14 +302,17 @@ def make_split(task_name: str, split: str, n: int, seed: int = 0, unique: bool =
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rng = _rng(task_name, split, seed)
+    # A shifted domain draws its inputs from its own generator and its own seed stream; the split rule is the
+    # same hash, so a shifted test input is never a train or val input of any domain.
+    sample = task.sample_input if domain is None else get_domain(domain, task_name).sample_input
+    rng = _rng(task_name, split, seed) if domain is None else _rng(task_name, domain, split, seed)
     max_attempts = 50_000 + 100 * n  # far more than a feasible request needs (~20 draws per example)
     examples: list[Example] = []
     seen: set[str] = set()
     for _ in range(max_attempts):
         if len(examples) == n:
             return examples
-        x = task.sample_input(rng)
+        x = sample(rng)
         if split_of(x) != split or (unique and x in seen):
             continue
         y = task.answer(x)

@@ -33,6 +33,7 @@ NOTEBOOKS = [
     "03_tuning_a_frozen_gpt.ipynb",
     "04_kernel_benchmarks.ipynb",
     "05_the_paper_in_miniature.ipynb",
+    "06_the_seed_claims_tested.ipynb",
 ]
 TIME_LIMIT_S = 180
 MIN_ASSERTS = 5
