@@ -311,7 +311,7 @@ class GPT(nn.Module):
         and the rest of its row is eos_id.
         """
         self.check(idx, attention_mask=attention_mask)
-        check_generation_length(idx.shape[1], max_new_tokens, self.config.block_size, "idx length")
+        check_generation_length(idx.shape[1], max_new_tokens, self.config.block_size, "idx length", temperature, top_k)
         if not use_cache:
             return generate_without_cache(lambda ids: self(ids)[0], idx, max_new_tokens, temperature, top_k,
                                           generator, attention_mask, eos_id)
@@ -375,7 +375,13 @@ class GPT(nn.Module):
         return gpt_from_pretrained(name_or_path, cache_dir=cache_dir)
 
 
-def check_generation_length(T0: int, max_new_tokens: int, block_size: int, what: str) -> None:
+def check_generation_length(T0: int, max_new_tokens: int, block_size: int, what: str, temperature: float = 0.0,
+                            top_k: int | None = None) -> None:
+    """Generation's arguments, before any work: max_new_tokens an integer >= 0 whose sequence fits in block_size,
+    and the sampling arguments as sample_next takes them."""
+    check_sampling(temperature, top_k)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if T0 + max_new_tokens > block_size:
         raise ValueError(f"{what} {T0} + max_new_tokens {max_new_tokens} exceeds block_size {block_size}")
 
@@ -445,12 +451,16 @@ def generate_without_cache(logits_fn, idx, max_new_tokens: int, temperature: flo
     return idx
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
-    """Pick the next token from logits (B, V): argmax when temperature == 0, else sample (top-k optional)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
+    """Pick the next token from logits (B, V): argmax when temperature == 0, else sample (top-k optional)."""
+    check_sampling(temperature, top_k)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
     logits = logits / temperature

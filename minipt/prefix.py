@@ -164,7 +164,7 @@ class PrefixTuning(nn.Module):
         """Continue idx (B, n) after the prefix; returns (B, n + new). use_cache=False is the reference."""
         self.check(idx, attention_mask=attention_mask)
         check_generation_length(self.n_prefix + idx.shape[1], max_new_tokens, self.model.config.block_size,
-                                "n_prefix + idx length")
+                                "n_prefix + idx length", temperature, top_k)
         if not use_cache:
             return generate_without_cache(lambda ids: self(ids)[0], idx, max_new_tokens, temperature, top_k,
                                           generator, attention_mask, eos_id)

@@ -242,7 +242,7 @@ class PromptTuning(nn.Module):
         """
         self.check(idx, attention_mask=attention_mask, prompt_index=prompt_index)
         check_generation_length(self.n_prompt + idx.shape[1], max_new_tokens, self.model.config.block_size,
-                                "n_prompt + idx length")
+                                "n_prompt + idx length", temperature, top_k)
         if not use_cache:
             if attention_mask is not None and prompt_index is not None:  # row by row, each with its own prompt
                 rows = [self._generate_row(idx[b:b + 1, :n], prompt_index[b:b + 1], max_new_tokens, temperature,

@@ -208,3 +208,16 @@ def test_truncated_train_state(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable training checkpoint"):
         load_train_state(path)
+
+
+def test_an_atomic_write_replaces_a_symlink_never_its_target(tmp_path):
+    """Writing to a path that is a symlink replaces the link itself: the file it pointed to is left alone."""
+    from minipt.checkpoint import atomic_write
+
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("keep me")
+    link = tmp_path / "out.txt"
+    link.symlink_to(outside)
+    atomic_write(link, lambda tmp: open(tmp, "w").write("new"))
+    assert outside.read_text() == "keep me"
+    assert not link.is_symlink() and link.read_text() == "new"

@@ -250,3 +250,21 @@ def test_targets_of_the_wrong_shape_or_kind():
         model(idx, targets=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="no supervised position"):
         model(idx, targets=torch.full((2, 5), -100))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0"),
+    (dict(max_new_tokens=2, temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(max_new_tokens=2, temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(max_new_tokens=2, temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(max_new_tokens=2, temperature=1.0, top_k=0), "top_k must be >= 1"),
+])
+def test_generation_arguments_are_checked_in_the_api(kwargs, match):
+    from minipt import PromptTuning
+
+    model = random_gpt(dict(n_layer=1, n_head=2, n_embd=16, vocab_size=40, block_size=32))
+    idx = torch.randint(40, (2, 5))
+    for module in (model, PromptTuning(model, n_prompt=3, init="uniform")):
+        with pytest.raises(ValueError, match=match):
+            module.generate(idx, **kwargs)
