@@ -47,14 +47,20 @@ def run(args, tmp_path):
     return proc.stdout
 
 
-def test_two_processes_give_the_one_process_prompt(tmp_path):
+def base_and_data(tmp_path):
+    """A random base model file and a .jsonl of WORDS whose answers have different lengths, so that the two
+    shards of a batch hold different numbers of supervised tokens."""
     torch.manual_seed(0)
     base = tmp_path / "base.safetensors"
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=260, block_size=64)).save(base)
-    # answers of different lengths: the two shards hold different numbers of supervised tokens
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"input": w, "output": w[::-1] * (1 + i % 3)}) + "\n"
                             for i, w in enumerate(WORDS)))
+    return base, data
+
+
+def test_two_processes_give_the_one_process_prompt(tmp_path):
+    base, data = base_and_data(tmp_path)
     tune = ["-m", "minipt", "tune", "--data", str(data), "--base", str(base), "--steps", "4", "--batch-size", "6",
             "--n-prompt", "3", "--init", "uniform", "--lr", "0.05", "--no-progress"]
     one = run([*tune, "--out", "one.safetensors"], tmp_path)
@@ -76,12 +82,7 @@ def test_two_processes_give_the_one_process_deep_prefix_and_ptuning_encoder(tmp_
     """Every trainable tensor is all-reduced: a P-tuning v2 prefix, and P-tuning's table and MLP."""
     from minipt.prefix import PrefixTuning
 
-    torch.manual_seed(0)
-    base = tmp_path / "base.safetensors"
-    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=260, block_size=64)).save(base)
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"input": w, "output": w[::-1] * (1 + i % 3)}) + "\n"
-                            for i, w in enumerate(WORDS)))
+    base, data = base_and_data(tmp_path)
     model = GPT.from_checkpoint(base)
     for method, load in (("ptuning-v2", lambda p: PrefixTuning.load(model, p).prefix),
                          ("ptuning", lambda p: PromptTuning.load(model, p).prompt)):
