@@ -27,6 +27,13 @@ The file follows the usual layout of a Triton op (Triton tutorials, Liger-Kernel
    breaking the graph on a Triton launch;
 5. input validation shared by both backends, and the dispatcher `prompt_concat`.
 
+Who calls it: `minipt.prompt.PromptTuning.embed` only (training, evaluation, generation). Serving
+(`minipt.serve.PromptBank`) goes through it too: the prompts of one length form a (K, n_p, D) bank and each
+batch calls the op with `prompt_index`, once per prompt length. With the prompt-prefix KV cache the prompt
+positions' keys and values come from the cache, so serving keeps only the token rows of the output,
+x[:, n_p:] = wte[idx] + wpe[n_p + t]; without it the whole output goes to the prefill. Serving never runs
+the backward.
+
 Triton is optional: without it (macOS, Windows) the module imports and the reference runs.
 
 References: Lester, Al-Rfou, Constant, "The Power of Scale for Parameter-Efficient Prompt Tuning"
