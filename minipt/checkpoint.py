@@ -20,10 +20,13 @@ refuses to resume a different run and says which field differs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -107,19 +110,35 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     path = check_output_path(path, "output")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it the usual mode
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _no_ctrl_c():  # a Ctrl-C waits until the file is whole (or gone), then interrupts
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it the usual mode
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+            raise
     return path
+
+
+@contextlib.contextmanager
+def _no_ctrl_c():
+    """Hold SIGINT back while a file is written (POSIX, main thread): it is delivered, as KeyboardInterrupt,
+    when the block ends. Elsewhere (Windows, other threads) the write's own cleanup removes a half file."""
+    can_block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if can_block:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if can_block:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _umask() -> int:
