@@ -313,7 +313,7 @@ class GPT(nn.Module):
         self.check(idx, attention_mask=attention_mask)
         check_generation_length(idx.shape[1], max_new_tokens, self.config.block_size, "idx length", temperature, top_k)
         if not use_cache:
-            return generate_without_cache(lambda ids: self(ids)[0], idx, max_new_tokens, temperature, top_k,
+            return generate_without_cache(lambda ids, rows: self(ids)[0], idx, max_new_tokens, temperature, top_k,
                                           generator, attention_mask, eos_id)
         n_valid = idx.shape[1] if attention_mask is None else attention_mask.sum(1)  # (B,) or T
         new = self.generate_from_embeddings(self.embed(idx), max_new_tokens, temperature, top_k, generator,
@@ -431,22 +431,27 @@ def generate_without_cache(logits_fn, idx, max_new_tokens: int, temperature: flo
                            generator=None, attention_mask=None, eos_id=None) -> torch.Tensor:
     """The reference decoder: run the whole sequence again for every new token (what the cache must equal).
 
-    logits_fn(ids (B, T)) -> logits (B, T, V) is any forward pass (the model's, or a prompt-tuned one). With
+    logits_fn(ids, rows) -> logits (b, T, V) is any forward pass (the model's, or a prompt-tuned one) of ids
+    (b, T), the rows `rows` (a slice) of the batch: a bank of prompts picks each row's prompt with it. With
     attention_mask (right padding), each row is decoded alone, unpadded: the plainest reference there is.
     """
-    if attention_mask is not None:
-        T = idx.shape[1]
-        rows = [generate_without_cache(logits_fn, idx[b:b + 1, :n], max_new_tokens, temperature, top_k,
-                                       generator, None, eos_id)[:, n:]
-                for b, n in enumerate(attention_mask.sum(1).tolist())]
-        return torch.cat([idx, torch.cat(rows)], dim=1)  # (B, T + new)
+    if attention_mask is None:
+        return _decode_rows(logits_fn, idx, slice(None), max_new_tokens, temperature, top_k, generator, eos_id)
+    rows = [_decode_rows(logits_fn, idx[b:b + 1, :n], slice(b, b + 1), max_new_tokens, temperature, top_k,
+                         generator, eos_id)[:, n:]
+            for b, n in enumerate(attention_mask.sum(1).tolist())]
+    return torch.cat([idx, torch.cat(rows)], dim=1)  # (B, T + new)
+
+
+def _decode_rows(logits_fn, idx, rows: slice, max_new_tokens, temperature, top_k, generator, eos_id):
+    """generate_without_cache for unpadded rows idx (b, T): (b, T + new)."""
     T = idx.shape[1]
     for _ in range(max_new_tokens):
-        next_id = sample_next(logits_fn(idx)[:, -1], temperature, top_k, generator)  # (B, 1)
+        next_id = sample_next(logits_fn(idx, rows)[:, -1], temperature, top_k, generator)  # (b, 1)
         idx = torch.cat([idx, next_id], dim=1)
     if eos_id is not None:  # everything after a row's first eos is eos
         new = idx[:, T:]
-        after = (new == eos_id).long().cumsum(1) - (new == eos_id).long() > 0  # (B, new): past the first eos
+        after = (new == eos_id).long().cumsum(1) - (new == eos_id).long() > 0  # (b, new): past the first eos
         idx = torch.cat([idx[:, :T], new.masked_fill(after, eos_id)], dim=1)
     return idx
 

@@ -166,7 +166,7 @@ class PrefixTuning(nn.Module):
         check_generation_length(self.n_prefix + idx.shape[1], max_new_tokens, self.model.config.block_size,
                                 "n_prefix + idx length", temperature, top_k)
         if not use_cache:
-            return generate_without_cache(lambda ids: self(ids)[0], idx, max_new_tokens, temperature, top_k,
+            return generate_without_cache(lambda ids, rows: self(ids)[0], idx, max_new_tokens, temperature, top_k,
                                           generator, attention_mask, eos_id)
         B, n = idx.shape
         x = self.model.embed(idx, start_pos=self.n_prefix)  # (B, n, D)

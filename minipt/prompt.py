@@ -243,24 +243,16 @@ class PromptTuning(nn.Module):
         self.check(idx, attention_mask=attention_mask, prompt_index=prompt_index)
         check_generation_length(self.n_prompt + idx.shape[1], max_new_tokens, self.model.config.block_size,
                                 "n_prompt + idx length", temperature, top_k)
-        if not use_cache:
-            if attention_mask is not None and prompt_index is not None:  # row by row, each with its own prompt
-                rows = [self._generate_row(idx[b:b + 1, :n], prompt_index[b:b + 1], max_new_tokens, temperature,
-                                           top_k, generator, eos_id)
-                        for b, n in enumerate(attention_mask.sum(1).tolist())]
-                return torch.cat([idx, torch.cat(rows)], dim=1)
-            return generate_without_cache(lambda ids: self(ids, prompt_index=prompt_index)[0], idx, max_new_tokens,
-                                          temperature, top_k, generator, attention_mask, eos_id)
+        if not use_cache:  # each row with its own prompt of the bank
+            def logits_fn(ids, rows):
+                return self(ids, prompt_index=None if prompt_index is None else prompt_index[rows])[0]
+
+            return generate_without_cache(logits_fn, idx, max_new_tokens, temperature, top_k, generator,
+                                          attention_mask, eos_id)
         n_valid = None if attention_mask is None else self.n_prompt + attention_mask.sum(1)  # (B,) real positions
         new = self.model.generate_from_embeddings(self.embed(idx, prompt_index), max_new_tokens, temperature,
                                                   top_k, generator, n_valid=n_valid, eos_id=eos_id)
         return torch.cat([idx, new], dim=1)
-
-    def _generate_row(self, ids, prompt_index, max_new_tokens, temperature, top_k, generator, eos_id):
-        """The no-cache reference for one unpadded row of a bank: its new tokens (1, new)."""
-        out = generate_without_cache(lambda x: self(x, prompt_index=prompt_index)[0], ids, max_new_tokens,
-                                     temperature, top_k, generator, None, eos_id)
-        return out[:, ids.shape[1]:]
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
