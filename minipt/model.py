@@ -138,23 +138,15 @@ class KVCache:
         """Row b's keys and values at every layer, each (n_layer, n_head, T_max, head_dim)."""
         return torch.stack([k[b] for k in self.k]), torch.stack([v[b] for v in self.v])
 
-    def set_prefix(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Row b starts from a prefix: k, v (n_layer, n_head, P, head_dim) go to positions [0, P)."""
+    def set_prefix(self, rows, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rows (an index, or slice(None) for every row) start from a prefix k, v (n_layer, n_head, P, head_dim),
+        written to positions [0, P): one prompt's cache (minipt.serve), or a deep prompt (minipt.prefix). A plain
+        copy into the buffers (broadcast over the rows), so when k and v require grad the gradient flows back."""
         P = k.shape[2]
         for layer in range(len(self.k)):
-            self.k[layer][b, :, :P] = k[layer]
-            self.v[layer][b, :, :P] = v[layer]
-        self.lengths[b] = P
-
-    def fill_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Every row starts from the same prefix k, v (n_layer, n_head, P, head_dim): deep prompts (minipt.prefix).
-
-        A plain copy into the buffers, so when k and v require grad their gradient flows back through it."""
-        P = k.shape[2]
-        for layer in range(len(self.k)):
-            self.k[layer][:, :, :P] = k[layer]  # broadcast over the B rows
-            self.v[layer][:, :, :P] = v[layer]
-        self.lengths.fill_(P)
+            self.k[layer][rows, :, :P] = k[layer]
+            self.v[layer][rows, :, :P] = v[layer]
+        self.lengths[rows] = P
 
     def begin(self, T: int) -> None:
         """Prepare a chunk of T positions: where each row writes (B, T) and what each query sees (eq. 1)."""

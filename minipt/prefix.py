@@ -128,7 +128,7 @@ class PrefixTuning(nn.Module):
         """A KVCache for B rows of up to n more positions, every row starting from the prefix (eq. 1)."""
         k, v = self.prefix_kv()
         cache = KVCache.for_model(self.model, B, self.n_prefix + n, dtype=dtype)
-        cache.fill_prefix(k.to(dtype), v.to(dtype))
+        cache.set_prefix(slice(None), k.to(dtype), v.to(dtype))  # every row
         return cache
 
     # ---- forward ------------------------------------------------------------------------------------------

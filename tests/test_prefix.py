@@ -62,7 +62,7 @@ def test_fp64_gradcheck_of_the_prefix_gradient():
 def _loss_through_cache(model, prefix, idx, targets):
     k, v = from_peft_layout(prefix, model.config)  # (n_layer, n_head, n_prefix, head_dim) each
     cache = KVCache.for_model(model, idx.shape[0], prefix.shape[0] + idx.shape[1], dtype=torch.float64)
-    cache.fill_prefix(k, v)
+    cache.set_prefix(slice(None), k, v)
     h = model.body(model.embed(idx, start_pos=prefix.shape[0]), cache)  # (B, n, D)
     return lm_loss(model.head(h), targets)
 
