@@ -40,6 +40,7 @@ from .checks import check_batch
 from .frozen import freeze
 from .loss import frozen_lm_loss, lm_loss, mask_padding
 from .model import GPT, KVCache, check_generation_length, decode, generate_without_cache
+from .prompt import sample_vocab_ids
 
 REPARAMS = (None, "mlp")
 PREFIX_INITS = ("vocab", "normal")
@@ -85,15 +86,16 @@ class PrefixTuning(nn.Module):
         elif init == "normal":
             start = torch.randn(n_prefix, width, generator=generator)
         else:
-            self.init_ids = _sample_ids(c.vocab_size, n_prefix, special_ids, generator).to(wte.device)  # (n_prefix,)
-            start = self._kv_of_tokens(self.init_ids)  # (n_prefix, width)
+            self.init_ids = self._sample_ids(n_prefix, special_ids, generator)  # (n_prefix,)
+            # with reparam="mlp" the MLP makes the prefix: only the prefix itself starts from these tokens' keys
+            start = self._kv_of_tokens(self.init_ids) if reparam is None else None  # (n_prefix, width)
         device = wte.device
         if reparam is None:
             self.prefix = nn.Parameter(start.to(device=device, dtype=torch.float32).clone())  # (n_prefix, width)
         else:
             hidden = hidden or c.n_embd
             # The MLP's input table starts from token embeddings; the MLP is trained with it and then dropped.
-            ids = _sample_ids(c.vocab_size, n_prefix, special_ids, generator).to(device)
+            ids = self._sample_ids(n_prefix, special_ids, generator)
             self.table = nn.Parameter(wte.detach()[ids].float().clone())  # (n_prefix, D)
             with torch.random.fork_rng(devices=[]):  # the MLP's initial weights from `seed`, the global RNG untouched
                 torch.manual_seed(seed)
@@ -106,6 +108,11 @@ class PrefixTuning(nn.Module):
             raise ValueError(f"prefix must be a 2-D tensor (n_prefix, n_layer * 2 * n_embd), got "
                              f"{tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__}")
         return cls(model, prefix=prefix, **kwargs)
+
+    def _sample_ids(self, n: int, special_ids, generator) -> torch.Tensor:
+        """n distinct non-special token ids (the starting words of init="vocab"), on the model's device."""
+        wte = self.model.transformer.wte.weight
+        return sample_vocab_ids(wte.shape[0], n, generator, special_ids, what="n_prefix").to(wte.device)
 
     def _kv_of_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """The keys and values the frozen model makes for tokens ids (n,) at positions 0..n-1, in PEFT's layout."""
@@ -230,12 +237,3 @@ def from_peft_layout(prefix: torch.Tensor, config) -> tuple[torch.Tensor, torch.
     H = config.n_head
     kv = prefix.view(n, 2 * config.n_layer, H, config.n_embd // H).permute(1, 2, 0, 3)  # (2L, H, n, hd)
     return kv[0::2], kv[1::2]
-
-
-def _sample_ids(vocab_size: int, n: int, special_ids, generator) -> torch.Tensor:
-    """n distinct token ids, not special ones (the starting words of init="vocab")."""
-    excluded = set(int(i) for i in special_ids)
-    candidates = torch.tensor([i for i in range(vocab_size) if i not in excluded])
-    if len(candidates) < n:
-        raise ValueError(f"only {len(candidates)} candidate tokens for init='vocab', need n_prefix={n}")
-    return candidates[torch.randperm(len(candidates), generator=generator)[:n]]

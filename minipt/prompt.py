@@ -60,17 +60,7 @@ def init_prompt(model: GPT, n_prompt: int, init: str = "vocab", *, init_text: st
     if init == "uniform":
         return torch.rand(n_prompt, D, generator=generator) - 0.5  # U(-0.5, 0.5)
     if init == "vocab":
-        if token_counts is not None:
-            if token_counts.shape != (V,):
-                raise ValueError(f"token_counts must have shape (vocab_size,) = ({V},), got {tuple(token_counts.shape)}")
-            ranked = torch.argsort(token_counts.float(), descending=True, stable=True)
-            candidates = ranked[: min(top_k_tokens, int((token_counts > 0).sum()))]
-        else:
-            excluded = set(int(i) for i in special_ids)
-            candidates = torch.tensor([i for i in range(V) if i not in excluded])
-        if len(candidates) < n_prompt:
-            raise ValueError(f"only {len(candidates)} candidate tokens for init='vocab', need n_prompt={n_prompt}")
-        pick = candidates[torch.randperm(len(candidates), generator=generator)[:n_prompt]]  # distinct ids
+        pick = sample_vocab_ids(V, n_prompt, generator, special_ids, token_counts, top_k_tokens)
         return wte[pick].float().cpu().clone()  # (n_prompt, D)
     if init == "text":
         if not init_text or tokenizer is None:
@@ -98,6 +88,23 @@ def init_prompt(model: GPT, n_prompt: int, init: str = "vocab", *, init_text: st
                                      top_k_tokens=top_k_tokens, special_ids=special_ids, generator=generator))
         return torch.stack(rows)  # (n_prompt, D)
     raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+
+
+def sample_vocab_ids(V: int, n: int, generator=None, special_ids=(), token_counts: torch.Tensor | None = None,
+                     top_k_tokens: int = 5000, what: str = "n_prompt") -> torch.Tensor:
+    """n distinct token ids for init="vocab": from the top_k_tokens most frequent ones of a corpus (token_counts,
+    shape (V,)), else from the whole vocabulary minus special_ids. `what` names n in the error message."""
+    if token_counts is not None:
+        if token_counts.shape != (V,):
+            raise ValueError(f"token_counts must have shape (vocab_size,) = ({V},), got {tuple(token_counts.shape)}")
+        ranked = torch.argsort(token_counts.float(), descending=True, stable=True)
+        candidates = ranked[: min(top_k_tokens, int((token_counts > 0).sum()))]
+    else:
+        excluded = set(int(i) for i in special_ids)
+        candidates = torch.tensor([i for i in range(V) if i not in excluded])
+    if len(candidates) < n:
+        raise ValueError(f"only {len(candidates)} candidate tokens for init='vocab', need {what}={n}")
+    return candidates[torch.randperm(len(candidates), generator=generator)[:n]]  # distinct ids
 
 
 class PromptTuning(nn.Module):
