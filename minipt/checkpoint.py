@@ -166,6 +166,28 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], kind: str, metadata: di
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def _read_metadata(path) -> dict[str, str]:
+    """A safetensors file's metadata: it sits in the JSON header, after an 8-byte little-endian length."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > os.path.getsize(path) - 8:  # not a safetensors file: never read past its end
+            raise ValueError(f"header length {header_len} runs past the end of the file")
+        header = json.loads(f.read(header_len))
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, (dict, type(None))):
+        raise ValueError("the header's __metadata__ is not a mapping")
+    return meta or {}
+
+
+def file_kind(path) -> str | None:
+    """What a minipt file holds ("gpt", "prompt", "prefix", ...), None when it says nothing or is unreadable;
+    load_tensors checks the rest."""
+    try:
+        return _read_metadata(path).get("minipt.kind")
+    except (ValueError, OSError):
+        return None
+
+
 def load_tensors(path, kind: str, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a file written by save_tensors; check its kind and its content hash."""
     path = Path(path)
@@ -173,9 +195,7 @@ def load_tensors(path, kind: str, map_location="cpu") -> tuple[dict[str, torch.T
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     try:
         tensors = load_file(str(path), device=str(map_location))
-        with open(path, "rb") as f:  # the metadata sits in the JSON header after an 8-byte length
-            header_len = int.from_bytes(f.read(8), "little")
-            meta = json.loads(f.read(header_len)).get("__metadata__") or {}
+        meta = _read_metadata(path)
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
     found = meta.get("minipt.kind")

@@ -429,16 +429,11 @@ def cmd_bench(args):
 
 def load_tuned(model, path):
     """A `minipt tune` file on `model`: a soft prompt, or a deep prompt (a prefix file of --method ptuning-v2/prefix)."""
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import file_kind
     from ..prefix import PrefixTuning
     from ..prompt import PromptTuning
 
-    try:
-        return PromptTuning.load(model, path)
-    except CheckpointError as e:
-        if "holds 'prefix'" not in str(e):
-            raise
-        return PrefixTuning.load(model, path)
+    return (PrefixTuning if file_kind(path) == "prefix" else PromptTuning).load(model, path)
 
 
 def cmd_exercises(args):
