@@ -59,7 +59,6 @@ checks every config against the eager chain on one tiny shape instead, and times
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import itertools
 import re
@@ -379,14 +378,11 @@ def print_rows(rows):
 
 
 def write_csv(path: Path, rows, command):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        f.write(f"# bench_prompt_concat.py: {command}\n")
-        f.write("# bytes model: fwd B*n*D*s + B*T*D*s + n_p*D*4 + T*D*s + B*n*8; bwd B*n_p*D*s + n_p*D*4; "
-                "copy 2*nbytes; gbps = bytes / median time\n")
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    from minipt.apps import benchio
+
+    benchio.write_csv(path, [f"# bench_prompt_concat.py: {command}",
+                             "# bytes model: fwd B*n*D*s + B*T*D*s + n_p*D*4 + T*D*s + B*n*8; bwd B*n_p*D*s + n_p*D*4; "
+                             "copy 2*nbytes; gbps = bytes / median time"], COLUMNS, rows)
 
 
 def plot(path: Path, rows, title):
@@ -490,6 +486,7 @@ def sweep_configs(args, argv, device) -> list[dict]:
 
     import torch
 
+    from minipt.apps import benchio
     from minipt.apps.benchio import device_name
 
     pc = importlib.import_module("minipt.kernels.prompt_concat")
@@ -514,14 +511,10 @@ def sweep_configs(args, argv, device) -> list[dict]:
           f"{' + '.join(f'{counts[m]} {m}' for m in modes)} configs x {len(grid)} shapes x {len(dtypes)} dtypes")
     rows = sweep_rows(pc, grid, dtypes, modes, device, common)
     out = Path(args.out) if args.out else RESULTS / f"prompt_concat_configs-{slug(name)}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        f.write(f"# bench_prompt_concat.py: {command}\n")
-        f.write("# one row per autotune config and one for the copy roof; bytes model as in prompt_concat-<gpu>.csv; "
-                "autotuned: the config triton.autotune picks for the shape\n")
-        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    benchio.write_csv(out, [f"# bench_prompt_concat.py: {command}",
+                            "# one row per autotune config and one for the copy roof; bytes model as in "
+                            "prompt_concat-<gpu>.csv; autotuned: the config triton.autotune picks for the shape"],
+                      SWEEP_COLUMNS, rows)
     print(f"written to {out}")
     return rows
 

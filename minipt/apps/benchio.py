@@ -38,10 +38,19 @@ def write_preset_csv(path, preset: str, new_rows: list[dict], fieldnames: list[s
                 comments[line.split()[2].rstrip(":")] = line
         old_rows = [r for r in csv.DictReader(l for l in lines if not l.startswith("#")) if r["preset"] != preset]
     comments[preset] = f"# preset {preset}: {command}"
+    write_csv(path, [f"# {header}", *(comments[name] for name in sorted(comments))], fieldnames,
+              sorted(old_rows, key=lambda r: r["preset"]) + new_rows)
+
+
+def write_csv(path, comments: list[str], fieldnames, rows) -> None:
+    """A benchmark CSV: comment lines ("# ..."), which say what made the figures, then the header and rows."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        f.write(f"# {header}\n")
-        f.writelines(comments[name] + "\n" for name in sorted(comments))
+        f.writelines(line + "\n" for line in comments)
         writer = csv.DictWriter(f, fieldnames=fieldnames)
         writer.writeheader()
-        writer.writerows(sorted(old_rows, key=lambda r: r["preset"]) + new_rows)
+        writer.writerows(rows)
