@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .loss import IGNORE_INDEX, check_targets
+from .loss import IGNORE_INDEX, check_targets, supervised_count
 
 
 def check_ids(idx, name: str = "idx") -> None:
@@ -72,8 +72,7 @@ def check_batch(idx, targets=None, attention_mask=None, *, vocab_size: int, bloc
     if targets is None:
         return None
     n_supervised, t_lo, t_hi = rest
-    if n_supervised == 0:
-        raise ValueError("targets has no supervised position (every entry is -100)")
+    supervised_count(n_supervised)  # none supervised: the error
     if t_lo < 0 or t_hi >= vocab_size:
         raise ValueError(f"targets holds token id {t_lo if t_lo < 0 else t_hi}, outside [0, vocab_size="
                          f"{vocab_size}) (use -100 where no loss is taken)")

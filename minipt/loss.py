@@ -53,9 +53,10 @@ def check_targets(targets, shape) -> None:
         raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
 
 
-def supervised_count(keep: torch.Tensor) -> int:
-    """How many positions take a loss (one host read); an error when there is none."""
-    n = int(keep.sum())
+def supervised_count(keep: torch.Tensor | int) -> int:
+    """How many positions take a loss (keep: the (B, T) mask, one host read, or the count itself); an error when
+    there is none."""
+    n = int(keep.sum()) if isinstance(keep, torch.Tensor) else int(keep)
     if n == 0:
         raise ValueError("targets has no supervised position (every entry is -100)")
     return n
