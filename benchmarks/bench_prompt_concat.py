@@ -264,8 +264,16 @@ class Case:
         else:
             x = self.forward_fn(provider)()
             dp = torch.autograd.grad(x, self.P, self.dy)[0]
-        # x: the same rows and one rounding per element; a compiled 16-bit chain may skip the rounding of P
-        torch.testing.assert_close(x, ref_x)  # dtype tolerances (exact for the reference in practice)
+        # x: the same rows and one rounding per element (exact for the reference and the kernels in practice)
+        if provider == "compiled" and self.dtype in (torch.float16, torch.bfloat16):
+            # Inductor on CUDA adds the fp32 P to wpe before it rounds (it skips the intermediate cast of
+            # P.to(dtype)): round(P + wpe) against eager's round(round(P) + wpe). The two differ by at most the
+            # skipped rounding, half an ulp of |P|, plus one ulp of |x|: eps * (max|P| + max|x|) bounds it.
+            eps = torch.finfo(self.dtype).eps
+            bound = eps * (self.P.detach().abs().max().item() + ref_x.abs().max().item())
+            torch.testing.assert_close(x, ref_x, rtol=0, atol=bound)
+        else:
+            torch.testing.assert_close(x, ref_x)  # dtype tolerances
         # dP sums B rows of dy: eager sums in the activation dtype (one 16-bit rounding), the kernel in fp32
         tol = (2e-2 if self.dtype in (torch.float16, torch.bfloat16) else 1e-5) * max(1.0, self.shape[0] ** 0.5)
         torch.testing.assert_close(dp, ref_dp, rtol=tol, atol=tol)

@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run    # anywhere, no GPU: does every step's command line parse?
 #   bash benchmarks/gpu_check.sh --summary DIR [SINCE]   # the goals table from the CSVs in DIR
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
+#   GPU_CHECK_ONLY='kernel benchmark|serve' bash benchmarks/gpu_check.sh   # only the steps whose name matches (grep -E)
 #
 # Steps, in order of importance, each under its own time limit, all within GPU_CHECK_BUDGET seconds (460 by
 # default, setup included; a step that would start with too little time left is NOT RUN):
@@ -241,6 +242,10 @@ FAILED=0
 step() {  # step NAME LIMIT (pytest ARGS... | SCRIPT ARGS...): run it under its limit (dry run: check it parses)
     local name=$1 limit=$2 kind=$3
     shift 3
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && ! echo "$name" | grep -Eq "$GPU_CHECK_ONLY"; then
+        SUMMARY+=("$(printf '%-28s %-24s' "$name" "NOT RUN (not in GPU_CHECK_ONLY)")")
+        return
+    fi
     local cmd
     if [ "$kind" = pytest ]; then
         cmd=("$PY" -m pytest "$@")
@@ -293,12 +298,12 @@ step "train step, tiny" 50 $B/bench_train_step.py --device cuda --preset tiny --
     --out $RESULTS/train_step-cuda.csv
 step "train step, gpt2" 70 $B/bench_train_step.py --device cuda --preset gpt2 --steps 20 --no-memory \
     --out $RESULTS/train_step-cuda.csv
-step "memory, gpt2" 60 $B/bench_memory.py --device cuda --preset gpt2 --out $RESULTS/memory-cuda.csv
+step "memory, gpt2" 120 $B/bench_memory.py --device cuda --preset gpt2 --out $RESULTS/memory-cuda.csv
 step "train step, tiny, recompute" 50 $B/bench_train_step.py --device cuda --preset tiny --steps 20 --no-memory \
     --recompute --out $RESULTS/train_step-cuda-recompute.csv
 step "train step, gpt2, recompute" 70 $B/bench_train_step.py --device cuda --preset gpt2 --steps 20 --no-memory \
     --recompute --out $RESULTS/train_step-cuda-recompute.csv
-step "serve" 40 $B/bench_serve.py --device cuda
+step "serve" 90 $B/bench_serve.py --device cuda
 
 # ---- the summary --------------------------------------------------------------------------------------------
 {

@@ -7,7 +7,7 @@ if __name__ == "kernels":
     # Python found this folder as a top-level `kernels` because the repository root is first on sys.path
     # (`python -m pytest`, `python -m minipt` or a script run from the root). A folder with an `__init__.py` wins
     # over every later path entry, so this file steps aside: it loads the next `kernels` on the path (Hugging Face's)
-    # in its place, or fails exactly as if this folder were not there. Nothing of minipt runs under this name, so
+    # in its place, or, when there is none, an empty namespace package. Nothing of minipt runs under this name, so
     # the minipt:: custom ops are registered once, by `minipt.kernels.prompt_concat`.
     import importlib.machinery
     import importlib.util
@@ -24,9 +24,14 @@ if __name__ == "kernels":
             _spec = _find("kernels", _other_paths if _is_path_finder else None)
         if _spec is not None:
             break
-    del sys.modules["kernels"]
     if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+        # No other `kernels` is installed. Give what Python gives for a folder without an `__init__.py` that holds
+        # nothing: an empty namespace package (no __file__, no __version__, nothing to import from it). Libraries that
+        # probe for the package by importing it (transformers' is_kernels_available) read that as "not installed";
+        # a ModuleNotFoundError raised here would instead break their import (seen with transformers 5.17).
+        _spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+        _spec.submodule_search_locations = []
+    del sys.modules["kernels"]
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module  # the import system returns what sys.modules holds once this file has run
     try:
