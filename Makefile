@@ -1,18 +1,25 @@
 # Two commands for a fresh machine with Python 3.10+:
 #   make demo   tune a soft prompt on the frozen tiny GPT and print what it gained
-#   make test   run the test suite (both CPU cores)
-# Each creates .venv and installs minipt with its dev and hf extras on first use.
+#   make test   run the test suite (all cores)
+# Each creates .venv on first use and installs minipt with its dev and hf extras, every package at the version
+# of the lock (requirements-lock.txt), so every machine gets the environment the suite passed with.
+# For maintainers:
+#   make test-latest   the suite in a second environment (.venv-latest) of the newest versions pyproject allows
+#   make lock          write requirements-lock.txt again from pyproject.toml (then run make test and commit)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.minipt-installed
+LOCK   := requirements-lock.txt
+LATEST := .venv-latest
+TOOLS  := .venv-tools
 
-.PHONY: demo test clean
+.PHONY: demo test test-latest lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev,hf]"
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --constraint $(LOCK) -e ".[dev,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,5 +28,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q
 
+# No lock: pip takes the newest release of every package that pyproject's ranges admit (torch too, unless
+# PIP_CONSTRAINT pins it, as .ci/constraints.txt does for the CPU build). The environment is made afresh each time.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -e ".[dev,hf]"
+	$(LATEST)/bin/python -m pip list --format=freeze --exclude-editable >$(LATEST)/versions.txt
+	MINIPT_UNLOCKED=1 $(LATEST)/bin/python -m pytest -n auto -q
+
+# One resolution for Linux and macOS and every Python from 3.10 (uv's universal mode writes environment markers),
+# with torch at the version CI tests (.ci/constraints.txt).
+lock:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet "uv>=0.9"
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --extra hf --universal --python-version 3.10 \
+		--constraint .ci/constraints.txt --no-emit-index-url --custom-compile-command "make lock" --output-file $(LOCK)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(TOOLS) runs .pytest_cache

@@ -87,11 +87,12 @@ def path_arg(text: str) -> str:
     return text
 
 
-def _train_flags(p: argparse.ArgumentParser, defaults) -> None:
+def _train_flags(p: argparse.ArgumentParser, defaults, lr_help: str = "peak learning rate (default %(default)s)") -> None:
     p.add_argument("--steps", type=count, default=defaults.steps, help="optimizer steps (default %(default)s)")
     p.add_argument("--batch-size", type=count, default=defaults.batch_size, help="default %(default)s")
-    p.add_argument("--lr", type=rate, default=defaults.lr, help="peak learning rate (default %(default)s)")
-    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default=defaults.optimizer)
+    p.add_argument("--lr", type=rate, default=defaults.lr, help=lr_help)
+    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default=defaults.optimizer,
+                   help="default %(default)s")
     p.add_argument("--seed", type=seed, default=defaults.seed, help="default %(default)s")
     p.add_argument("--eval-every", type=count, default=defaults.eval_every,
                    help="steps between evaluations and checkpoints (default %(default)s)")
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .recipes import METHODS
     from ..tasks import TASKS
     from .demo import DEMO_TASK
-    from .recipes import PRETRAIN_DEFAULTS, TUNE_DEFAULTS
+    from .recipes import METHOD_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS
 
     parser = argparse.ArgumentParser(prog="minipt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a base model on the task mixture (with instructions)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default %(default)s)")
     p.add_argument("--out", type=path_arg, required=True, help="where to write the model (.safetensors)")
-    p.add_argument("--examples", type=count, default=60_000, help="size of the pretraining mixture")
+    p.add_argument("--examples", type=count, default=60_000,
+                   help="size of the pretraining mixture (default %(default)s)")
     _train_flags(p, PRETRAIN_DEFAULTS)
 
     p = sub.add_parser("tune", help="tune a soft prompt for one task on a frozen base model",
@@ -157,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "vocab (the keys and values of sampled tokens) or normal; default %(default)s")
     p.add_argument("--init-text", type=text_arg, help="text whose token embeddings start the prompt (with --init text)")
     p.add_argument("--out", type=path_arg, required=True, help="where to write the prompt (.safetensors)")
-    _train_flags(p, TUNE_DEFAULTS)
+    method_rates = ", ".join(f"{m} {d.lr:g}" for m, d in METHOD_DEFAULTS.items())
+    _train_flags(p, TUNE_DEFAULTS, lr_help=f"peak learning rate (default: the method's own, {method_rates})")
     p.set_defaults(lr=None)  # each method's own rate (recipes.METHOD_DEFAULTS) unless --lr is given
 
     p = sub.add_parser("eval", help="test-split exact match of a base model, with or without a prompt")
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model file (default: the shipped tiny model)")
     p.add_argument("--prompt", help="a soft prompt file from `minipt tune`")
     p.add_argument("--instruction", action="store_true", help="put the task's written instruction first")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="default %(default)s")
     p.add_argument("-n", type=count, default=500, help="number of examples (default %(default)s)")
 
     p = sub.add_parser("generate", help="continue a text greedily (or sampled) with the KV cache")
@@ -173,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER")
     p.add_argument("--prompt", help="a soft prompt file from `minipt tune`")
     p.add_argument("--task-format", action="store_true", help="append <sep> and stop at <eos>, as the tasks do")
-    p.add_argument("--max-new-tokens", type=count, default=16)
+    p.add_argument("--max-new-tokens", type=count, default=16, help="default %(default)s")
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=count, default=None)
 

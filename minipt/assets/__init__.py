@@ -9,8 +9,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .model import GPT
-from .tokenizer import ByteTokenizer
+from ..model import GPT
+from ..tokenizer import ByteTokenizer
 
 DEFAULT_SIZE = "tiny"
 
@@ -52,7 +52,7 @@ def load_base_and_tokenizer(base=None):
     """(model, tokenizer): a minipt file (or the shipped model) with ByteTokenizer, or "hf:NAME_OR_FOLDER" for a
     GPT-2 and its tokenizer from the local Hugging Face cache or a folder (never downloads)."""
     if base is not None and str(base).startswith("hf:"):
-        from .hf import load_hf_base
+        from ..hf import load_hf_base
 
         return load_hf_base(str(base)[len("hf:"):])
     return load_base(base), ByteTokenizer()
