@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "seed-claims: the explainer's claims (few-shot, vs fine-tuning, prompt design, domain "
                         "shift; see minipt/apps/seed_claims.py)")
     p.add_argument("--quick", action="store_true", help="lester, seed-claims: a small version (one task, short "
-                                                        "runs, about a minute)")
+                                                        "runs; 1-3 minutes on 2 CPU cores)")
     p.add_argument("--bases", help="folder of SIZE.safetensors base models (default: the shipped ones)")
     p.add_argument("--results", help="lester: folder for lester-*.json and lester.png "
                                      "(default benchmarks/results, or runs/lester-quick with --quick); "
