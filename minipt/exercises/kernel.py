@@ -21,6 +21,7 @@ says so, and never raises.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,6 +178,25 @@ def python_function(kernel) -> Callable | None:
     return fn if inspect.isfunction(fn) else None
 
 
+@contextlib.contextmanager
+def device_calls_interpreted():
+    """Let a kernel call @triton.jit functions (its own helpers, and tl.zeros, tl.sum, ... which Triton's
+    standard library writes with @triton.jit) whatever TRITON_INTERPRET was when Triton was imported.
+
+    With the variable set first, `@triton.jit` returns an InterpretedFunction, whose call runs the function in
+    Python; without it, a JITFunction, whose call raises "Cannot call @triton.jit'd outside of the scope of a
+    kernel". For the length of one interpreted launch, a JITFunction's call does what the interpreter's does.
+    """
+    from triton.runtime import interpreter, jit
+
+    saved = jit.JITFunction.__call__
+    jit.JITFunction.__call__ = lambda self, *args, **kwargs: interpreter.InterpretedFunction(self.fn)(*args, **kwargs)
+    try:
+        yield
+    finally:
+        jit.JITFunction.__call__ = saved
+
+
 def run_interpreted(kernel, grid: tuple, args: tuple, tensors: dict[str, torch.Tensor]):
     """Run `kernel` on the CPU under the interpreter, its memory audited against `tensors` (name -> tensor).
 
@@ -188,7 +208,7 @@ def run_interpreted(kernel, grid: tuple, args: tuple, tensors: dict[str, torch.T
         return None, f"expected a @triton.jit kernel, got {type(kernel).__name__}"
     audit = MemoryAudit([Region.of(name, t) for name, t in tensors.items()])
     try:
-        with audit:
+        with audit, device_calls_interpreted():
             interpreter.InterpretedFunction(fn)[grid](*args)
     except Exception as err:  # noqa: BLE001 - a kernel's exception is the student's message
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
