@@ -438,7 +438,7 @@ def test_training_loop_wrong_answers():
             pt, get_batch, steps, lr, warmup, max_norm, **slip)
 
     rejects("training_loop", with_slip(zero_grad=False), "as step 2 starts", "zero_grad() is never called")
-    rejects("training_loop", with_slip(warmup_from=0), "step 1:", "the warmup starts at 0")
+    rejects("training_loop", with_slip(warmup_from=0), "as step 1 starts", "the warmup starts at 0")
     rejects("training_loop", with_slip(clip="after"), "not clipped before optimizer.step()")
     rejects("training_loop", with_slip(clip="never"), "not clipped before optimizer.step()")
     rejects("training_loop", with_slip(weight_decay=0.01), "default weight_decay=0.01")

@@ -79,6 +79,17 @@ CONCAT_MISTAKES = [
     Mistake("the prompt rows get no positions and the token rows keep the model's usual wpe[0:n]",
             lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1), wte[idx] + wpe[: idx.shape[1]]],
                                                dim=1)),
+    Mistake("the token rows are reshaped in the wrong order ((n, B) where the ids are (B, n)): example b then "
+            "gets tokens of other examples",
+            lambda P, wte, idx, wpe: torch.cat([P.to(wte.dtype).expand(len(idx), -1, -1),
+                                                wte[idx.reshape(-1)].reshape(idx.shape[1], len(idx), -1)
+                                                .transpose(0, 1)], dim=1) + wpe[: len(P) + idx.shape[1]]),
+    Mistake("every prompt row is P[0]: the n_p prompt rows are P[0], ..., P[n_p - 1]",
+            lambda P, wte, idx, wpe: torch.cat([P[:1].to(wte.dtype).expand(len(idx), len(P), -1), wte[idx]], dim=1)
+            + wpe[: len(P) + idx.shape[1]]),
+    Mistake("the positions start at 1 (wpe[1:n_p + n + 1]): row t of x gets wpe[t], from wpe[0]",
+            lambda P, wte, idx, wpe: torch.cat([P.to(wte.dtype).expand(len(idx), -1, -1), wte[idx]], dim=1)
+            + wpe[1: len(P) + idx.shape[1] + 1]),
 ]
 
 
@@ -123,6 +134,12 @@ CONCAT_BACKWARD_MISTAKES = [
             lambda dx, n_p: dx[:, :n_p].sum(dim=1)),
     Mistake("every position is kept (dx.sum(0)): only the first n_p rows of x come from P",
             lambda dx, n_p: dx.sum(dim=0)),
+    Mistake("the (B, n_p) rows are reshaped as (n_p, B) before the sum: each prompt row then sums rows of "
+            "other positions", lambda dx, n_p: dx[:, :n_p].reshape(n_p, dx.shape[0], -1).sum(dim=1)),
+    Mistake("the rows 1 .. n_p are taken (off by one): the prompt rows are t = 0 .. n_p - 1",
+            lambda dx, n_p: dx[:, 1: n_p + 1].sum(dim=0)),
+    Mistake("the token rows are summed (dx[:, n_p:]): the prompt's gradient comes from its own rows",
+            lambda dx, n_p: dx[:, n_p: 2 * n_p].sum(dim=0)),
 ]
 
 
@@ -175,6 +192,16 @@ FROZEN_HEAD_MISTAKES = [
     Mistake("the softmax is computed as exp(z) / sum(exp(z)) without subtracting max(z) first: exp overflows "
             "for large logits (softmax(z) = softmax(z - max z))",
             lambda h, W, y: (_softmax_naive(h @ W.T) - _onehot(y, len(W), h)) @ W / len(h)),
+    Mistake("the softmax is computed in float32: its 7 digits are far from float64's (keep the input's dtype)",
+            lambda h, W, y: ((h @ W.T).float().softmax(-1).to(h.dtype) - _onehot(y, len(W), h)) @ W / len(h)),
+    Mistake("the gradient is divided by V (the vocabulary) instead of N (the rows the loss averages over)",
+            lambda h, W, y: ((h @ W.T).softmax(-1) - _onehot(y, len(W), h)) @ W / len(W)),
+    Mistake("log_softmax is used where the gradient needs softmax: dL/dz = softmax(z) - onehot(y)",
+            lambda h, W, y: ((h @ W.T).log_softmax(-1) - _onehot(y, len(W), h)) @ W / len(h)),
+    Mistake("the softmax term is forgotten: -W[y] / N is only the onehot's part of (softmax(z) - onehot(y)) W / N",
+            lambda h, W, y: -W[y] / len(h)),
+    Mistake("the gradient is divided by D instead of N (the rows the loss averages over)",
+            lambda h, W, y: ((h @ W.T).softmax(-1) - _onehot(y, len(W), h)) @ W / h.shape[1]),
 ]
 
 
@@ -228,6 +255,18 @@ CAUSAL_ATTENTION_MISTAKES = [
             lambda q, k, v: _attention(q, k, v, _lower(q.shape[-2]), 1 / q.shape[-1])),
     Mistake("the softmax runs over the queries (dim=-2) instead of over the keys (dim=-1)",
             lambda q, k, v: _attention(q, k, v, _lower(q.shape[-2]), 1 / math.sqrt(q.shape[-1]), dim=-2)),
+    Mistake("the masked scores are set to 0 instead of -inf: exp(0) = 1, so the future still gets weight",
+            lambda q, k, v: ((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])) * _lower(q.shape[-2]))
+            .softmax(-1) @ v),
+    Mistake("the mask is applied after the softmax (weights zeroed, not renormalised): each row must sum to 1 "
+            "over the positions it may see",
+            lambda q, k, v: ((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
+                             * _lower(q.shape[-2])) @ v),
+    Mistake("the scores are divided by sqrt(T) (the sequence length) instead of sqrt(hd)",
+            lambda q, k, v: _attention(q, k, v, _lower(q.shape[-2]), 1 / math.sqrt(q.shape[-2]))),
+    Mistake("the mask lets each position see one step ahead (tril(1)): position t may read 0 .. t only",
+            lambda q, k, v: _attention(q, k, v, torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril(1),
+                                       1 / math.sqrt(q.shape[-1]))),
 ]
 
 

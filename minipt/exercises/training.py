@@ -485,6 +485,8 @@ LABEL_MISTAKES = [
             lambda wte, labels: torch.stack([wte[ids[-1]] for ids in labels])),
     Mistake("the labels are padded to one length (with id 0) before the mean: a short label's mean then counts "
             "the padding rows; average each label over its own tokens only", _padded_mean),
+    Mistake("every row is the first label's mean: row k is the mean of label k's tokens",
+            lambda wte, labels: wte[torch.tensor(labels[0])].mean(0).expand(len(labels), -1)),
     Mistake("a token repeated within a label is counted once (set(ids)): the mean runs over the label's tokens "
             "as they are, repeats included",
             lambda wte, labels: torch.stack([wte[sorted(set(ids))].mean(0) for ids in labels])),
@@ -551,6 +553,8 @@ def _votes(probs):
 
 
 ENSEMBLE_MISTAKES = [
+    Mistake("a tie goes to the highest class id: it must go to the tied class with the larger mean probability",
+            lambda p: p.shape[-1] - 1 - _votes(p).flip(-1).argmax(-1)),
     Mistake("only the first prompt's prediction is used (probs[0].argmax(-1)): every prompt of the ensemble votes",
             lambda p: p[0].argmax(-1)),
     Mistake("the mean probability decides alone (argmax of probs.mean(0)): a majority of prompts must win",
