@@ -12,7 +12,8 @@ tokenizers = pytest.importorskip("tokenizers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from minipt import GPT, PromptTuning  # noqa: E402
-from minipt.hf import HFTokenizer, config_from_hf, load_hf_base  # noqa: E402
+from minipt.assets import load_hf_base  # noqa: E402
+from minipt.hf import HFTokenizer, config_from_hf  # noqa: E402
 from minipt.data import collate  # noqa: E402
 from minipt.tasks import Example  # noqa: E402
 

@@ -350,9 +350,10 @@ def cmd_eval(args):
     from ..data import exact_match_accuracy
     from ..tasks import make_split
     from ..tokenizer import ByteTokenizer
+    from ..tuned import load_tuned
 
     model = load_base(args.base)
-    module = load_tuned(model, args.prompt) if args.prompt else model
+    module = load_tuned(model, args.prompt) if args.prompt else model  # a prompt or prefix file, or a PEFT folder
     examples = make_split(args.task, args.split, args.n)
     acc = exact_match_accuracy(module, examples, ByteTokenizer(), instruction=args.instruction)
     print(f"{args.task} ({args.split}, n={len(examples)}): exact match {acc:.1%}")
@@ -362,6 +363,7 @@ def cmd_generate(args):
     import torch
 
     from ..assets import load_base_and_tokenizer
+    from ..tuned import load_tuned
 
     model, tok = load_base_and_tokenizer(args.base)
     module = load_tuned(model, args.prompt) if args.prompt else model
@@ -428,15 +430,6 @@ def cmd_bench(args):
         runpy.run_path(str(script), run_name="__main__")
     finally:
         sys.argv = saved_argv
-
-
-def load_tuned(model, path):
-    """A `minipt tune` file on `model`: a soft prompt, or a deep prompt (a prefix file of --method ptuning-v2/prefix)."""
-    from ..checkpoint import file_kind
-    from ..prefix import PrefixTuning
-    from ..prompt import PromptTuning
-
-    return (PrefixTuning if file_kind(path) == "prefix" else PromptTuning).load(model, path)
 
 
 def cmd_exercises(args):
