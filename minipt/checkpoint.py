@@ -222,29 +222,10 @@ def model_fingerprint(model) -> str:
 
 
 def save_model(model, path, extra_metadata: dict | None = None) -> Path:
+    """A base model's file (GPT.save); minipt.model.load_model reads it back (this module knows no GPT class)."""
     meta = {"config": json.dumps(model.config.to_dict()), "fingerprint": model_fingerprint(model)}
     meta.update(extra_metadata or {})
     return save_tensors(path, _model_tensors(model), kind="gpt", metadata=meta)
-
-
-def load_model(path, map_location="cpu"):
-    from .model import GPT, GPTConfig
-
-    tensors, meta = load_tensors(path, kind="gpt", map_location=map_location)
-    try:
-        config = GPTConfig(**json.loads(meta["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the model config in the metadata is missing or invalid ({e})") from e
-    try:
-        model = GPT(config).to(map_location)
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except (RuntimeError, ValueError, TypeError) as e:  # a tensor whose shape does not fit, or a bad config
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{path}: the weights do not fit the model config in the file ({first})") from e
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
-    return model
 
 
 # ---- training state (for resuming) --------------------------------------------------------------------

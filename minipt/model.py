@@ -14,6 +14,7 @@ References:
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import CheckpointError, load_tensors, model_fingerprint, save_model
 from .checks import check_batch
 from .loss import lm_loss, mask_padding
 
@@ -337,34 +339,67 @@ class GPT(nn.Module):
 
     def fingerprint(self) -> str:
         """A short hash of the configuration and every weight, to tell which base model a prompt was made for."""
-        from .checkpoint import model_fingerprint
-
         return model_fingerprint(self)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "GPT":
-        from .checkpoint import load_model
-
         return load_model(path, map_location=map_location)
 
     def save(self, path, extra_metadata: dict | None = None) -> None:
-        from .checkpoint import save_model
-
         save_model(self, path, extra_metadata)
 
     @classmethod
     def from_hf(cls, model_or_state_dict, config=None) -> "GPT":
-        """A transformers GPT2LMHeadModel (or its state dict + config) as a minipt GPT; see minipt.hf."""
-        from .hf import gpt_from_hf
+        """minipt GPT with the weights of a transformers GPT-2 (a GPT2LMHeadModel or a state dict of one); see minipt.hf.
 
-        return gpt_from_hf(model_or_state_dict, config)
+        With a state dict, pass `config` (a transformers GPT2Config or a minipt GPTConfig): the number of heads
+        cannot be read from the tensor shapes. The new model is on the CPU in float32 unless the weights are not.
+        """
+        from .hf import config_from_hf, state_dict_from_hf
+
+        if isinstance(model_or_state_dict, dict):
+            if config is None:
+                raise ValueError("from a state dict, pass config= (a GPT2Config or GPTConfig): n_head is not in the shapes")
+            hf_state = model_or_state_dict
+        else:
+            hf_state = model_or_state_dict.state_dict()
+            config = config if config is not None else model_or_state_dict.config
+        cfg = config if isinstance(config, GPTConfig) else GPTConfig(**config_from_hf(config))
+        state = state_dict_from_hf(hf_state)
+        dtype = state["transformer.wte.weight"].dtype
+        model = cls(cfg).to(dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, loaded with it
+        if missing or unexpected:
+            raise ValueError(f"the GPT-2 weights do not fit the configuration (missing {missing}, "
+                             f"unexpected {unexpected})")
+        return model.eval()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "gpt2", cache_dir=None) -> "GPT":
         """GPT-2 weights from the local Hugging Face cache or a local folder (never downloads); see minipt.hf."""
-        from .hf import gpt_from_pretrained
+        from .hf import hf_gpt2_from_pretrained
 
-        return gpt_from_pretrained(name_or_path, cache_dir=cache_dir)
+        return cls.from_hf(hf_gpt2_from_pretrained(name_or_path, cache_dir=cache_dir))
+
+
+def load_model(path, map_location="cpu") -> GPT:
+    """GPT.from_checkpoint: a model file written by GPT.save (minipt.checkpoint.save_model), checked."""
+    tensors, meta = load_tensors(path, kind="gpt", map_location=map_location)
+    try:
+        config = GPTConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the model config in the metadata is missing or invalid ({e})") from e
+    try:
+        model = GPT(config).to(map_location)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except (RuntimeError, ValueError, TypeError) as e:  # a tensor whose shape does not fit, or a bad config
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: the weights do not fit the model config in the file ({first})") from e
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    return model
 
 
 def check_generation_length(T0: int, max_new_tokens: int, block_size: int, what: str, temperature: float = 0.0,

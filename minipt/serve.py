@@ -38,6 +38,7 @@ import torch
 from .checkpoint import CheckpointError, model_fingerprint
 from .model import GPT, KVCache, decode
 from .prompt import PromptTuning
+from .tuned import check_base
 
 
 class RequestError(ValueError):
@@ -122,9 +123,8 @@ class PromptBank:
         D = self.model.config.n_embd
         if p.prompt.shape[-1] != D:
             raise CheckpointError(f"prompt {name!r} has width {p.prompt.shape[-1]} but the model has n_embd={D}")
-        if p.model is not self.model and model_fingerprint(p.model) != fingerprint:
-            raise CheckpointError(f"prompt {name!r} was made for another base model (fingerprint "
-                                  f"{model_fingerprint(p.model)}, this model is {fingerprint})")
+        if p.model is not self.model:
+            check_base(model_fingerprint(p.model), self.model, f"prompt {name!r}", found=fingerprint)
         return p.prompt_embeddings().detach()  # (P, D), fp32
 
     def __len__(self) -> int:

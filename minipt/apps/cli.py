@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="test-split exact match of a base model, with or without a prompt")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--base", help="base model file (default: the shipped tiny model)")
-    p.add_argument("--prompt", help="a soft prompt file from `minipt tune`")
+    p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER")
+    p.add_argument("--prompt", help="a prompt or prefix file from `minipt tune`, or a PEFT adapter folder")
     p.add_argument("--instruction", action="store_true", help="put the task's written instruction first")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="default %(default)s")
     p.add_argument("-n", type=count, default=500, help="number of examples (default %(default)s)")
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a text greedily (or sampled) with the KV cache")
     p.add_argument("text", type=text_arg, help="input text; a <sep> is appended when --task-format is set")
     p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER")
-    p.add_argument("--prompt", help="a soft prompt file from `minipt tune`")
+    p.add_argument("--prompt", help="a prompt or prefix file from `minipt tune`, or a PEFT adapter folder")
     p.add_argument("--task-format", action="store_true", help="append <sep> and stop at <eos>, as the tasks do")
     p.add_argument("--max-new-tokens", type=count, default=16, help="default %(default)s")
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(`minipt exercises check -h` shows a command's own options).")
     p.add_argument("exercise_args", nargs=argparse.REMAINDER, help="list | build [--check] | check NOTEBOOK.ipynb")
 
-    p = sub.add_parser("experiment", help="Lester et al.'s experiments in miniature (see minipt/experiments.py)")
+    p = sub.add_parser("experiment", help="Lester et al.'s experiments in miniature (see minipt/apps/experiments.py)")
     p.add_argument("name", choices=["lester", "lester-bases", "seed-claims", "depth"],
                    help="lester: length, init, scale and ensembling; lester-bases: pretrain its base models; "
                         "depth: P-tuning v2 and P-tuning on the scale curve (see minipt/apps/depth.py); "
@@ -294,7 +294,7 @@ def cmd_tune(args):
     from ..data import exact_match_accuracy
     from ..distributed import init_from_env
     from ..tasks import get_task
-    from ..userdata import check_fits, read_jsonl, select_task, split_validation
+    from ..userdata import training_data
     from .recipes import METHOD_DEFAULTS, task_data, tune_prompt
 
     if args.data is None:
@@ -307,16 +307,9 @@ def cmd_tune(args):
     info = init_from_env()  # under torchrun: join the process group; else one process
     model, tok = load_base_and_tokenizer(args.base)
     if args.data is not None:
-        records = read_jsonl(args.data)
-        check_fits(records, tok, args.n_prompt, model.config.block_size, args.data)
-        train_ex = select_task(records, args.task)
-        if args.val_data is not None:
-            val_records = read_jsonl(args.val_data)
-            check_fits(val_records, tok, args.n_prompt, model.config.block_size, args.val_data)
-            val_ex = select_task(val_records, train_ex[0].task)
-        else:
-            train_ex, val_ex = split_validation(train_ex, args.val_fraction, seed=args.seed)
-        data, test_ex = (train_ex, val_ex), None
+        data = training_data(args.data, tok, args.n_prompt, model.config.block_size, task=args.task,
+                             val_path=args.val_data, val_fraction=args.val_fraction, seed=args.seed)
+        test_ex = None
     else:
         data = task_data(args.task, seed=args.seed)
         test_ex = data[2]
@@ -346,15 +339,15 @@ def cmd_tune(args):
 
 
 def cmd_eval(args):
-    from ..assets import load_base
+    from ..assets import load_base_and_tokenizer
     from ..data import exact_match_accuracy
     from ..tasks import make_split
-    from ..tokenizer import ByteTokenizer
+    from ..tuned import load_tuned
 
-    model = load_base(args.base)
-    module = load_tuned(model, args.prompt) if args.prompt else model
+    model, tok = load_base_and_tokenizer(args.base)  # the loader of tune and generate: hf: bases too
+    module = load_tuned(model, args.prompt) if args.prompt else model  # a prompt or prefix file, or a PEFT folder
     examples = make_split(args.task, args.split, args.n)
-    acc = exact_match_accuracy(module, examples, ByteTokenizer(), instruction=args.instruction)
+    acc = exact_match_accuracy(module, examples, tok, instruction=args.instruction)
     print(f"{args.task} ({args.split}, n={len(examples)}): exact match {acc:.1%}")
 
 
@@ -362,6 +355,7 @@ def cmd_generate(args):
     import torch
 
     from ..assets import load_base_and_tokenizer
+    from ..tuned import load_tuned
 
     model, tok = load_base_and_tokenizer(args.base)
     module = load_tuned(model, args.prompt) if args.prompt else model
@@ -428,15 +422,6 @@ def cmd_bench(args):
         runpy.run_path(str(script), run_name="__main__")
     finally:
         sys.argv = saved_argv
-
-
-def load_tuned(model, path):
-    """A `minipt tune` file on `model`: a soft prompt, or a deep prompt (a prefix file of --method ptuning-v2/prefix)."""
-    from ..checkpoint import file_kind
-    from ..prefix import PrefixTuning
-    from ..prompt import PromptTuning
-
-    return (PrefixTuning if file_kind(path) == "prefix" else PromptTuning).load(model, path)
 
 
 def cmd_exercises(args):
