@@ -17,13 +17,17 @@ import torch
 
 from .loss import IGNORE_INDEX, check_targets, supervised_count
 
+ID_DTYPES = (torch.int64, torch.int32)  # what an embedding lookup takes
+
 
 def check_ids(idx, name: str = "idx") -> None:
     """idx is a non-empty (B, T) tensor of integer token ids (metadata only)."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+    if idx.dtype not in ID_DTYPES:  # uint8, int16 ... index no embedding table; float and bool are not ids
         raise TypeError(f"{name} must hold integer token ids (int64 or int32), got dtype {idx.dtype}")
+    if idx.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (shapes only, no values); give a tensor with values")
     if idx.dim() != 2:
         raise ValueError(f"{name} must have shape (B, T), got {tuple(idx.shape)}")
     if idx.shape[0] == 0 or idx.shape[1] == 0:
@@ -47,9 +51,15 @@ def check_batch(idx, targets=None, attention_mask=None, *, vocab_size: int, bloc
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
             got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must have the shape of idx {tuple(idx.shape)}, got {got}")
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must hold integers or bools (1 = token, 0 = pad), got dtype "
+                            f"{attention_mask.dtype}")
+        if attention_mask.device != idx.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device}, idx on {idx.device}; put both on one")
         m = attention_mask.to(torch.long)
         stats.append(((m != 0) & (m != 1)).sum())  # entries that are not 0 or 1
         stats.append((m[:, 1:] > m[:, :-1]).sum())  # a 1 after a 0: left or middle padding
+        stats.append((m[:, 0] == 0).sum())  # right-padded, so a row without a token starts with a 0
     if targets is not None:
         check_targets(targets, idx.shape)
         keep = targets != IGNORE_INDEX
@@ -64,11 +74,14 @@ def check_batch(idx, targets=None, attention_mask=None, *, vocab_size: int, bloc
         raise ValueError(f"{name} holds token id {lo if lo < 0 else hi}, outside [0, vocab_size={vocab_size})")
     rest = values[2:]
     if attention_mask is not None:
-        not_binary, not_right_padded, *rest = rest
+        not_binary, not_right_padded, empty_rows, *rest = rest
         if not_binary:
             raise ValueError("attention_mask must hold only 0 and 1")
         if not_right_padded:
             raise ValueError("attention_mask must be right-padded (ones, then zeros in every row)")
+        if empty_rows:
+            raise ValueError(f"attention_mask has {empty_rows} row(s) of zeros only: every row needs at least "
+                             f"one token")
     if targets is None:
         return None
     n_supervised, t_lo, t_hi = rest

@@ -30,13 +30,14 @@ length form one `PromptTuning` bank (K, P, D); with the prefix cache the prompt 
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from .checkpoint import CheckpointError, model_fingerprint
-from .model import GPT, KVCache, decode
+from .model import GPT, KVCache, check_sampling, decode
 from .prompt import PromptTuning
 from .tuned import check_base
 
@@ -55,36 +56,25 @@ def read_requests(source, known_tasks=None) -> list[tuple[str, str]]:
     Strict, like minipt.userdata: a bad line, a missing or non-string field, an unknown key or (with
     known_tasks) an unknown task name is a DataError naming the line, raised before any work.
     """
-    import json
+    from .userdata import DataError, read_objects
 
-    from .userdata import DataError
-
-    if hasattr(source, "read"):
-        where, text = getattr(source, "name", "<stdin>"), source.read()
-    else:
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"no such requests file: {source}")
-        where, text = str(source), open(source, encoding="utf-8").read()
-    lines = text.splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
     out = []
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for where, record in read_objects(source, "requests"):
         if not isinstance(record, dict) or set(record) != {"task", "input"}:
-            raise DataError(f"{where}:{lineno}: expected {{\"task\": NAME, \"input\": TEXT}}, got {line[:80]}")
+            raise DataError(f"{where}: expected {{\"task\": NAME, \"input\": TEXT}}, got {json.dumps(record)[:80]}")
         if not isinstance(record["task"], str) or not isinstance(record["input"], str):
-            raise DataError(f"{where}:{lineno}: 'task' and 'input' must be strings")
+            raise DataError(f"{where}: 'task' and 'input' must be strings")
         if known_tasks is not None and record["task"] not in known_tasks:
-            raise DataError(f"{where}:{lineno}: unknown task {record['task']!r}; the prompts given are "
+            raise DataError(f"{where}: unknown task {record['task']!r}; the prompts given are "
                             f"{sorted(known_tasks)}")
         out.append((record["task"], record["input"]))
-    if not out:
-        raise DataError(f"{where} holds no requests")
     return out
+
+
+def check_max_batch(max_batch) -> int:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    return max_batch
 
 
 class PromptBank:
@@ -96,8 +86,7 @@ class PromptBank:
             raise TypeError(f"model must be a minipt GPT, got {type(model).__name__}")
         if not prompts:
             raise ValueError("PromptBank needs at least one prompt (a mapping name -> PromptTuning or file)")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        check_max_batch(max_batch)
         self.model = model.eval()
         self.backend = backend
         self.max_batch = max_batch
@@ -154,7 +143,14 @@ class PromptBank:
         c = self.model.config
         if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
             raise TypeError("requests must be a list of (prompt name, token ids)")
-        budgets = [max_new_tokens] * len(requests) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):  # one budget for all
+            if max_new_tokens < 0:
+                raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+            budgets = [max_new_tokens] * len(requests)
+        elif isinstance(max_new_tokens, Sequence) and not isinstance(max_new_tokens, (str, bytes)):
+            budgets = list(max_new_tokens)
+        else:
+            raise TypeError(f"max_new_tokens must be an integer or one integer per request, got {max_new_tokens!r}")
         if len(budgets) != len(requests):
             raise ValueError(f"max_new_tokens has {len(budgets)} entries for {len(requests)} requests")
         ids_out = []
@@ -176,7 +172,7 @@ class PromptBank:
             bad = [t for t in ids if not 0 <= t < c.vocab_size]
             if bad:
                 raise RequestError(i, f"token id {bad[0]} is outside [0, vocab_size={c.vocab_size})")
-            if not isinstance(budget, int) or budget < 0:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
                 raise RequestError(i, f"max_new_tokens must be an int >= 0, got {budget!r}")
             P = self.prompts[name].shape[0]
             if P + len(ids) + budget > c.block_size:
@@ -197,7 +193,8 @@ class PromptBank:
         each batch with the number of requests it answered.
         """
         ids, budgets = self.check_requests(requests, max_new_tokens)
-        max_batch = max_batch or self.max_batch
+        check_sampling(temperature, top_k)
+        max_batch = self.max_batch if max_batch is None else check_max_batch(max_batch)
         names = [r[0] for r in requests]
         total = [self.prompts[n].shape[0] + len(t) for n, t in zip(names, ids)]
         order = sorted(range(len(ids)), key=lambda i: total[i])  # similar lengths together: less padding

@@ -1,4 +1,5 @@
-"""Your own data for `minipt tune --data FILE.jsonl`: one JSON record a line, read strictly.
+"""Your own data for `minipt tune --data FILE.jsonl`: one JSON record a line, read strictly (`read_objects`
+is the one JSONL reader: serve's requests go through it too).
 
     {"input": "great movie, loved it", "output": "positive"}
     {"input": "abc", "output": "cba", "task": "reverse"}          "task" is optional (default "user")
@@ -30,39 +31,50 @@ class DataError(ValueError):
     """A data file that cannot be used as it is; the message names the file and line."""
 
 
-def read_jsonl(path, default_task: str = "user") -> list[Example]:
-    """Every record of a .jsonl file as an Example, in file order; DataError naming the line otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    lines = _utf8_lines(path)
+def read_objects(source, what: str = "data") -> list[tuple[str, object]]:
+    """Every line of a JSONL file (a path, or a binary or text stream such as stdin) parsed as JSON:
+    [(where, value)], where = "FILE:LINE" for messages. The one reader of the format (--data, --val-data,
+    serve's --requests), strict as the module docstring says; `what` names the file in messages."""
+    if hasattr(source, "read"):
+        name = getattr(source, "name", "<stdin>")
+        raw = getattr(source, "buffer", source).read()  # a text stream's bytes, so UTF-8 is checked here
+        raw = raw.encode("utf-8") if isinstance(raw, str) else raw
+    else:
+        name = source
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"no such {what} file: {source}")
+        raw = Path(source).read_bytes()
+    lines = _utf8_lines(raw, name)
     while lines and not lines[-1].strip():  # blank lines at the end hold no record
         lines.pop()
     if not lines:
-        raise DataError(f"{path} holds no records (one JSON object a line is expected)")
-    examples = []
+        raise DataError(f"{name} holds no records (one JSON object a line is expected)")
+    values = []
     for lineno, line in enumerate(lines, start=1):
-        where = f"{path}:{lineno}"
+        where = f"{name}:{lineno}"
         if not line.strip():
             raise DataError(f"{where}: blank line between records; remove it (nothing is skipped silently)")
         try:
-            record = json.loads(line)
+            values.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        examples.append(_example(record, where, default_task))
-    return examples
+    return values
 
 
-def _utf8_lines(path: Path) -> list[str]:
-    """The lines of a text file, split on "\\n" only: JSON strings may hold U+2028 or U+0085, which
+def read_jsonl(path, default_task: str = "user") -> list[Example]:
+    """Every record of a .jsonl file as an Example, in file order; DataError naming the line otherwise."""
+    return [_example(record, where, default_task) for where, record in read_objects(path)]
+
+
+def _utf8_lines(raw: bytes, name) -> list[str]:
+    """The lines of a file's bytes, split on "\n" only: JSON strings may hold U+2028 or U+0085, which
     str.splitlines would also split on. A byte that is not UTF-8 is an error naming its line."""
-    raw = path.read_bytes().split(b"\n")
     lines = []
-    for lineno, line in enumerate(raw, start=1):
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
         try:
             lines.append(line.decode("utf-8").removesuffix("\r"))
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); save the file "
+            raise DataError(f"{name}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); save the file "
                             f"as UTF-8") from None
     if lines and lines[0].startswith("\ufeff"):
         lines[0] = lines[0][1:]  # a byte-order mark some editors write

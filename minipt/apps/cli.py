@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task's soft prompt file (repeat for each task)")
     p.add_argument("--requests", required=True, help="requests .jsonl file, or - for stdin")
     p.add_argument("--out", default="-", help="answers .jsonl file, or - for stdout (default)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="default %(default)s")
-    p.add_argument("--max-batch", type=int, default=64, help="rows per batch (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=count, default=16, help="default %(default)s")
+    p.add_argument("--max-batch", type=count, default=64, help="rows per batch (default %(default)s)")
     p.add_argument("--no-prefix-cache", action="store_true", help="run the prompt positions at every prefill")
     p.add_argument("--no-progress", action="store_true")
 
@@ -220,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default runs/lester, or runs/lester-quick/work with --quick); "
                                   "seed-claims: likewise, default runs/seed-claims")
     p.add_argument("--out", default="runs/lester-bases", help="lester-bases: output folder (default %(default)s)")
-    p.add_argument("--sizes", nargs="+", help="lester-bases: which sizes (default: the whole ladder)")
+    p.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), metavar="SIZE",
+                   help=f"lester-bases: which sizes, of {', '.join(sorted(PRESETS))} (default: the whole ladder)")
     p.add_argument("--base", help="seed-claims: base model file (default: the shipped tiny model)")
-    p.add_argument("--threads", type=int, help="torch threads for the run (default: torch's own choice)")
+    p.add_argument("--threads", type=count, help="torch threads for the run (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -382,6 +383,8 @@ def cmd_serve(args):
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--prompt expects NAME=FILE, got {spec!r}")
+        if name in prompts:
+            raise ValueError(f"--prompt {name}= is given twice ({prompts[name]} and {path}); one file a name")
         prompts[name] = path
     requests = read_requests(sys.stdin if args.requests == "-" else args.requests, set(prompts))  # before any work
     model, tok = load_base_and_tokenizer(args.base)
