@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .equations import CONCAT_MISTAKES, concat_reference
-from .result import (Case, _equal, CheckResult, Mistake, diagnose, draw_cases, failed, first_difference, passed, pick,
+from .result import (Case, _equal, CheckResult, Mistake, diagnose_all, draw_cases, failed, first_difference, passed, pick,
                      randint, size_hint)
 
 GUARD = 64  # elements of padding on either side of every tensor a kernel sees (>= any BLOCK_D used here)
@@ -226,6 +226,9 @@ def memory_problem(audit: MemoryAudit, outputs: list[Guarded], hints: dict | Non
     """The first stray store or load (or a written guard), with advice; `hints` maps a tensor name to advice
     for a stray load near it (a bad offset rather than a missing mask)."""
     if audit.bad_store:
+        if " at lane 0 " in audit.bad_store:  # even the row's first element is outside: the offset is wrong
+            return (f"{audit.bad_store}: the whole row lies outside the tensor, so no mask can help: check the row "
+                    f"offset (which program id is b and which t, and the stride between rows and examples)")
         return f"{audit.bad_store}: mask every tl.store (mask=offs < D) so the lanes past a row's end write nothing"
     if audit.bad_load:
         advice = next((text for name, text in (hints or {}).items() if f" of {name} (" in audit.bad_load),
@@ -297,7 +300,7 @@ def check_concat_kernel(kernel) -> CheckResult:
         import_triton()
     except ImportError:
         return failed("concat_kernel", NO_TRITON)
-    cases, results, first = concat_kernel_cases(), [], None
+    cases, results, first, gots = concat_kernel_cases(), [], None, []
     references = [concat_reference(*case.args) for case in cases]  # before the kernel runs
     for case, expected in zip(cases, references):
         prompt, wte, idx, wpe = case.args
@@ -313,14 +316,16 @@ def check_concat_kernel(kernel) -> CheckResult:
         got = X.view.clone()
         problem = error or memory_problem(audit, [X], {"idx": "the token of row t >= n_p is idx[b, t - n_p], at "
                                                                   "IDX + b * n + (t - n_p)"})
+        gots.append(got if problem is None else None)  # an output worth comparing with the named mistakes
         if problem is None:
             problem = unwritten(got, ("b", "t", "d"), "x", written_mask(audit, X.view)) or first_difference(
                 expected, got, dims=("b", "t", "d"), shape_doc="(B, n_p + n, D)", atol=1e-6, rtol=1e-6, name="x")
-            if problem:
-                problem += "." + diagnose(CONCAT_MISTAKES, case.args, got, 1e-6, 1e-6)
         results.append((case, problem is None))
         if problem and first is None:
             first = (case, problem)
+    if first and "first difference" in first[1]:
+        first = (first[0], first[1].rstrip(".") + "." + diagnose_all(CONCAT_MISTAKES, cases, gots, 1e-6, 1e-6,
+                                                                     first=first[0]))
     return _report("concat_kernel", cases, results, first, audit_note(audit))
 
 
@@ -384,7 +389,7 @@ def check_batch_sum_kernel(kernel) -> CheckResult:
         import_triton()
     except ImportError:
         return failed("batch_sum_kernel", NO_TRITON)
-    cases, results, first, audit = batch_sum_cases(), [], None, None
+    cases, results, first, audit, gots = batch_sum_cases(), [], None, None, []
     references = [batch_sum_reference(*case.args) for case in cases]  # before the kernel runs
     for case, expected in zip(cases, references):
         dx, n_p = case.args
@@ -406,16 +411,22 @@ def check_batch_sum_kernel(kernel) -> CheckResult:
                        f"the programs then add in whatever order they finish, and dP changes in its last bits "
                        f"from run to run. Let one program own each row t and loop over b")
         problem = problem or memory_problem(audit, [DP])
+        gots.append(got if problem is None else None)
         if problem is None:
             problem = unwritten(got, ("t", "d"), "dP", written_mask(audit, DP.view)) or first_difference(
                 expected, got, dims=("t", "d"), shape_doc="(n_p, D)", atol=1e-5, rtol=1e-5, name="dP")
-            if problem:
-                problem += "." + diagnose(BATCH_SUM_MISTAKES, case.args, got, 1e-5, 1e-5)
+            if problem and "first difference" in problem and bool(
+                    ((got - expected).abs() <= 1e-2 * expected.abs().max()).all()):
+                problem += (". The values are all within 1% of the sum: is the accumulator in a lower precision "
+                            "(float16, bfloat16)? Accumulate in float32: tl.zeros((BLOCK_D,), dtype=tl.float32)")
         if problem is None and not _equal(got.view(torch.int32), runs[1][2].view.view(torch.int32)):
             problem = "two runs on the same input gave different bits: the reduction is not deterministic"
         results.append((case, problem is None))
         if problem and first is None:
             first = (case, problem)
+    if first and "first difference" in first[1] and "within 1%" not in first[1]:
+        first = (first[0], first[1].rstrip(".") + "." + diagnose_all(BATCH_SUM_MISTAKES, cases, gots, 1e-5, 1e-5,
+                                                                     first=first[0]))
     note = audit_note(audit) + " Two runs gave identical bits, and no atomics were used."
     return _report("batch_sum_kernel", cases, results, first, note)
 

@@ -192,16 +192,24 @@ def diagnose(mistakes: Sequence[Mistake], args: tuple, got, atol: float, rtol: f
 
 
 def diagnose_all(mistakes: Sequence[Mistake], cases: Sequence[Case], gots: Sequence, atol: float,
-                 rtol: float) -> str:
-    """'This is what you get when ...' for the first known mistake whose output equals the answer's on every
-    case where the answer returned something: a mistake that matches one case by coincidence is not named."""
+                 rtol: float, first: Case | None = None) -> str:
+    """'This is what you get when ...' for the first known mistake whose output equals the answer's on the first
+    failing case (`first`) and on every other case where both return something: a mistake that matches one
+    case by coincidence is not named."""
     shown = [(case, got) for case, got in zip(cases, gots) if got is not None]
     for mistake in mistakes:
-        try:
-            if shown and all(matches(mistake.fn(*fresh(case.args)), got, atol, rtol) for case, got in shown):
+        agree = set()
+        for case, got in shown:
+            try:
+                out = mistake.fn(*fresh(case.args))
+            except Exception:  # noqa: BLE001 - a mistake that cannot run on this case says nothing about it
+                continue
+            if not matches(out, got, atol, rtol):
+                break
+            agree.add(id(case))
+        else:
+            if agree and (first is None or id(first) in agree):
                 return f" This is what you get when {mistake.explanation}."
-        except Exception:  # noqa: BLE001 - a mistake that cannot run on a case says nothing
-            continue
     return ""
 
 
@@ -271,7 +279,7 @@ def check_function(exercise: str, answer: Callable, cases: Sequence[Case], refer
     case, problem, error, a_tol, r_tol = first_failure
     message = f"Case {case.label()}: {problem.rstrip('.')}."
     if error is None:
-        message += diagnose_all(mistakes, cases, gots, a_tol, r_tol)
+        message += diagnose_all(mistakes, cases, gots, a_tol, r_tol, first=case)
     message += size_hint(results, size_words)
     message += f" Passed {sum(ok for _, ok in results)} of {len(cases)} cases."
     return failed(exercise, message, tried)
