@@ -2,8 +2,11 @@
 
 Every minipt file carries, in its safetensors metadata (a str -> str mapping):
     "minipt.kind"    "gpt" | "prompt" | ...      what the file holds
-    "minipt.sha256"  hash of every tensor's bytes, so a flipped or cut byte is caught on load
-plus what the kind needs (a model's config, a prompt's n_prompt and base-model fingerprint).
+    "minipt.sha256"  hash of every tensor's bytes and of the rest of the metadata, so a flipped or cut byte
+                     anywhere (a model's config included) is caught on load
+plus what the kind needs (a model's config and fingerprint, a prompt's n_prompt and `base_identity`).
+Loaders prove a file before building anything large from it (`load_model`), and refuse tuned tensors that
+are not finite floating-point numbers (`check_values`).
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target with
 `os.replace`, which is atomic on POSIX and Windows: a crash leaves either the old file or the new one, never
@@ -147,22 +150,28 @@ def _umask() -> int:
     return mask
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names and raw bytes of the tensors, in sorted name order."""
+def tensors_sha256(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """sha256 over names and raw bytes of the tensors, in sorted name order, then over the metadata (sorted
+    keys, the hash's own key left out): a flipped byte anywhere in a file, config included, changes it."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    if metadata is not None:
+        digest.update(json.dumps({k: v for k, v in metadata.items() if k != HASH_KEY}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
+HASH_KEY = "minipt.sha256"
+
+
 def save_tensors(path, tensors: dict[str, torch.Tensor], kind: str, metadata: dict | None = None) -> Path:
-    """Write tensors and metadata as one safetensors file, atomically."""
+    """Write tensors and metadata as one safetensors file, atomically; the hash covers both."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta["minipt.kind"] = kind
-    meta["minipt.sha256"] = tensors_sha256(tensors)
+    meta[HASH_KEY] = tensors_sha256(tensors, meta)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -188,8 +197,12 @@ def file_kind(path) -> str | None:
         return None
 
 
-def load_tensors(path, kind: str, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a file written by save_tensors; check its kind and its content hash."""
+def read_proven(path, kind: str | None = None, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a minipt safetensors file (of `kind`, when given) whose stored hash proves both;
+    CheckpointError otherwise.
+
+    Files written before the hash covered the metadata carry a hash of the tensors alone, still accepted
+    (their model config is proven by the model fingerprint, `load_model`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {path}")
@@ -199,11 +212,29 @@ def load_tensors(path, kind: str, map_location="cpu") -> tuple[dict[str, torch.T
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
     found = meta.get("minipt.kind")
-    if found != kind:
+    if kind is not None and found != kind:
         raise CheckpointError(f"{path} holds {found!r}, expected a minipt {kind!r} file")
-    if tensors_sha256(tensors) != meta.get("minipt.sha256"):
-        raise CheckpointError(f"{path} is corrupted: its tensors do not match the hash stored in the file")
+    stored = meta.get(HASH_KEY)
+    if stored is None:
+        raise CheckpointError(f"{path} carries no {HASH_KEY}: not a file minipt wrote, or its header was edited")
+    if stored != tensors_sha256(tensors, meta) and stored != tensors_sha256(tensors):
+        raise CheckpointError(f"{path} is corrupted: its tensors or metadata do not match the hash stored in the file")
     return tensors, meta
+
+
+def load_tensors(path, kind: str, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a file written by save_tensors; check its kind and its content hash."""
+    return read_proven(path, kind, map_location)
+
+
+def check_values(tensors: dict[str, torch.Tensor], path) -> None:
+    """Trained numbers are floating point and finite: a file of ints, bools, NaN or inf is refused by name."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: the tensor {name!r} holds {t.dtype} values; a trained tensor is floating "
+                                  f"point")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: the tensor {name!r} holds NaN or inf")
 
 
 # ---- base models --------------------------------------------------------------------------------------
@@ -215,10 +246,64 @@ def _model_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def model_fingerprint(model) -> str:
-    """16 hex digits that identify a base model: its config and every weight."""
+    """16 hex digits that identify a base model: its config and every weight, read as float32 (so the same
+    model in float64 has the same fingerprint; bf16 and fp16 round the weights: see `same_base`)."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    digest.update(tensors_sha256(_model_tensors(model)).encode())
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in _model_tensors(model).items()}
+    digest.update(tensors_sha256(tensors).encode())
     return digest.hexdigest()[:16]
+
+
+# The sketch's tolerance, relative to each tensor's norm: bf16 rounds each weight by at most 2**-9 of itself
+# (2**-8 of its ulp), so the norm and the projection move by about 2**-9 of the norm; 2**-5 leaves room
+# sixteen times over, while another model's projections differ by about the norm itself.
+SKETCH_TOLERANCE = 2.0**-5
+
+
+def model_sketch(model) -> list[list[float]]:
+    """[norm, projection] per weight tensor (sorted names): the projection is the dot product with a fixed
+    random +-1 vector. Unlike the fingerprint these survive rounding to bf16 or fp16 within SKETCH_TOLERANCE."""
+    out = []
+    for name, t in sorted(_model_tensors(model).items()):
+        w = t.detach().cpu().double().reshape(-1)  # (n,)
+        signs = torch.randint(0, 2, w.shape, generator=torch.Generator().manual_seed(len(out))).double() * 2 - 1
+        out.append([float(f"{w.norm():.9g}"), float(f"{(w @ signs):.9g}")])
+    return out
+
+
+def base_identity(model) -> dict[str, str]:
+    """What a tuned file stores about its base model (metadata strings): fingerprint, config, dtype, sketch."""
+    return {"base_fingerprint": model_fingerprint(model), "base_config": json.dumps(model.config.to_dict()),
+            "base_dtype": str(model.transformer.wte.weight.dtype).removeprefix("torch."),
+            "base_sketch": json.dumps(model_sketch(model))}
+
+
+def same_base(meta: dict, model) -> bool:
+    """Whether `model` is the base model described by `meta` (base_identity's keys): the same fingerprint, or,
+    when either side was not float32, the same config and a sketch within SKETCH_TOLERANCE."""
+    if meta.get("base_fingerprint") == model_fingerprint(model):
+        return True
+    here = base_identity(model)
+    if "float32" == meta.get("base_dtype", "float32") == here["base_dtype"] or "base_sketch" not in meta:
+        return False
+    try:
+        same_config = json.loads(meta["base_config"]) == model.config.to_dict()
+        saved = json.loads(meta["base_sketch"])
+    except (KeyError, ValueError, TypeError):
+        return False
+    sketch = json.loads(here["base_sketch"])
+    return same_config and len(saved) == len(sketch) and all(
+        abs(a - b) <= SKETCH_TOLERANCE * abs(n) + 1e-12 for (n, p), (m, q) in zip(saved, sketch)
+        for a, b in ((n, m), (p, q)))
+
+
+def check_base(meta: dict, model, subject: str) -> None:
+    """CheckpointError unless the file whose metadata is `meta` was made for `model` (`same_base`); `subject`
+    starts the message ("FILE: the prompt")."""
+    if not same_base(meta, model):
+        raise CheckpointError(f"{subject} was made for another base model (fingerprint "
+                              f"{meta.get('base_fingerprint')}, this model is {model_fingerprint(model)}); load the "
+                              f"base model it was tuned on")
 
 
 def save_model(model, path, extra_metadata: dict | None = None) -> Path:
@@ -228,6 +313,8 @@ def save_model(model, path, extra_metadata: dict | None = None) -> Path:
 
 
 def load_model(path, map_location="cpu"):
+    """A base model file, proven before anything large is built: the hash, the config against the tensors'
+    shapes, finite float weights, and the stored fingerprint against the loaded model's."""
     from .model import GPT, GPTConfig
 
     tensors, meta = load_tensors(path, kind="gpt", map_location=map_location)
@@ -235,6 +322,8 @@ def load_model(path, map_location="cpu"):
         config = GPTConfig(**json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the model config in the metadata is missing or invalid ({e})") from e
+    _check_config_fits(config, tensors, path)
+    check_values(tensors, path)
     try:
         model = GPT(config).to(map_location)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -244,7 +333,22 @@ def load_model(path, map_location="cpu"):
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    if "fingerprint" in meta and meta["fingerprint"] != model_fingerprint(model):
+        raise CheckpointError(f"{path}: the model does not match the fingerprint stored in the file (its config or "
+                              f"weights were changed)")
     return model
+
+
+def _check_config_fits(config, tensors: dict[str, torch.Tensor], path) -> None:
+    """The config's sizes against the tensors' shapes, before a model of that config is built."""
+    wte, wpe = tensors.get("transformer.wte.weight"), tensors.get("transformer.wpe.weight")
+    blocks = {name.split(".")[2] for name in tensors if name.startswith("transformer.h.")}
+    found = {"vocab_size": None if wte is None else wte.shape[0], "n_embd": None if wte is None else wte.shape[-1],
+             "block_size": None if wpe is None else wpe.shape[0], "n_layer": len(blocks)}
+    for name, value in found.items():
+        if getattr(config, name) != value:
+            raise CheckpointError(f"{path}: the config says {name}={getattr(config, name)} but the weights have "
+                                  f"{value}; the file was changed")
 
 
 # ---- training state (for resuming) --------------------------------------------------------------------

@@ -11,7 +11,10 @@ which is exactly minipt's prompt P (n_p, D). `pt.save_peft(dir)` writes such a f
 `PromptTuning.from_peft(model, dir)` reads one back; the result trains further like any minipt prompt.
 
 What PEFT's files lack: the base model's fingerprint. minipt checks the width and the declared prompt length,
-but cannot tell which base model the prompt was tuned on; load it onto the right one.
+but cannot tell which base model a prompt PEFT wrote was tuned on; load it onto the right one. A folder
+minipt writes carries, in the weights file's safetensors metadata (which PEFT ignores), the base model's
+identity and a hash of the tensor, that metadata and the config's content: it is proven on load like any
+minipt file.
 
 The one difference in the loss
 ------------------------------
@@ -28,6 +31,7 @@ are the same number.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,10 +39,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, atomic_write
+from .checkpoint import (HASH_KEY, CheckpointError, _read_metadata, atomic_write, base_identity, check_base,
+                         check_values, tensors_sha256)
 from .loss import lm_loss
 from .model import GPT
 
+CONFIG_HASH_KEY = "minipt.config_sha256"  # the config's content, hashed into the weights file's metadata
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TENSOR_NAME = "prompt_embeddings"
@@ -79,15 +85,20 @@ def peft_config(pt, base_model_name_or_path: str | None = None) -> dict:
     }
 
 
-def save_peft(pt, directory, base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors (fp32 prompt) into `directory`, atomically each."""
+def save_peft(pt, directory, base_model_name_or_path: str | None = None, extra_metadata: dict | None = None) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors (fp32 prompt) into `directory`, atomically each.
+
+    The weights file's metadata also carries minipt's proof (minipt.checkpoint): the base model's identity and
+    a hash of the tensor, the metadata and the config's content, checked by read_peft and load_peft."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tuned = pt.prefix_embeddings() if hasattr(pt, "prefix_embeddings") else pt.prompt_embeddings()
     prompt = tuned.detach().float().cpu().contiguous()  # (n_prompt, D), or a prefix (n_prefix, n_layer * 2 * D)
-    atomic_write(directory / WEIGHTS_NAME,
-                 lambda tmp: save_file({TENSOR_NAME: prompt}, tmp, metadata={"format": "pt"}))
     text = json.dumps(peft_config(pt, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
+    meta = {"format": "pt", **base_identity(pt.model), **(extra_metadata or {}),
+            CONFIG_HASH_KEY: _config_sha256(json.loads(text))}
+    meta[HASH_KEY] = tensors_sha256({TENSOR_NAME: prompt}, meta)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file({TENSOR_NAME: prompt}, tmp, metadata=meta))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
 
@@ -127,18 +138,25 @@ def read_peft(directory, peft_type: str = "PROMPT_TUNING") -> tuple[torch.Tensor
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}{old}")
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
+        meta = _read_metadata(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from e
     prompt = tensors.get(TENSOR_NAME)
     if prompt is None or prompt.dim() != 2:
         raise CheckpointError(f"{weights_path}: no (num_virtual_tokens, token_dim) tensor named {TENSOR_NAME!r} "
                               f"(found {sorted(tensors)})")
+    check_values({TENSOR_NAME: prompt}, weights_path)
     declared = (config.get("num_virtual_tokens"), config.get("token_dim"))
     if peft_type == "PREFIX_TUNING" and isinstance(config.get("num_layers"), int) and isinstance(declared[1], int):
         declared = (declared[0], config["num_layers"] * 2 * declared[1])  # (n_prefix, n_layer * 2 * D)
     if declared != tuple(prompt.shape):
         raise CheckpointError(f"{directory}: the config declares (num_virtual_tokens, token_dim) = {declared} "
                               f"but {TENSOR_NAME} has shape {tuple(prompt.shape)}")
+    if HASH_KEY in meta:  # written by minipt: its proof covers the tensor, the metadata and the config
+        if meta[HASH_KEY] != tensors_sha256(tensors, meta) or meta.get(CONFIG_HASH_KEY) != _config_sha256(config):
+            raise CheckpointError(f"{directory} is corrupted or was edited: its files do not match the hash minipt "
+                                  f"stored in {WEIGHTS_NAME}")
+    config["minipt"] = meta  # the weights file's metadata, for load_peft's base-model check
     return prompt, config
 
 
@@ -151,6 +169,8 @@ def load_peft(model: GPT, directory, backend: str = "auto"):
     if prompt.shape[1] != D:
         raise CheckpointError(f"{directory}: the prompt has token_dim {prompt.shape[1]} but the model has "
                               f"n_embd={D}; it was made for another model")
+    if "base_fingerprint" in config["minipt"]:  # a folder minipt wrote knows its base model; PEFT's do not
+        check_base(config["minipt"], model, f"{directory}: the prompt")
     # kept fp32 and requiring grad: it can be trained further
     return PromptTuning.from_tensor(model, prompt, init=_MINIPT_INIT.get(str(config.get("prompt_tuning_init")),
                                                                          "unknown"), backend=backend)
@@ -166,7 +186,14 @@ def load_peft_prefix(model: GPT, directory):
     if shape != (c.n_layer, c.n_head, c.n_embd):
         raise CheckpointError(f"{directory}: the adapter is for (num_layers, num_attention_heads, token_dim) = "
                               f"{shape}, the model has ({c.n_layer}, {c.n_head}, {c.n_embd}); made for another model")
+    if "base_fingerprint" in config["minipt"]:
+        check_base(config["minipt"], model, f"{directory}: the prefix")
     return PrefixTuning.from_tensor(model, prefix)
+
+
+def _config_sha256(config: dict) -> str:
+    """The config's content (not its layout: reformatting the JSON keeps it)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 # ---- PEFT's loss convention --------------------------------------------------------------------------------

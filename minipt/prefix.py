@@ -30,12 +30,11 @@ section 4 (prompt tuning against prefix tuning).
 """
 from __future__ import annotations
 
-import json
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_tensors, model_fingerprint, save_tensors
+from .checkpoint import CheckpointError, base_identity, check_base, check_values, load_tensors, save_tensors
 from .checks import check_batch
 from .frozen import freeze
 from .loss import frozen_lm_loss, lm_loss, mask_padding
@@ -187,11 +186,10 @@ class PrefixTuning(nn.Module):
 
     # ---- files --------------------------------------------------------------------------------------------
 
-    def save(self, path) -> None:
-        """The materialised prefix alone (never the MLP), with the base model's fingerprint."""
+    def save(self, path, extra_metadata: dict | None = None) -> None:
+        """The materialised prefix alone (never the MLP), with the base model's identity (base_identity)."""
         meta = {"n_prefix": self.n_prefix, "reparam": str(self.reparam), "init": self.init,
-                "base_fingerprint": model_fingerprint(self.model),
-                "base_config": json.dumps(self.model.config.to_dict())}
+                **base_identity(self.model), **(extra_metadata or {})}
         save_tensors(path, {"prefix": self.prefix_embeddings().detach().float()}, kind="prefix", metadata=meta)
 
     @classmethod
@@ -204,10 +202,8 @@ class PrefixTuning(nn.Module):
             got = tuple(prefix.shape) if prefix is not None else "nothing"
             raise CheckpointError(f"{path}: expected a prefix (n_prefix, n_layer * 2 * n_embd = {width}), got {got}; "
                                   f"it was made for another model")
-        expected, found = meta.get("base_fingerprint"), model_fingerprint(model)
-        if expected != found:
-            raise CheckpointError(f"{path}: the prefix was made for another base model (fingerprint {expected}, "
-                                  f"this model is {found}); load the base model it was tuned on")
+        check_values(tensors, path)
+        check_base(meta, model, f"{path}: the prefix")
         return cls.from_tensor(model, prefix, init=meta.get("init", "vocab"))
 
     def save_peft(self, directory, base_model_name_or_path: str | None = None) -> None:

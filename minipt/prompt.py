@@ -21,14 +21,13 @@ This is the one place that builds the prompt-tuned input: check -> prompt_concat
 """
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_tensors, model_fingerprint, save_tensors
+from .checkpoint import CheckpointError, base_identity, check_base, check_values, load_tensors, save_tensors
 from .checks import check_batch
 from .frozen import freeze
 from .loss import frozen_lm_loss, lm_loss, mask_padding
@@ -266,15 +265,10 @@ class PromptTuning(nn.Module):
 
     # ---- files ------------------------------------------------------------------------------------------
 
-    def save(self, path) -> None:
+    def save(self, path, extra_metadata: dict | None = None) -> None:
         """The prompt alone, with what is needed to check it is loaded onto the right base model."""
-        meta = {
-            "n_prompt": self.n_prompt,
-            "n_embd": self.prompt.shape[-1],
-            "init": self.init,
-            "base_fingerprint": model_fingerprint(self.model),
-            "base_config": json.dumps(self.model.config.to_dict()),
-        }
+        meta = {"n_prompt": self.n_prompt, "n_embd": self.prompt.shape[-1], "init": self.init,
+                **base_identity(self.model), **(extra_metadata or {})}
         save_tensors(path, {"prompt": self.prompt_embeddings().detach()}, kind="prompt", metadata=meta)
 
     @classmethod
@@ -288,11 +282,8 @@ class PromptTuning(nn.Module):
         if prompt.shape[-1] != D:
             raise CheckpointError(f"{path}: the prompt has width {prompt.shape[-1]} but the model has n_embd={D}; "
                                   f"it was made for another model")
-        expected = meta.get("base_fingerprint")
-        found = model_fingerprint(model)
-        if expected != found:
-            raise CheckpointError(f"{path}: the prompt was made for another base model (fingerprint {expected}, "
-                                  f"this model is {found}); load the base model it was tuned on")
+        check_values(tensors, path)
+        check_base(meta, model, f"{path}: the prompt")
         return cls.from_tensor(model, prompt, init=meta.get("init", "unknown"), backend=backend)
 
     def save_peft(self, directory, base_model_name_or_path: str | None = None) -> None:

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, model_fingerprint
+from .checkpoint import CheckpointError, base_identity, check_base, check_values, model_fingerprint
 from .model import GPT, KVCache, check_sampling, decode
 from .prompt import PromptTuning
 
@@ -112,9 +112,10 @@ class PromptBank:
         if p.prompt.shape[-1] != D:
             raise CheckpointError(f"prompt {name!r} has width {p.prompt.shape[-1]} but the model has n_embd={D}")
         if p.model is not self.model and model_fingerprint(p.model) != fingerprint:
-            raise CheckpointError(f"prompt {name!r} was made for another base model (fingerprint "
-                                  f"{model_fingerprint(p.model)}, this model is {fingerprint})")
-        return p.prompt_embeddings().detach()  # (P, D), fp32
+            check_base(base_identity(p.model), self.model, f"prompt {name!r}")  # the same model in another dtype
+        prompt = p.prompt_embeddings().detach()  # (P, D), fp32
+        check_values({"prompt": prompt}, f"prompt {name!r}")
+        return prompt
 
     def __len__(self) -> int:
         return len(self.prompts)
