@@ -70,12 +70,14 @@ def _paths(value) -> list[Path]:
     return [Path(v) for v in value]
 
 
-def claim_outputs(inputs: Mapping, outputs: Mapping, *, stamp: str | None = None, overwrite: bool = False) -> None:
+def claim_outputs(inputs: Mapping, outputs: Mapping, *, stamp: str | None = None, overwrite: bool = False,
+                  may_exist: Iterable[str] = ()) -> None:
     """Apply the module's rule; ValueError naming the flags and the file otherwise. Nothing is changed.
 
     inputs, outputs: flag -> a path, a list of paths (a folder output's files), or None / "-" (none).
     A folder output's files share one stamp: the first one found among them (a PEFT adapter_config.json is
-    plain JSON; its adapter_model.safetensors carries the stamp for both).
+    plain JSON; its adapter_model.safetensors carries the stamp for both). may_exist: flags left out of rule 3,
+    whose existing file the command handles itself (a --checkpoint that --resume continues from).
     """
     outs = [(flag, p) for flag, value in outputs.items() for p in _paths(value)]
     ins = [(flag, p) for flag, value in inputs.items() for p in _paths(value)]
@@ -91,6 +93,8 @@ def claim_outputs(inputs: Mapping, outputs: Mapping, *, stamp: str | None = None
     if overwrite:
         return
     for flag, value in outputs.items():  # rule 3
+        if flag in may_exist:
+            continue
         files = _paths(value)
         existing = [p for p in files if p.exists() or p.is_symlink()]
         if not existing:
