@@ -124,3 +124,25 @@ def test_a_non_utf8_byte_names_the_file_and_line_in_both_readers(tmp_path):
     data.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "\xff", "output": "b"}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8"):
         read_jsonl(data)
+
+
+def test_ensemble_and_saved_tensor_report_check_their_arguments(modules):
+    from minipt.ensemble import bank_logits, ensemble_accuracy
+    from minipt.saved_tensors import saved_tensor_report
+    from minipt.tasks import Example
+    from minipt.tokenizer import ByteTokenizer
+
+    model, _ = modules
+    idx = torch.tensor([[5, 6]])
+    for prompts, words in [(torch.ones(2, 3, 32, dtype=torch.long), "floating-point"),
+                           (torch.full((2, 3, 32), float("nan")), "NaN or inf"),
+                           (torch.zeros(2, 3, 16), "n_embd=32"), (torch.zeros(0, 3, 32), "K, n_prompt >= 1")]:
+        with pytest.raises((TypeError, ValueError), match=words):
+            bank_logits(model, prompts, idx)
+    with pytest.raises(ValueError, match="batch_size"):
+        ensemble_accuracy(model, torch.zeros(2, 3, 32), [Example("t", "a", "b")], ByteTokenizer(), batch_size=0)
+    x = torch.ones(3, requires_grad=True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no_grad"):
+        saved_tensor_report(lambda: x.exp().sum())
+    with pytest.raises(TypeError, match="fn must be a function"):
+        saved_tensor_report(x)
