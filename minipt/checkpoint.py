@@ -2,8 +2,12 @@
 
 Every minipt file carries, in its safetensors metadata (a str -> str mapping):
     "minipt.kind"    "gpt" | "prompt" | ...      what the file holds
-    "minipt.sha256"  hash of every tensor's bytes, so a flipped or cut byte is caught on load
-plus what the kind needs (a model's config, a prompt's n_prompt and base-model fingerprint).
+    "minipt.sha256"  hash of every tensor's bytes and of the rest of the metadata, so a flipped or cut byte
+                     anywhere (a model's config included) is caught on load
+plus what the kind needs (a model's config and fingerprint, a prompt's n_prompt and base-model identity,
+minipt.tuned.base_identity).
+Loaders prove a file before building anything large from it (minipt.model.load_model), and refuse tuned tensors that
+are not finite floating-point numbers (`check_values`).
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target with
 `os.replace`, which is atomic on POSIX and Windows: a crash leaves either the old file or the new one, never
@@ -147,22 +151,28 @@ def _umask() -> int:
     return mask
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names and raw bytes of the tensors, in sorted name order."""
+def tensors_sha256(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """sha256 over names and raw bytes of the tensors, in sorted name order, then over the metadata (sorted
+    keys, the hash's own key left out): a flipped byte anywhere in a file, config included, changes it."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    if metadata is not None:
+        digest.update(json.dumps({k: v for k, v in metadata.items() if k != HASH_KEY}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
+HASH_KEY = "minipt.sha256"
+
+
 def save_tensors(path, tensors: dict[str, torch.Tensor], kind: str, metadata: dict | None = None) -> Path:
-    """Write tensors and metadata as one safetensors file, atomically."""
+    """Write tensors and metadata as one safetensors file, atomically; the hash covers both."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta["minipt.kind"] = kind
-    meta["minipt.sha256"] = tensors_sha256(tensors)
+    meta[HASH_KEY] = tensors_sha256(tensors, meta)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -188,8 +198,12 @@ def file_kind(path) -> str | None:
         return None
 
 
-def load_tensors(path, kind: str, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a file written by save_tensors; check its kind and its content hash."""
+def read_proven(path, kind: str | None = None, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a minipt safetensors file (of `kind`, when given) whose stored hash proves both;
+    CheckpointError otherwise.
+
+    Files written before the hash covered the metadata carry a hash of the tensors alone, still accepted
+    (their model config is proven by the model fingerprint, `load_model`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {path}")
@@ -199,25 +213,46 @@ def load_tensors(path, kind: str, map_location="cpu") -> tuple[dict[str, torch.T
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
     found = meta.get("minipt.kind")
-    if found != kind:
+    if kind is not None and found != kind:
         raise CheckpointError(f"{path} holds {found!r}, expected a minipt {kind!r} file")
-    if tensors_sha256(tensors) != meta.get("minipt.sha256"):
-        raise CheckpointError(f"{path} is corrupted: its tensors do not match the hash stored in the file")
+    stored = meta.get(HASH_KEY)
+    if stored is None:
+        raise CheckpointError(f"{path} carries no {HASH_KEY}: not a file minipt wrote, or its header was edited")
+    if stored != tensors_sha256(tensors, meta) and stored != tensors_sha256(tensors):
+        raise CheckpointError(f"{path} is corrupted: its tensors or metadata do not match the hash stored in the file")
     return tensors, meta
+
+
+def load_tensors(path, kind: str, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a file written by save_tensors; check its kind and its content hash."""
+    return read_proven(path, kind, map_location)
+
+
+def check_values(tensors: dict[str, torch.Tensor], path) -> None:
+    """Trained numbers are floating point and finite: a file of ints, bools, NaN or inf is refused by name."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: the tensor {name!r} holds {t.dtype} values; a trained tensor is floating "
+                                  f"point")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: the tensor {name!r} holds NaN or inf")
 
 
 # ---- base models --------------------------------------------------------------------------------------
 
 
-def _model_tensors(model) -> dict[str, torch.Tensor]:
+def model_tensors(model) -> dict[str, torch.Tensor]:
+    """The weights a model file stores and the fingerprint hashes: the state dict without the tied lm_head."""
     # lm_head.weight is the same tensor as transformer.wte.weight (tied); store it once.
     return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
 def model_fingerprint(model) -> str:
-    """16 hex digits that identify a base model: its config and every weight."""
+    """16 hex digits that identify a base model: its config and every weight, read as float32 (so the same
+    model in float64 has the same fingerprint; bf16 and fp16 round the weights: see `same_base`)."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    digest.update(tensors_sha256(_model_tensors(model)).encode())
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in model_tensors(model).items()}
+    digest.update(tensors_sha256(tensors).encode())
     return digest.hexdigest()[:16]
 
 
@@ -225,7 +260,7 @@ def save_model(model, path, extra_metadata: dict | None = None) -> Path:
     """A base model's file (GPT.save); minipt.model.load_model reads it back (this module knows no GPT class)."""
     meta = {"config": json.dumps(model.config.to_dict()), "fingerprint": model_fingerprint(model)}
     meta.update(extra_metadata or {})
-    return save_tensors(path, _model_tensors(model), kind="gpt", metadata=meta)
+    return save_tensors(path, model_tensors(model), kind="gpt", metadata=meta)
 
 
 # ---- training state (for resuming) --------------------------------------------------------------------

@@ -28,15 +28,26 @@ from .tasks import Example
 @torch.no_grad()
 def bank_logits(model: GPT, prompts: torch.Tensor, idx: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Logits (K, B, n, V) of every input in idx (B, n) under every prompt of the bank (K, n_p, D), in one pass."""
-    if prompts.dim() != 3:
-        raise ValueError(f"prompts must have shape (K, n_prompt, n_embd={model.config.n_embd}), "
-                         f"got {tuple(prompts.shape)}")
+    check_bank(model, prompts)
     bank = PromptTuning.from_tensor(model, prompts, backend=backend)
     K, B, n = prompts.shape[0], *idx.shape
     idx_rep = idx.repeat(K, 1)  # (K*B, n): row k*B + b is example b
     prompt_index = torch.arange(K, device=idx.device).repeat_interleave(B)  # (K*B,): row k*B + b uses prompt k
     logits, _ = bank(idx_rep, prompt_index=prompt_index)  # (K*B, n, V)
     return logits.view(K, B, n, -1)  # (K, B, n, V)
+
+
+def check_bank(model: GPT, prompts) -> None:
+    """prompts: a float tensor (K, n_prompt, n_embd) of finite numbers, K >= 1; an error naming it otherwise."""
+    D = model.config.n_embd
+    if not isinstance(prompts, torch.Tensor) or not prompts.is_floating_point():
+        got = prompts.dtype if isinstance(prompts, torch.Tensor) else type(prompts).__name__
+        raise TypeError(f"prompts must be a floating-point tensor (K, n_prompt, n_embd={D}), got {got}")
+    if prompts.dim() != 3 or prompts.shape[0] == 0 or prompts.shape[1] == 0 or prompts.shape[2] != D:
+        raise ValueError(f"prompts must have shape (K, n_prompt, n_embd={D}) with K, n_prompt >= 1, "
+                         f"got {tuple(prompts.shape)}")
+    if not bool(torch.isfinite(prompts).all()):
+        raise ValueError("prompts hold NaN or inf")
 
 
 def majority_vote(logits: torch.Tensor) -> torch.Tensor:
@@ -58,6 +69,9 @@ def ensemble_accuracy(model: GPT, prompts: torch.Tensor, examples: Sequence[Exam
     """
     if len(examples) == 0:
         raise ValueError("examples is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_bank(model, prompts)
     was_training = model.training
     model.eval()
     K = prompts.shape[0]

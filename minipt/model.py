@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import CheckpointError, load_tensors, model_fingerprint, save_model
+from .checkpoint import CheckpointError, check_values, load_tensors, model_fingerprint, save_model
 from .checks import check_batch
 from .loss import lm_loss, mask_padding
 
@@ -41,11 +41,16 @@ class GPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1 (an integer), got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -384,12 +389,16 @@ class GPT(nn.Module):
 
 
 def load_model(path, map_location="cpu") -> GPT:
-    """GPT.from_checkpoint: a model file written by GPT.save (minipt.checkpoint.save_model), checked."""
+    """GPT.from_checkpoint: a model file written by GPT.save (minipt.checkpoint.save_model), proven before anything
+    large is built: the hash (load_tensors), the config against the tensors' shapes, finite float weights, and the
+    stored fingerprint against the loaded model's."""
     tensors, meta = load_tensors(path, kind="gpt", map_location=map_location)
     try:
         config = GPTConfig(**json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the model config in the metadata is missing or invalid ({e})") from e
+    _check_config_fits(config, tensors, path)
+    check_values(tensors, path)
     try:
         model = GPT(config).to(map_location)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -399,7 +408,22 @@ def load_model(path, map_location="cpu") -> GPT:
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    if "fingerprint" in meta and meta["fingerprint"] != model_fingerprint(model):
+        raise CheckpointError(f"{path}: the model does not match the fingerprint stored in the file (its config or "
+                              f"weights were changed)")
     return model
+
+
+def _check_config_fits(config: GPTConfig, tensors: dict[str, torch.Tensor], path) -> None:
+    """The config's sizes against the tensors' shapes, before a model of that config is built."""
+    wte, wpe = tensors.get("transformer.wte.weight"), tensors.get("transformer.wpe.weight")
+    blocks = {name.split(".")[2] for name in tensors if name.startswith("transformer.h.")}
+    found = {"vocab_size": None if wte is None else wte.shape[0], "n_embd": None if wte is None else wte.shape[-1],
+             "block_size": None if wpe is None else wpe.shape[0], "n_layer": len(blocks)}
+    for name, value in found.items():
+        if getattr(config, name) != value:
+            raise CheckpointError(f"{path}: the config says {name}={getattr(config, name)} but the weights have "
+                                  f"{value}; the file was changed")
 
 
 def check_generation_length(T0: int, max_new_tokens: int, block_size: int, what: str, temperature: float = 0.0,

@@ -13,7 +13,10 @@ A PREFIX_TUNING folder holds a deep prompt the same way (minipt.prefix). This mo
 only; each class converts itself (`save_peft`, `from_peft`), so this module imports neither.
 
 What PEFT's files lack: the base model's fingerprint. minipt checks the width and the declared prompt length,
-but cannot tell which base model the prompt was tuned on; load it onto the right one.
+but cannot tell which base model a prompt PEFT wrote was tuned on; load it onto the right one. A folder
+minipt writes carries, in the weights file's safetensors metadata (which PEFT ignores), the base model's
+identity and a hash of the tensor, that metadata and the config's content: it is proven on load like any
+minipt file.
 
 The one difference in the loss
 ------------------------------
@@ -30,6 +33,7 @@ are the same number.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,10 +41,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, atomic_write
+from .checkpoint import HASH_KEY, CheckpointError, _read_metadata, atomic_write, check_values, tensors_sha256
 from .loss import lm_loss
 from .model import GPT
 
+CONFIG_HASH_KEY = "minipt.config_sha256"  # the config's content, hashed into the weights file's metadata
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TENSOR_NAME = "prompt_embeddings"
@@ -72,15 +77,20 @@ def adapter_config(model: GPT, peft_type: str, num_virtual_tokens: int, base_mod
     }
 
 
-def write_adapter(directory, tensor: torch.Tensor, config: dict) -> Path:
+def write_adapter(directory, tensor: torch.Tensor, config: dict, metadata: dict | None = None) -> Path:
     """Write adapter_config.json and adapter_model.safetensors (the tensor in fp32) into `directory`, atomically
-    each. tensor: a prompt (n_prompt, D), or a prefix (n_prefix, n_layer * 2 * D)."""
+    each. tensor: a prompt (n_prompt, D), or a prefix (n_prefix, n_layer * 2 * D).
+
+    The weights file's metadata also carries `metadata` (the class passes its base model's identity,
+    minipt.tuned.base_identity) and minipt's proof: a hash of the tensor, the metadata and the config's
+    content, checked by read_peft."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     prompt = tensor.detach().float().cpu().contiguous()
-    atomic_write(directory / WEIGHTS_NAME,
-                 lambda tmp: save_file({TENSOR_NAME: prompt}, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    meta = {"format": "pt", **(metadata or {}), CONFIG_HASH_KEY: _config_sha256(json.loads(text))}
+    meta[HASH_KEY] = tensors_sha256({TENSOR_NAME: prompt}, meta)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file({TENSOR_NAME: prompt}, tmp, metadata=meta))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
 
@@ -132,19 +142,31 @@ def read_peft(directory, peft_type: str = "PROMPT_TUNING") -> tuple[torch.Tensor
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}{old}")
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
+        meta = _read_metadata(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from e
     prompt = tensors.get(TENSOR_NAME)
     if prompt is None or prompt.dim() != 2:
         raise CheckpointError(f"{weights_path}: no (num_virtual_tokens, token_dim) tensor named {TENSOR_NAME!r} "
                               f"(found {sorted(tensors)})")
+    check_values({TENSOR_NAME: prompt}, weights_path)
     declared = (config.get("num_virtual_tokens"), config.get("token_dim"))
     if peft_type == "PREFIX_TUNING" and isinstance(config.get("num_layers"), int) and isinstance(declared[1], int):
         declared = (declared[0], config["num_layers"] * 2 * declared[1])  # (n_prefix, n_layer * 2 * D)
     if declared != tuple(prompt.shape):
         raise CheckpointError(f"{directory}: the config declares (num_virtual_tokens, token_dim) = {declared} "
                               f"but {TENSOR_NAME} has shape {tuple(prompt.shape)}")
+    if HASH_KEY in meta:  # written by minipt: its proof covers the tensor, the metadata and the config
+        if meta[HASH_KEY] != tensors_sha256(tensors, meta) or meta.get(CONFIG_HASH_KEY) != _config_sha256(config):
+            raise CheckpointError(f"{directory} is corrupted or was edited: its files do not match the hash minipt "
+                                  f"stored in {WEIGHTS_NAME}")
+    config["minipt"] = meta  # the weights file's metadata, for the classes' base-model check (from_peft)
     return prompt, config
+
+
+def _config_sha256(config: dict) -> str:
+    """The config's content (not its layout: reformatting the JSON keeps it)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 # ---- PEFT's loss convention --------------------------------------------------------------------------------

@@ -33,14 +33,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_tensors
+from .checkpoint import CheckpointError, check_values, load_tensors
 from .checks import check_batch
 from .frozen import freeze
 from .loss import frozen_lm_loss, lm_loss, mask_padding
 from .model import GPT, KVCache, check_generation_length, decode, generate_without_cache
 from .peft_io import adapter_config, read_peft, write_adapter
 from .prompt import sample_vocab_ids
-from .tuned import TunedModule, check_base, save_tuned
+from .tuned import TunedModule, base_identity, check_base, save_tuned
 
 __all__ = ["PREFIX_INITS", "PrefixTuning", "from_peft_layout", "to_peft_layout"]
 
@@ -189,10 +189,10 @@ class PrefixTuning(TunedModule):
 
     # ---- files --------------------------------------------------------------------------------------------
 
-    def save(self, path) -> None:
-        """The materialised prefix alone (never the MLP), with the base model's fingerprint."""
-        save_tuned(self, path, {"prefix": self.prefix_embeddings().detach().float()}, n_prefix=self.n_prefix,
-                   reparam=str(self.reparam), init=self.init)
+    def save(self, path, extra_metadata: dict | None = None) -> None:
+        """The materialised prefix alone (never the MLP), with the base model's identity (minipt.tuned)."""
+        save_tuned(self, path, {"prefix": self.prefix_embeddings().detach().float()}, extra_metadata,
+                   n_prefix=self.n_prefix, reparam=str(self.reparam), init=self.init)
 
     @classmethod
     def load(cls, model: GPT, path) -> "PrefixTuning":
@@ -204,7 +204,8 @@ class PrefixTuning(TunedModule):
             got = tuple(prefix.shape) if prefix is not None else "nothing"
             raise CheckpointError(f"{path}: expected a prefix (n_prefix, n_layer * 2 * n_embd = {width}), got {got}; "
                                   f"it was made for another model")
-        check_base(meta.get("base_fingerprint"), model, f"{path}: the prefix")
+        check_values(tensors, path)
+        check_base(meta, model, f"{path}: the prefix")
         return cls.from_tensor(model, prefix, init=meta.get("init", "vocab"))
 
     # ---- PEFT adapter folders (minipt.peft_io) ------------------------------------------------------------
@@ -215,9 +216,11 @@ class PrefixTuning(TunedModule):
                               encoder_hidden_size=None, init_weights=None,
                               prefix_projection=False)  # the MLP of reparam="mlp" is never saved: the prefix is
 
-    def save_peft(self, directory, base_model_name_or_path: str | None = None) -> None:
+    def save_peft(self, directory, base_model_name_or_path: str | None = None,
+                  extra_metadata: dict | None = None) -> None:
         """A PEFT PREFIX_TUNING adapter folder (see minipt.peft_io)."""
-        write_adapter(directory, self.prefix_embeddings(), self.peft_config(base_model_name_or_path))
+        write_adapter(directory, self.prefix_embeddings(), self.peft_config(base_model_name_or_path),
+                      {**base_identity(self.model), **(extra_metadata or {})})
 
     @classmethod
     def from_peft(cls, model: GPT, directory) -> "PrefixTuning":
@@ -229,6 +232,8 @@ class PrefixTuning(TunedModule):
             raise CheckpointError(f"{directory}: the adapter is for (num_layers, num_attention_heads, token_dim) = "
                                   f"{shape}, the model has ({c.n_layer}, {c.n_head}, {c.n_embd}); made for another "
                                   f"model")
+        if "base_fingerprint" in config["minipt"]:  # a folder minipt wrote knows its base model; PEFT's do not
+            check_base(config["minipt"], model, f"{directory}: the prefix")
         return cls.from_tensor(model, prefix)
 
 

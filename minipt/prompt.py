@@ -27,13 +27,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_tensors
+from .checkpoint import CheckpointError, check_values, load_tensors
 from .checks import check_batch
 from .frozen import freeze
 from .loss import frozen_lm_loss, lm_loss, mask_padding
 from .model import GPT, check_generation_length, generate_without_cache
 from .peft_io import adapter_config, read_peft, write_adapter
-from .tuned import TunedModule, check_base, save_tuned
+from .tuned import TunedModule, base_identity, check_base, save_tuned
 
 # The fused kernel's dispatcher: Triton where it can run, the plain PyTorch reference elsewhere.
 from minipt.kernels import prompt_concat
@@ -273,9 +273,9 @@ class PromptTuning(TunedModule):
 
     # ---- files ------------------------------------------------------------------------------------------
 
-    def save(self, path) -> None:
+    def save(self, path, extra_metadata: dict | None = None) -> None:
         """The prompt alone, with what is needed to check it is loaded onto the right base model."""
-        save_tuned(self, path, {"prompt": self.prompt_embeddings().detach()}, n_prompt=self.n_prompt,
+        save_tuned(self, path, {"prompt": self.prompt_embeddings().detach()}, extra_metadata, n_prompt=self.n_prompt,
                    n_embd=self.prompt.shape[-1], init=self.init)
 
     @classmethod
@@ -289,7 +289,8 @@ class PromptTuning(TunedModule):
         if prompt.shape[-1] != D:
             raise CheckpointError(f"{path}: the prompt has width {prompt.shape[-1]} but the model has n_embd={D}; "
                                   f"it was made for another model")
-        check_base(meta.get("base_fingerprint"), model, f"{path}: the prompt")
+        check_values(tensors, path)
+        check_base(meta, model, f"{path}: the prompt")
         return cls.from_tensor(model, prompt, init=meta.get("init", "unknown"), backend=backend)
 
     # ---- PEFT adapter folders (minipt.peft_io) ------------------------------------------------------------
@@ -300,10 +301,12 @@ class PromptTuning(TunedModule):
                               prompt_tuning_init=_PEFT_INIT.get(self.init, "RANDOM"), prompt_tuning_init_text=None,
                               tokenizer_kwargs=None, tokenizer_name_or_path=None)
 
-    def save_peft(self, directory, base_model_name_or_path: str | None = None) -> None:
+    def save_peft(self, directory, base_model_name_or_path: str | None = None,
+                  extra_metadata: dict | None = None) -> None:
         """Write a PEFT prompt-tuning adapter folder (adapter_config.json, adapter_model.safetensors); see
         minipt.peft_io, which also explains the one difference between PEFT's loss and minipt's."""
-        write_adapter(directory, self.prompt_embeddings(), self.peft_config(base_model_name_or_path))
+        write_adapter(directory, self.prompt_embeddings(), self.peft_config(base_model_name_or_path),
+                      {**base_identity(self.model), **(extra_metadata or {})})
 
     @classmethod
     def from_peft(cls, model: GPT, directory, backend: str = "auto") -> "PromptTuning":
@@ -313,6 +316,8 @@ class PromptTuning(TunedModule):
         if prompt.shape[1] != D:
             raise CheckpointError(f"{directory}: the prompt has token_dim {prompt.shape[1]} but the model has "
                                   f"n_embd={D}; it was made for another model")
+        if "base_fingerprint" in config["minipt"]:  # a folder minipt wrote knows its base model; PEFT's do not
+            check_base(config["minipt"], model, f"{directory}: the prompt")
         # kept fp32 and requiring grad: it can be trained further
         return cls.from_tensor(model, prompt, init=_MINIPT_INIT.get(str(config.get("prompt_tuning_init")), "unknown"),
                                backend=backend)

@@ -115,6 +115,11 @@ def saved_tensor_report(fn, *args, **kwargs) -> SavedTensorReport:
     is that of a parameter of an nn.Module found in fn (a module, a bound method, a closure) or in args.
     The outputs and the graph are dropped before returning; run fn again to train.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be a function to run (e.g. lambda: model(x)), got {type(fn).__name__}")
+    if not torch.is_grad_enabled():  # autograd would save nothing, and the report would say 0 bytes
+        raise RuntimeError("saved_tensor_report measures what autograd keeps for backward: call it with "
+                           "gradients enabled, not under torch.no_grad() or torch.inference_mode()")
     records: list = []  # weak references: a record lives exactly as long as autograd keeps its tensor
 
     def pack(t):

@@ -36,10 +36,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, model_fingerprint
+from .checkpoint import CheckpointError, check_values, model_fingerprint
 from .model import GPT, KVCache, check_sampling, decode
 from .prompt import PromptTuning
-from .tuned import check_base
+from .tuned import base_identity, check_base
 
 
 class RequestError(ValueError):
@@ -112,9 +112,11 @@ class PromptBank:
         D = self.model.config.n_embd
         if p.prompt.shape[-1] != D:
             raise CheckpointError(f"prompt {name!r} has width {p.prompt.shape[-1]} but the model has n_embd={D}")
-        if p.model is not self.model:
-            check_base(model_fingerprint(p.model), self.model, f"prompt {name!r}", found=fingerprint)
-        return p.prompt_embeddings().detach()  # (P, D), fp32
+        if p.model is not self.model and model_fingerprint(p.model) != fingerprint:
+            check_base(base_identity(p.model), self.model, f"prompt {name!r}")  # the same model in another dtype
+        prompt = p.prompt_embeddings().detach()  # (P, D), fp32
+        check_values({"prompt": prompt}, f"prompt {name!r}")
+        return prompt
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -5,6 +5,8 @@ promise: it runs only on the base model it was tuned on. So every file of one ca
 
     base_fingerprint   16 hex digits of the base model's config and weights (minipt.checkpoint.model_fingerprint)
     base_config        the base model's config as JSON, to say what the file was made for
+    base_dtype         the dtype of its weights when the file was written
+    base_sketch        [norm, projection] per weight tensor, which survive a cast to bf16 or fp16 (model_sketch)
 
 and every loader checks it (`check_base`) before the tensors are used.
 
@@ -26,10 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, file_kind, model_fingerprint, save_tensors
+from .checkpoint import CheckpointError, file_kind, model_fingerprint, model_tensors, save_tensors
 from .peft_io import adapter_type
 
-__all__ = ["TunedModule", "check_base", "load_tuned", "method_class", "module_class", "save_tuned"]
+__all__ = ["TunedModule", "base_identity", "check_base", "load_tuned", "method_class", "model_sketch",
+           "module_class", "same_base", "save_tuned"]
 
 _CLASSES: dict[str, type] = {}  # kind -> class, filled as the classes are defined
 
@@ -53,20 +56,62 @@ class TunedModule(nn.Module):
 # ---- the base model's identity ----------------------------------------------------------------------------
 
 
-def check_base(expected: str | None, model, what: str, found: str | None = None) -> None:
-    """Refuse a tuned tensor made for another base model: `expected` is the fingerprint it was tuned on, `what`
-    names it in the message. `found`: the model's fingerprint, when the caller has it already (it hashes every
-    weight)."""
-    found = found if found is not None else model_fingerprint(model)
-    if expected != found:
-        raise CheckpointError(f"{what} was made for another base model (fingerprint {expected}, this model is "
-                              f"{found}); load the base model it was tuned on")
+# The sketch's tolerance, relative to each tensor's norm: bf16 rounds each weight by at most 2**-9 of itself
+# (2**-8 of its ulp), so the norm and the projection move by about 2**-9 of the norm; 2**-5 leaves room
+# sixteen times over, while another model's projections differ by about the norm itself.
+SKETCH_TOLERANCE = 2.0**-5
 
 
-def save_tuned(module: TunedModule, path, tensors: dict[str, torch.Tensor], **metadata) -> Path:
+def model_sketch(model) -> list[list[float]]:
+    """[norm, projection] per weight tensor (sorted names): the projection is the dot product with a fixed
+    random +-1 vector. Unlike the fingerprint these survive rounding to bf16 or fp16 within SKETCH_TOLERANCE."""
+    out = []
+    for _name, t in sorted(model_tensors(model).items()):
+        w = t.detach().cpu().double().reshape(-1)  # (n,)
+        signs = torch.randint(0, 2, w.shape, generator=torch.Generator().manual_seed(len(out))).double() * 2 - 1
+        out.append([float(f"{w.norm():.9g}"), float(f"{(w @ signs):.9g}")])
+    return out
+
+
+def base_identity(model) -> dict[str, str]:
+    """What a tuned file stores about its base model (metadata strings): fingerprint, config, dtype, sketch."""
+    return {"base_fingerprint": model_fingerprint(model), "base_config": json.dumps(model.config.to_dict()),
+            "base_dtype": str(model.transformer.wte.weight.dtype).removeprefix("torch."),
+            "base_sketch": json.dumps(model_sketch(model))}
+
+
+def same_base(meta: dict, model) -> bool:
+    """Whether `model` is the base model described by `meta` (base_identity's keys): the same fingerprint, or,
+    when either side was not float32, the same config and a sketch within SKETCH_TOLERANCE."""
+    if meta.get("base_fingerprint") == model_fingerprint(model):
+        return True
+    here = base_identity(model)
+    if "float32" == meta.get("base_dtype", "float32") == here["base_dtype"] or "base_sketch" not in meta:
+        return False
+    try:
+        same_config = json.loads(meta["base_config"]) == model.config.to_dict()
+        saved = json.loads(meta["base_sketch"])
+    except (KeyError, ValueError, TypeError):
+        return False
+    sketch = json.loads(here["base_sketch"])
+    return same_config and len(saved) == len(sketch) and all(
+        abs(a - b) <= SKETCH_TOLERANCE * abs(n) + 1e-12 for (n, p), (m, q) in zip(saved, sketch)
+        for a, b in ((n, m), (p, q)))
+
+
+def check_base(meta: dict, model, subject: str) -> None:
+    """CheckpointError unless the file whose metadata is `meta` was made for `model` (`same_base`); `subject`
+    starts the message ("FILE: the prompt")."""
+    if not same_base(meta, model):
+        raise CheckpointError(f"{subject} was made for another base model (fingerprint "
+                              f"{meta.get('base_fingerprint')}, this model is {model_fingerprint(model)}); load the "
+                              f"base model it was tuned on")
+
+
+def save_tuned(module: TunedModule, path, tensors: dict[str, torch.Tensor], extra_metadata: dict | None = None,
+               **metadata) -> Path:
     """A tuned module's file: its tensors, its kind, its own metadata and its base model's identity, atomically."""
-    meta = {**metadata, "base_fingerprint": model_fingerprint(module.model),
-            "base_config": json.dumps(module.model.config.to_dict())}
+    meta = {**metadata, **base_identity(module.model), **(extra_metadata or {})}
     return save_tensors(path, tensors, kind=module.kind, metadata=meta)
 
 

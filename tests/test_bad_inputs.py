@@ -226,7 +226,7 @@ API_CASES = [
     ("garbage-safetensors", lambda tmp: ((tmp / "g").write_bytes(b"\x00" * 64), load_tensors(tmp / "g", "gpt")),
      CheckpointError, r"not a readable safetensors file"),
     ("model-does-not-fit-config", lambda tmp: __import__("minipt").GPT.from_checkpoint(
-        _model_file_that_does_not_fit(tmp)), CheckpointError, r"do not fit the model config"),
+        _model_file_that_does_not_fit(tmp)), CheckpointError, r"the config says n_embd=16 but the weights have 8"),
     ("train-state-other-torch-file", lambda tmp: load_train_state(_torch_file(tmp)), CheckpointError,
      r"not a minipt training checkpoint"),
     ("train-state-folder", lambda tmp: load_train_state(tmp), CheckpointError, r"not a file"),

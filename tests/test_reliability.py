@@ -148,11 +148,21 @@ def _small_run(tmp_path):
             "--batch-size", "4", "--no-progress"]
 
 
+def _as_from_a_terminal():
+    """In the child, before Python starts: SIGINT's default action, as a shell gives a foreground command.
+
+    A test run in the background (`make test &`, some CI runners) has SIGINT ignored, and an ignored signal
+    stays ignored across exec; Python then installs no KeyboardInterrupt handler and the child would ignore
+    the Ctrl-C this test sends (it did, once, for 60 s)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
     argv = _small_run(tmp_path) + ["--steps", "100000", "--eval-every", "2", "--checkpoint", "state.pt",
                                    "--out", "p.safetensors"]
     proc = subprocess.Popen([sys.executable, "-m", "minipt", *argv], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
     _wait_for(tmp_path / "state.pt", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -197,6 +207,25 @@ def test_sigkill_during_a_checkpoint_write_then_resume_leaves_no_temp_file(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # the stale temp file is gone
 
 
+def _kill_all(torchrun: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers, as a crash of the machine would. torchrun starts each worker in a
+    session of its own (start_new_session), so killing torchrun's process group alone leaves the workers
+    training on: rank 0 would go on writing state.pt, and its outputs, while the test reads them and the
+    resumed run overwrites them."""
+    import psutil  # installed with ipykernel (the dev extra)
+
+    workers = psutil.Process(torchrun.pid).children(recursive=True)  # all started: state.pt exists
+    os.killpg(torchrun.pid, signal.SIGKILL)
+    for worker in workers:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)  # the worker's own session, with anything it started
+        except ProcessLookupError:
+            pass
+    torchrun.wait(timeout=60)
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"workers still running: {alive}"
+
+
 @pytest.mark.slow
 def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     """--checkpoint/--resume under torchrun (gloo): rank 0 writes, both ranks read; killed + resumed = straight."""
@@ -210,8 +239,7 @@ def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
                               cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     _wait_for(tmp_path / "state.pt", killed)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=60)
+    _kill_all(killed)
     step = load_train_state(tmp_path / "state.pt")["step"]
     assert step < 40 and not (tmp_path / "b.safetensors").exists()
 

@@ -99,7 +99,14 @@ def _train_flags(p: argparse.ArgumentParser, defaults, lr_help: str = "peak lear
     p.add_argument("--checkpoint", type=path_arg,
                    help="training-state file written every eval; with --resume, continue from it")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    _overwrite_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (without it, only this same run's earlier outputs are replaced); "
+                        "an output is never an input")
 
 
 def _config(args, defaults):
@@ -191,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=count, default=16, help="default %(default)s")
     p.add_argument("--max-batch", type=count, default=64, help="rows per batch (default %(default)s)")
     p.add_argument("--no-prefix-cache", action="store_true", help="run the prompt positions at every prefill")
+    _overwrite_flag(p)
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (source checkout)",
@@ -242,28 +250,70 @@ def main(argv=None) -> int:
 
 
 def _how_to_continue(args, argv) -> str:
-    """One line: where the last checkpoint is and the command that continues from it (or that there is none)."""
+    """One line: where the last checkpoint is and the command that continues from it (or that there is none).
+
+    The checkpoint is this run's when it was resumed from, or written by this run (it changed since the start);
+    a file of an earlier run that this run replaced nothing of is not offered."""
     checkpoint = getattr(args, "checkpoint", None)
-    if checkpoint is None or not Path(checkpoint).is_file():
-        return "nothing was saved" + (" (add --checkpoint FILE to be able to resume)"
-                                      if hasattr(args, "checkpoint") else "")
+    ours = checkpoint is not None and Path(checkpoint).is_file() and (
+        args.resume or _stat(checkpoint) != getattr(args, "checkpoint_before", None))
+    if not ours:
+        kept = f"; {checkpoint} is left as it was" if checkpoint is not None and Path(checkpoint).is_file() else ""
+        return "nothing was saved" + kept + (" (add --checkpoint FILE to be able to resume)"
+                                             if hasattr(args, "checkpoint") and checkpoint is None else "")
     again = argv + ([] if "--resume" in argv else ["--resume"])
     return f"the last checkpoint is {checkpoint}; continue with: minipt {shlex.join(again)}"
 
 
-def check_outputs(args) -> None:
-    """Every output path of a training command, checked before any model is built (minipt.checkpoint)."""
+# Settings that do not change what a run writes: left out of its stamp (minipt.outputs.run_stamp).
+NOT_IN_STAMP = ("overwrite", "no_progress", "resume", "checkpoint")
+
+
+def claim_files(args, inputs: dict, outputs: dict, stamped: bool = True, may_exist=()) -> str | None:
+    """minipt.outputs.claim_outputs for this command, before any work; returns the run stamp the outputs carry.
+
+    stamped=False: the outputs carry no stamp (plain text), so an existing one is replaced only with --overwrite.
+    may_exist: flags whose existing file is the command's own business (--checkpoint, see check_outputs)."""
+    from ..outputs import claim_outputs, run_stamp
+
+    inputs = {flag: None if str(path or "").startswith("hf:") else path for flag, path in inputs.items()}
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_IN_STAMP}
+    stamp = run_stamp(args.command, settings, inputs.values()) if stamped else None
+    claim_outputs(inputs, outputs, stamp=stamp, overwrite=getattr(args, "overwrite", False), may_exist=may_exist)
+    return stamp
+
+
+def check_outputs(args, inputs: dict | None = None) -> str:
+    """Every output path of a training command, checked before any model is built (minipt.checkpoint), and
+    claimed (minipt.outputs): returns the run stamp to write into the outputs."""
     from ..checkpoint import check_output_dir, check_output_path
+    from ..peft_io import CONFIG_NAME, WEIGHTS_NAME
 
     check_output_path(args.out, "--out")
+    outputs = {"--out": args.out, "--checkpoint": args.checkpoint}
     if getattr(args, "peft_out", None):
         check_output_dir(args.peft_out, "--peft-out")
+        outputs["--peft-out"] = [Path(args.peft_out) / CONFIG_NAME, Path(args.peft_out) / WEIGHTS_NAME]
     if args.checkpoint is not None:
         check_output_path(args.checkpoint, "--checkpoint")
-        if Path(args.checkpoint).resolve() == Path(args.out).resolve():
-            raise ValueError(f"--checkpoint and --out are the same file ({args.out}); give two paths")
+        if Path(args.checkpoint).exists() and not args.resume and not args.overwrite:
+            raise ValueError(f"--checkpoint {args.checkpoint} exists (the training state of an earlier run); add "
+                             f"--resume to continue from it, or --overwrite to start again and replace it")
     elif args.resume:
         raise ValueError("--resume needs --checkpoint FILE (the training-state file to continue from)")
+    stamp = claim_files(args, inputs or {}, outputs, may_exist=("--checkpoint",))
+    # What the Ctrl-C line may call "the last checkpoint": the file as it was before this run (see _how_to_continue).
+    args.checkpoint_before = _stat(args.checkpoint)
+    return stamp
+
+
+def _stat(path):
+    import os
+
+    return None if path is None or not Path(path).is_file() else (lambda st: (st.st_ino, st.st_mtime_ns))(os.stat(path))
+
+
+DEMO_FILES = ("prompt.safetensors", "demo.png", "demo.json")  # what run_demo writes into --out
 
 
 def cmd_demo(args):
@@ -271,17 +321,21 @@ def cmd_demo(args):
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file; the demo writes a folder")
+    from ..outputs import claim_outputs  # its own folder is the demo's to rewrite: rules 1 and 2 only
+
+    claim_outputs({"--base": args.base}, {"--out": [Path(args.out) / name for name in DEMO_FILES]}, overwrite=True)
     run_demo(args.out, task=args.task, n_prompt=args.n_prompt, steps=args.steps, base=args.base, seed=args.seed,
              progress=not args.no_progress)
 
 
 def cmd_pretrain(args):
+    from ..outputs import STAMP_KEY
     from .recipes import PRETRAIN_DEFAULTS, pretrain
 
-    check_outputs(args)
+    stamp = check_outputs(args)
     model, result = pretrain(args.preset, _config(args, PRETRAIN_DEFAULTS), n_examples=args.examples,
                              checkpoint_path=args.checkpoint, resume=args.resume)
-    model.save(args.out)
+    model.save(args.out, extra_metadata={STAMP_KEY: stamp})
     print(f"saved {args.out}: {model.num_params():,} parameters, final loss {result.losses[-1]:.4f}, "
           f"validation exact match {_percent(result.best_metric)} ({result.seconds:.0f} s)")
 
@@ -294,6 +348,7 @@ def cmd_tune(args):
     from ..assets import load_base_and_tokenizer
     from ..data import exact_match_accuracy
     from ..distributed import init_from_env
+    from ..outputs import STAMP_KEY
     from ..tasks import get_task
     from ..userdata import training_data
     from .recipes import METHOD_DEFAULTS, task_data, tune_prompt
@@ -304,7 +359,8 @@ def cmd_tune(args):
         get_task(args.task)  # an unknown name lists the valid ones
     if (args.init == "text") != (args.init_text is not None):
         raise ValueError("--init-text goes with --init text, and --init text needs --init-text")
-    check_outputs(args)  # before the base model is loaded: a bad path fails now, not after training
+    # before the base model is loaded: a bad path, or an output that is an input, fails now, not after training
+    stamp = check_outputs(args, {"--base": args.base, "--data": args.data, "--val-data": args.val_data})
     info = init_from_env()  # under torchrun: join the process group; else one process
     model, tok = load_base_and_tokenizer(args.base)
     if args.data is not None:
@@ -321,10 +377,10 @@ def cmd_tune(args):
                              init_text=args.init_text, info=info, method=args.method,
                              checkpoint_path=args.checkpoint, resume=args.resume)
     if info.is_main:  # only rank 0 writes files and prints
-        pt.save(args.out)
+        pt.save(args.out, extra_metadata={STAMP_KEY: stamp})
         if args.peft_out:
             hf_name = args.base[len("hf:"):] if (args.base or "").startswith("hf:") else None
-            pt.save_peft(args.peft_out, base_model_name_or_path=hf_name)
+            pt.save_peft(args.peft_out, base_model_name_or_path=hf_name, extra_metadata={STAMP_KEY: stamp})
         what = f"{len(data[0])} training / {len(data[1])} validation examples"
         if info.world_size > 1:
             what += f", {info.world_size} processes"
@@ -375,6 +431,7 @@ def cmd_serve(args):
     from tqdm import tqdm
 
     from ..assets import load_base_and_tokenizer
+    from ..checkpoint import atomic_write, check_output_path
     from ..serve import PromptBank, RequestError, read_requests
     from ..userdata import DataError
 
@@ -386,6 +443,10 @@ def cmd_serve(args):
         if name in prompts:
             raise ValueError(f"--prompt {name}= is given twice ({prompts[name]} and {path}); one file a name")
         prompts[name] = path
+    claim_files(args, {"--base": args.base, **{f"--prompt {n}=": p for n, p in prompts.items()},
+                       "--requests": args.requests}, {"--out": args.out}, stamped=False)
+    if args.out != "-":
+        check_output_path(args.out, "--out")
     requests = read_requests(sys.stdin if args.requests == "-" else args.requests, set(prompts))  # before any work
     model, tok = load_base_and_tokenizer(args.base)
     bank = PromptBank(model, prompts, max_batch=args.max_batch)
@@ -401,9 +462,9 @@ def cmd_serve(args):
              for (task, text), a in zip(requests, answers)]
     if args.out == "-":
         print("\n".join(lines))
-    else:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
+    else:  # atomically, like every output: a Ctrl-C or a full disk leaves the old file or the new one
+        text = "".join(line + "\n" for line in lines)
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         print(f"answered {len(lines)} requests ({len(prompts)} tasks) into {args.out}", file=sys.stderr)
 
 

@@ -1,8 +1,9 @@
 """python -m minipt.exercises list | build [--check] | check NOTEBOOK.ipynb
 
     list                   the exercises: id, minutes, notebook, title
-    build                  regenerate the student notebooks from notebooks/exercises/solutions/
-    build --check          only report stale student notebooks (exit 1 if any)
+    build                  regenerate the student notebooks from notebooks/exercises/solutions/; a notebook a
+                           student filled in is kept (--force replaces it)
+    build --check          only report stale or filled student notebooks (exit 1 if any)
     check NOTEBOOK.ipynb   run a notebook in a fresh kernel and print each exercise's result (exit 0 if all pass)
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ def main(argv=None) -> int:
     p_build = sub.add_parser("build", help="generate the student notebooks from the solution notebooks")
     p_build.add_argument("--check", action="store_true", help="only report stale notebooks; exit 1 if any")
     p_build.add_argument("--folder", default=None, help="the exercises folder (default: notebooks/exercises)")
+    p_build.add_argument("--force", action="store_true",
+                         help="also replace notebooks that differ from what build generated (a student's work)")
     p_check = sub.add_parser("check", help="run a notebook and grade its exercises")
     p_check.add_argument("notebook", help="a student (or solution) notebook, e.g. 01_math.ipynb")
     p_check.add_argument("--timeout", type=int, default=120, help="seconds allowed per cell (default 120)")
@@ -30,14 +33,23 @@ def main(argv=None) -> int:
         print(f"{len(EXERCISES)} exercises, {sum(ex.minutes for ex in EXERCISES.values())} minutes in all")
         return 0
     if args.command == "build":
-        from .build import build
-        touched = build(args.folder, check=args.check)
+        from .build import build, plan
+        try:
+            filled = [path for path, state, _ in plan(args.folder) if state == "filled"]
+            touched = build(args.folder, check=args.check, force=args.force)
+        except (OSError, ValueError) as e:  # no solutions folder, a bad solution notebook, an unwritable file
+            print(f"minipt exercises build: error: {e}", file=sys.stderr)
+            return 2
         for path in touched:
             print(f"{'stale' if args.check else 'wrote'}: {path.name}")
+        for path in filled if not args.force else []:
+            print(f"kept: {path.name} differs from the notebook build generated (filled in, or edited): it is "
+                  f"never replaced; move it away, or pass --force, to regenerate it")
         if args.check and touched:
             print("run `python -m minipt.exercises build` to regenerate them", file=sys.stderr)
+        if args.check and (touched or filled):
             return 1
-        if not touched:
+        if not touched and not filled:
             print("student notebooks are up to date")
         return 0
     from .grade import NotebookError, grade

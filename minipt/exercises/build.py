@@ -16,9 +16,15 @@ at the block's indentation, by
 and with every output, execution count and cell metadata (tags kept) removed: a student receives clean
 cells. Student notebooks are committed exactly as generated (never executed), so `build(check=True)`
 compares whole files: any edit of a solution notebook's cells that is not rebuilt shows up as stale.
+
+A student's work is never replaced: each generated notebook records, in its metadata, a hash of its cells
+as generated. A notebook whose cells no longer match that hash has been filled in (or edited) and `build`
+keeps it and says so (`status`); only `force=True` (`build --force`) replaces it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -71,6 +77,7 @@ def student_notebook(solution):
         if "id" in cell:
             new["id"] = cell["id"]
         nb.cells.append(new)
+    nb.metadata["minipt"] = {"generated_cells_sha256": cells_sha256(nb)}  # tells "untouched" from "filled"
     return nb
 
 
@@ -82,21 +89,62 @@ def notebook_text(nb) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def build(folder: Path | None = None, check: bool = False) -> list[Path]:
-    """Write (or with check=True only compare) every student notebook; returns the stale or written paths."""
+def cells_sha256(nb) -> str:
+    """A hash of a notebook's cells as a student edits them (type and source; not outputs or run counts)."""
+    cells = [[cell.cell_type, cell.source] for cell in nb.cells]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
+
+
+def status(target: Path, text: str) -> str:
+    """What building `target` from the generated `text` would do to it:
+
+    new      no such file yet
+    fresh    the file is exactly the generated text
+    stale    the file is an older generated notebook, untouched since (its cells still hash to the value
+             recorded in its metadata when it was generated): replacing it loses nothing
+    filled   the file's cells differ from what was generated for it (a student's work, or an edit): never
+             replaced without force
+    """
+    import nbformat
+
+    if not target.exists():
+        return "new"
+    if target.read_text(encoding="utf-8", errors="replace") == text:
+        return "fresh"
+    try:
+        nb = nbformat.read(target, as_version=4)
+        recorded = nb.metadata.get("minipt", {}).get("generated_cells_sha256")
+    except Exception:  # unreadable: nothing proves it is an untouched generated notebook
+        return "filled"
+    return "stale" if recorded == cells_sha256(nb) else "filled"
+
+
+def plan(folder: Path | None = None) -> list[tuple[Path, str, str]]:
+    """(student notebook, status, generated text) for every solution notebook of `folder`."""
     import nbformat
 
     folder = Path(folder) if folder is not None else default_folder()
     solutions = sorted((folder / "solutions").glob("*.ipynb"))
     if not solutions:
         raise FileNotFoundError(f"no solution notebooks in {folder / 'solutions'}")
-    touched = []
+    out = []
     for path in solutions:
         text = notebook_text(student_notebook(nbformat.read(path, as_version=4)))
         target = folder / path.name
-        if target.exists() and target.read_text(encoding="utf-8") == text:
-            continue
-        touched.append(target)
-        if not check:
-            target.write_text(text, encoding="utf-8")
+        out.append((target, status(target, text), text))
+    return out
+
+
+def build(folder: Path | None = None, check: bool = False, force: bool = False) -> list[Path]:
+    """Write (or with check=True only list) the new and stale student notebooks; returns their paths.
+
+    A filled notebook (`status`) is kept, and left out of the list, unless force=True replaces it too."""
+    from ..checkpoint import atomic_write
+
+    touched = []
+    for target, state, text in plan(folder):
+        if state in ("new", "stale") or (state == "filled" and force):
+            touched.append(target)
+            if not check:
+                atomic_write(target, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
     return touched
