@@ -17,6 +17,8 @@ import torch
 
 from .loss import IGNORE_INDEX, check_targets, supervised_count
 
+__all__ = ["check_batch", "check_ids"]
+
 
 def check_ids(idx, name: str = "idx") -> None:
     """idx is a non-empty (B, T) tensor of integer token ids (metadata only)."""

@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+__all__ = ["IGNORE_INDEX", "CHUNK_ELEMENTS", "mask_padding", "lm_loss", "check_targets", "supervised_count",
+           "FrozenHeadCrossEntropy", "frozen_head_cross_entropy", "frozen_lm_loss"]
+
 IGNORE_INDEX = -100  # a target that is not supervised (F.cross_entropy's default ignore_index)
 # Rows of logits computed at once: a chunk of logits is at most this many elements (32 MiB in fp32).
 CHUNK_ELEMENTS = 2**23

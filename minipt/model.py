@@ -27,6 +27,9 @@ from .checkpoint import CheckpointError, load_tensors, model_fingerprint, save_m
 from .checks import check_batch
 from .loss import lm_loss, mask_padding
 
+__all__ = ["GPTConfig", "PRESETS", "GPT", "KVCache", "Block", "CausalSelfAttention", "MLP", "load_model",
+           "check_generation_length", "check_sampling", "decode", "generate_without_cache", "sample_next"]
+
 
 @dataclass
 class GPTConfig:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+__all__ = ["SavedTensorReport", "saved_tensor_report"]
+
 
 @dataclass
 class SavedTensorReport:
