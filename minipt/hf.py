@@ -91,8 +91,9 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def to_hf(model, activation: str = "gelu_new"):
-    """A minipt GPT as the same network, a transformers GPT2LMHeadModel (the inverse of GPT.from_hf), on the model's device and
-    dtype, e.g. to use a prompt tuned in minipt with PEFT on a minipt base model. Logits agree to float rounding.
+    """A minipt GPT as the same network, a transformers GPT2LMHeadModel (the inverse of GPT.from_hf), on the
+    model's device and dtype, e.g. to use a prompt tuned in minipt with PEFT on a minipt base model. Logits
+    agree to float rounding.
     activation: "gelu_new" (GPT-2's) or "gelu_pytorch_tanh" (the same function, fused)."""
     transformers = _require_transformers()
     c = model.config

@@ -27,6 +27,9 @@ from .checkpoint import CheckpointError, check_values, load_tensors, model_finge
 from .checks import check_batch
 from .loss import lm_loss, mask_padding
 
+__all__ = ["GPTConfig", "PRESETS", "GPT", "KVCache", "Block", "CausalSelfAttention", "MLP", "load_model",
+           "check_generation_length", "check_sampling", "decode", "generate_without_cache", "sample_next"]
+
 
 @dataclass
 class GPTConfig:
@@ -355,7 +358,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_hf(cls, model_or_state_dict, config=None) -> "GPT":
-        """minipt GPT with the weights of a transformers GPT-2 (a GPT2LMHeadModel or a state dict of one); see minipt.hf.
+        """A minipt GPT with the weights of a transformers GPT-2 (a GPT2LMHeadModel or its state dict); minipt.hf.
 
         With a state dict, pass `config` (a transformers GPT2Config or a minipt GPTConfig): the number of heads
         cannot be read from the tensor shapes. The new model is on the CPU in float32 unless the weights are not.
@@ -364,7 +367,8 @@ class GPT(nn.Module):
 
         if isinstance(model_or_state_dict, dict):
             if config is None:
-                raise ValueError("from a state dict, pass config= (a GPT2Config or GPTConfig): n_head is not in the shapes")
+                raise ValueError("from a state dict, pass config= (a GPT2Config or GPTConfig): n_head is not in the "
+                                 "shapes")
             hf_state = model_or_state_dict
         else:
             hf_state = model_or_state_dict.state_dict()

@@ -11,6 +11,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+__all__ = ["build_parser", "main"]
+
 # ---- argument types: every value is checked while parsing, before any model is built or file touched ----
 # argparse turns an ArgumentTypeError into "minipt CMD: error: argument --NAME: MESSAGE" and exit code 2.
 

@@ -28,6 +28,10 @@ from ..tokenizer import ByteTokenizer
 from ..train import TrainConfig, TrainResult, train
 from ..tuned import method_class
 
+__all__ = ["PRETRAIN_DEFAULTS", "PRETRAIN_EXAMPLES", "TUNE_DEFAULTS", "FINETUNE_DEFAULTS", "METHODS", "METHOD_DEFAULTS",
+           "MAX_LABELS", "pretrain", "pretraining_token_counts", "task_data", "class_labels", "init_token_counts",
+           "examples_sha256", "tune_run_id", "tuned_module", "tune_prompt", "finetune"]
+
 # The shipped base model (minipt/assets/tiny.safetensors) is `minipt pretrain` with these settings.
 PRETRAIN_DEFAULTS = TrainConfig(steps=3000, batch_size=64, lr=3e-3, weight_decay=0.1, warmup_steps=100,
                                 eval_every=250, seed=0)

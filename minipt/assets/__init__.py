@@ -12,6 +12,9 @@ from pathlib import Path
 from ..model import GPT
 from ..tokenizer import ByteTokenizer
 
+__all__ = ["DEFAULT_SIZE", "base_path", "shipped_base_path", "load_base", "load_bases", "load_base_and_tokenizer",
+           "load_hf_base"]
+
 DEFAULT_SIZE = "tiny"
 
 
