@@ -13,6 +13,7 @@ from ..model import GPT
 from ..tokenizer import ByteTokenizer
 
 DEFAULT_SIZE = "tiny"
+SIZES = ("pico", "nano", "micro", "tiny")  # the scale ladder, smallest first
 
 
 def base_path(size: str = DEFAULT_SIZE, bases_dir=None) -> Path:
