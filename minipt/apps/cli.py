@@ -246,8 +246,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, FloatingPointError) as e:  # OSError: FileNotFound, PermissionError
         print(f"minipt {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"minipt {args.command}: interrupted; {_how_to_continue(args, argv)}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command that kept some work says what in the exception (apps/runs.py)
+        print(f"minipt {args.command}: interrupted; {e.args[0] if e.args else _how_to_continue(args, argv)}",
+              file=sys.stderr)
         return 130  # 128 + SIGINT, the shell's convention
 
 
@@ -497,7 +498,8 @@ def cmd_exercises(args):
 
 
 def cmd_experiment(args):
-    from .experiments import QUICK, SIZES, LesterSetup, command_line, pretrain_bases, run_lester
+    from .experiments import QUICK, SIZES, LesterSetup, pretrain_bases, run_lester
+    from .runs import command_line
 
     if args.name == "lester-bases":
         pretrain_bases(args.out, args.sizes or SIZES, progress=not args.no_progress)
@@ -522,7 +524,8 @@ def cmd_experiment(args):
     setup = QUICK if args.quick else LesterSetup()
     results = args.results or ("runs/lester-quick" if args.quick else "benchmarks/results")
     work = args.work or ("runs/lester-quick/work" if args.quick else "runs/lester")
-    run_lester(setup, results, work, bases_dir=args.bases, command=command_line(), progress=not args.no_progress)
+    run_lester(setup, results, work, bases_dir=args.bases, command=command_line(), progress=not args.no_progress,
+               threads=args.threads)
 
 
 COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "tune": cmd_tune, "eval": cmd_eval,

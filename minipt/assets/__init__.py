@@ -16,6 +16,7 @@ __all__ = ["DEFAULT_SIZE", "base_path", "shipped_base_path", "load_base", "load_
            "load_hf_base"]
 
 DEFAULT_SIZE = "tiny"
+SIZES = ("pico", "nano", "micro", "tiny")  # the scale ladder, smallest first
 
 
 def base_path(size: str = DEFAULT_SIZE, bases_dir=None) -> Path:
