@@ -59,6 +59,9 @@ from ..tokenizer import ByteTokenizer
 from .benchio import device_name
 from .recipes import finetune, tune_prompt
 
+__all__ = ["Record", "RunRecorder", "Setup", "command_line", "find_row", "mean_over_tasks", "read_records",
+           "run_experiment", "save_results", "spread", "torch_threads", "train_and_score", "with_all"]
+
 
 class Setup:
     """Base class of an experiment's setup (a frozen dataclass): what decides the runs' results."""
