@@ -414,6 +414,24 @@ def test_vocab_init_answers():
     rejects("vocab_init", float16_rows, "P must be float32, got float16")
 
 
+# ---- capstone: one broken piece is named ----------------------------------------------------------------
+
+def capstone_pieces(**broken):
+    return {"concat": concat_fill, "concat_backward": lambda dx, n_p: dx[:, :n_p].sum(0),
+            "vocab_init": lambda wte, n_p, counts, top_k, g: wte[candidates_of(counts, top_k)[
+                torch.randperm(min(top_k, int((counts > 0).sum())), generator=g)[:n_p]]].clone(),
+            "train": loop(), **broken}
+
+
+def test_capstone_fails_with_one_broken_piece():
+    rejects("capstone", capstone_pieces(concat_backward=lambda dx, n_p: dx[:, :n_p].mean(0)),
+            "the piece `concat_backward` does not pass its own exercise", "a mean over b")
+    rejects("capstone", capstone_pieces(train=loop(zero_grad="between")), "the piece `train`", "training_loop")
+    rejects("capstone", capstone_pieces(concat=lambda P, wte, idx, wpe: torch.cat(
+        [P.expand(len(idx), -1, -1), wte[idx]], 1)), "the piece `concat`", "position embeddings are forgotten")
+    rejects("capstone", {"concat": concat_fill}, "hand over a dict of the four pieces")
+
+
 # ---- the judge is out of the answer's reach --------------------------------------------------------------
 
 def test_patched_comparisons_do_not_pass_a_wrong_answer(monkeypatch):
