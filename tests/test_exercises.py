@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - macOS, Windows
 nbformat = pytest.importorskip("nbformat")
 
 FOLDER = default_folder()
-NOTEBOOKS = ["01_math", "02_kernel", "03_training", "04_capstone"]
+NOTEBOOKS = ["01_math", "02_kernel", "03_training", "04_capstone", "05_kernel_track"]
 needs_triton = pytest.mark.skipif(triton is None, reason="Triton is not installed (Linux only)")
 ROOT_FOLDERS = ("home", "Users", "root", "tmp", "work", "private", "var/folders", "opt", "usr")  # as test_notebooks
 ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(" + "|".join(f"/{name}/" for name in ROOT_FOLDERS)
@@ -69,8 +69,10 @@ SOLUTION_NAMES = {"concat": "concat", "concat_backward": "concat_backward",
                   "concat_kernel": "concat_kernel", "concat_launcher": "launch_concat",
                   "batch_sum_kernel": "batch_sum_kernel", "fix_snippet": "tune", "training_loop": "train",
                   "vocab_init": "vocab_init", "label_init": "label_init", "ensemble_vote": "ensemble_vote",
-                  "capstone": "capstone"}  # the capstone's answer is a dict of pieces: see capstone_pieces
-KERNEL_EXERCISES = {"concat_kernel", "concat_launcher", "batch_sum_kernel"}
+                  "capstone": "capstone", "head_ce_kernel": "head_ce_kernel",
+                  "decode_attention_kernel": "decode_attention_kernel"}  # the capstone's answer is a dict of pieces: see capstone_pieces
+KERNEL_EXERCISES = {"concat_kernel", "concat_launcher", "batch_sum_kernel", "head_ce_kernel",
+                    "decode_attention_kernel"}
 
 
 def rejects(exercise_id, answer, *phrases) -> CheckResult:
@@ -566,7 +568,7 @@ def test_committed_solution_notebook(stem):
 def test_notebooks_run_and_grade(stem, monkeypatch, capsys):
     pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    if stem == "02_kernel" and triton is None:
+    if stem in ("02_kernel", "05_kernel_track") and triton is None:
         pytest.skip("Triton is not installed: the kernel checks would all say so")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # several notebooks at once under pytest -n: one thread each
     from minipt.exercises.grade import grade

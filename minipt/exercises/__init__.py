@@ -9,7 +9,8 @@
 `EXERCISES` lists them (id -> title, learning goal, minutes, notebook, signature), in the order of the
 notebooks under notebooks/exercises/: 01_math (the equations of Lester et al. 2021, section 2), 02_kernel
 (the fused Triton kernel, run by the CPU interpreter), 03_training (training and using a prompt), 04_capstone
-(four of those pieces tune the frozen tiny GPT, through `PromptTuning(..., concat=...)`).
+(four of those pieces tune the frozen tiny GPT, through `PromptTuning(..., concat=...)`), 05_kernel_track (the
+fused frozen-head cross-entropy and a decode step's attention over the cached prompt prefix, in Triton).
 
 `check(exercise_id, answer)` never raises on a wrong answer: it returns a `CheckResult` whose `str()` says
 what was tried and, on failure, the first shape or value that differs (expected vs got, the index, the
@@ -23,7 +24,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import capstone, equations, kernel, training
+from . import capstone, equations, kernel, kernel_track, training
 from .result import CheckResult
 
 RESULTS_ENV = "MINIPT_EXERCISE_RESULTS"  # set by the grader (grade.py): where check() appends each result
@@ -85,10 +86,18 @@ EXERCISES: dict[str, Exercise] = _exercises(
     ("capstone", "Capstone: your pieces tune a frozen GPT",
      "plug your concat, its backward, your init and your loop into PromptTuning and reach 90% on parity", 30,
      "04_capstone", "{'concat': fn, 'concat_backward': fn, 'vocab_init': fn, 'train': fn}"),
+    ("head_ce_kernel", "The fused frozen-head cross-entropy, in Triton",
+     "compute a row's loss and dL/dh chunk by chunk over the vocabulary with a running max, never the (N, V) "
+     "logits, and skip the rows without a target", 40, "05_kernel_track",
+     "@triton.jit head_ce_kernel(H, W, Y, LOSS, DH, V, D, n_sup, BLOCK_V, BLOCK_D), grid (N,)"),
+    ("decode_attention_kernel", "A decode step's attention over the cached prompt prefix",
+     "read a row's key/value cache (the prompt's, computed once, then its own tokens) chunk by chunk with an "
+     "online softmax, masked at the row's length", 35, "05_kernel_track",
+     "@triton.jit decode_attention_kernel(Q, K, V, O, LENS, T, hd, scale, BLOCK_T, BLOCK_HD), grid (R,)"),
 )
 
 _CHECKERS: dict[str, Callable] = {**equations.CHECKERS, **kernel.CHECKERS, **training.CHECKERS,
-                                  **capstone.CHECKERS}
+                                  **kernel_track.CHECKERS, **capstone.CHECKERS}
 assert set(_CHECKERS) == set(EXERCISES)
 
 _RESULTS: dict[str, CheckResult] = {}
