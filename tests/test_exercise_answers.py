@@ -414,6 +414,29 @@ def test_vocab_init_answers():
     rejects("vocab_init", float16_rows, "P must be float32, got float16")
 
 
+# ---- predict_measure --------------------------------------------------------------------------------------
+
+def predictions(**changed):
+    return lambda: {"step_ratio_10": 1.6, "step_ratio_108": 0.95, "adamw_state_bytes": 2 * 20 * 768 * 4, **changed}
+
+
+def test_predict_measure_answers():
+    from minipt.exercises.predict import measured
+
+    m = measured()
+    accepts("predict_measure", lambda: {k: m[k] for k in ("step_ratio_10", "step_ratio_108", "adamw_state_bytes")})
+    accepts("predict_measure", predictions(step_ratio_10=1.3, step_ratio_108=0.7, adamw_state_bytes=122_884))
+    accepts("predict_measure", predictions())
+
+    rejects("predict_measure", predictions(step_ratio_10=0.8), "step_ratio_10", "slower than a fine-tuning step")
+    rejects("predict_measure", predictions(step_ratio_108=1.3), "step_ratio_108", "faster than a fine-tuning step")
+    rejects("predict_measure", predictions(step_ratio_10=4.0), "more than a factor 1.5 away")
+    rejects("predict_measure", predictions(adamw_state_bytes=20 * 768 * 4), "two moments")  # one moment only
+    rejects("predict_measure", predictions(adamw_state_bytes=2 * 20 * 768 * 2), "each float32")  # fp16 moments
+    rejects("predict_measure", lambda: [1.6, 0.95, 122_880], "must return a dict of three positive numbers")
+    rejects("predict_measure", predictions(step_ratio_10=float("nan")), "must return a dict")
+
+
 # ---- capstone: one broken piece is named ----------------------------------------------------------------
 
 def capstone_pieces(**broken):

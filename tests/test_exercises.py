@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - macOS, Windows
 nbformat = pytest.importorskip("nbformat")
 
 FOLDER = default_folder()
-NOTEBOOKS = ["01_math", "02_kernel", "03_training", "04_capstone", "05_kernel_track"]
+NOTEBOOKS = ["01_math", "02_kernel", "03_training", "04_capstone", "05_kernel_track", "06_predict_measure"]
 needs_triton = pytest.mark.skipif(triton is None, reason="Triton is not installed (Linux only)")
 ROOT_FOLDERS = ("home", "Users", "root", "tmp", "work", "private", "var/folders", "opt", "usr")  # as test_notebooks
 ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(" + "|".join(f"/{name}/" for name in ROOT_FOLDERS)
@@ -70,7 +70,7 @@ SOLUTION_NAMES = {"concat": "concat", "concat_backward": "concat_backward",
                   "batch_sum_kernel": "batch_sum_kernel", "fix_snippet": "tune", "training_loop": "train",
                   "vocab_init": "vocab_init", "label_init": "label_init", "ensemble_vote": "ensemble_vote",
                   "capstone": "capstone", "head_ce_kernel": "head_ce_kernel",
-                  "decode_attention_kernel": "decode_attention_kernel"}  # the capstone's answer is a dict of pieces: see capstone_pieces
+                  "decode_attention_kernel": "decode_attention_kernel", "predict_measure": "predict"}  # the capstone's answer is a dict of pieces: see capstone_pieces
 KERNEL_EXERCISES = {"concat_kernel", "concat_launcher", "batch_sum_kernel", "head_ce_kernel",
                     "decode_attention_kernel"}
 

@@ -10,7 +10,8 @@
 notebooks under notebooks/exercises/: 01_math (the equations of Lester et al. 2021, section 2), 02_kernel
 (the fused Triton kernel, run by the CPU interpreter), 03_training (training and using a prompt), 04_capstone
 (four of those pieces tune the frozen tiny GPT, through `PromptTuning(..., concat=...)`), 05_kernel_track (the
-fused frozen-head cross-entropy and a decode step's attention over the cached prompt prefix, in Triton).
+fused frozen-head cross-entropy and a decode step's attention over the cached prompt prefix, in Triton),
+06_predict_measure (numbers predicted from shapes, then checked against the committed measurements).
 
 `check(exercise_id, answer)` never raises on a wrong answer: it returns a `CheckResult` whose `str()` says
 what was tried and, on failure, the first shape or value that differs (expected vs got, the index, the
@@ -24,7 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import capstone, equations, kernel, kernel_track, training
+from . import capstone, equations, kernel, kernel_track, predict, training
 from .result import CheckResult
 
 RESULTS_ENV = "MINIPT_EXERCISE_RESULTS"  # set by the grader (grade.py): where check() appends each result
@@ -94,10 +95,14 @@ EXERCISES: dict[str, Exercise] = _exercises(
      "read a row's key/value cache (the prompt's, computed once, then its own tokens) chunk by chunk with an "
      "online softmax, masked at the row's length", 35, "05_kernel_track",
      "@triton.jit decode_attention_kernel(Q, K, V, O, LENS, T, hd, scale, BLOCK_T, BLOCK_HD), grid (R,)"),
+    ("predict_measure", "Predict, measure, explain: step time and optimizer memory",
+     "predict from shapes alone whether a prompt-tuning step is faster than fine-tuning at 10 and 108 tokens, and "
+     "how many bytes AdamW keeps for a prompt", 15, "06_predict_measure",
+     "predict() -> {'step_ratio_10': x, 'step_ratio_108': y, 'adamw_state_bytes': z}"),
 )
 
 _CHECKERS: dict[str, Callable] = {**equations.CHECKERS, **kernel.CHECKERS, **training.CHECKERS,
-                                  **kernel_track.CHECKERS, **capstone.CHECKERS}
+                                  **kernel_track.CHECKERS, **capstone.CHECKERS, **predict.CHECKERS}
 assert set(_CHECKERS) == set(EXERCISES)
 
 _RESULTS: dict[str, CheckResult] = {}
