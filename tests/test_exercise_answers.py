@@ -763,3 +763,27 @@ def test_concat_launcher_answers():
     rejects("concat_launcher", launcher(block=lambda D: max(16, D)), "is not a power of two")
     rejects("concat_launcher", launcher(grid=lambda B, n_p, n: (B * (n_p + n),)), "one program per row")
     rejects("concat_launcher", asserts, "raised AssertionError; it must raise ValueError")
+
+
+# ---- PromptTuning's concat hook ----------------------------------------------------------------------------
+
+def test_prompt_tuning_concat_hook():
+    from minipt.exercises.equations import concat_reference
+    from minipt.exercises.training import tiny_model
+
+    model = tiny_model()
+    idx = torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(0))
+    plain = PromptTuning(model, n_prompt=3, init="uniform", seed=1, backend="reference")
+    calls = []
+
+    def mine(prompt, wte, idx, wpe):
+        calls.append(tuple(idx.shape))
+        return concat_reference(prompt, wte, idx, wpe)
+
+    hooked = PromptTuning(model, n_prompt=3, init="uniform", seed=1, backend="reference", concat=mine)
+    logits, _ = hooked(idx)
+    assert calls == [(2, 5)] and torch.equal(logits, plain(idx)[0])
+    hooked(idx, torch.randint(0, 24, (2, 5)))[1].backward()
+    assert hooked.prompt.grad is not None and hooked.prompt.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="concat must be a function"):
+        PromptTuning(model, n_prompt=3, init="uniform", concat=42)

@@ -576,6 +576,10 @@ def test_notebooks_run_and_grade(stem, monkeypatch, capsys):
     solution = grade(FOLDER / "solutions" / f"{stem}.ipynb")
     assert solution.all_passed, solution.report()
     assert solution.seconds < 120
+    committed = nbformat.read(FOLDER / "solutions" / f"{stem}.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in committed.cells if c.cell_type == "code" for o in c.outputs)
+    for result in solution.results.values():  # the committed outputs are those of a fresh run: not stale
+        assert str(result).splitlines()[0] in printed, f"{stem}: stale output, run the solution notebook again"
 
     assert main(["check", str(FOLDER / f"{stem}.ipynb")]) == 1  # the student version, nothing filled in
     out = capsys.readouterr().out
