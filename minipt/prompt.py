@@ -136,7 +136,7 @@ class PromptTuning(TunedModule):
                  tokenizer=None, token_counts: torch.Tensor | None = None, seed: int = 0,
                  backend: str = "auto", frozen_head: bool = True, labels: Sequence[str] | None = None,
                  recompute: bool = False, prompt: torch.Tensor | None = None, reparam: str | None = None,
-                 hidden: int | None = None):
+                 hidden: int | None = None, concat=None):
         super().__init__()
         if not isinstance(model, GPT):
             raise TypeError(f"model must be a minipt GPT, got {type(model).__name__}")
@@ -148,12 +148,18 @@ class PromptTuning(TunedModule):
             raise ValueError(f"reparam must be None (prompt tuning) or 'mlp' (P-tuning), got {reparam!r}")
         if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
             raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
+        if concat is not None and (not callable(concat) or (prompt is not None and prompt.dim() == 3)):
+            raise ValueError("concat must be a function concat(prompt (n_p, D), wte, idx, wpe) -> x (B, n_p + n, D), "
+                             "for one prompt (not a bank)")
         self.model = freeze(model)
         self.n_prompt = n_prompt
         self.init = init
         self.backend = backend
         self.frozen_head = frozen_head
         self.recompute = recompute
+        # concat: your own x = [P, wte[idx]] + wpe (equation 1) in place of prompt_concat, e.g. the exercises'
+        # capstone; it must be differentiable in P (an autograd.Function with your own backward will do).
+        self.concat = concat
         if prompt is None:
             generator = torch.Generator().manual_seed(seed)
             prompt = init_prompt(model, n_prompt, init, init_text=init_text, tokenizer=tokenizer,
@@ -218,6 +224,8 @@ class PromptTuning(TunedModule):
 
         Inputs unchecked: call `check` first (forward, loss and generate do)."""
         tr = self.model.transformer
+        if self.concat is not None:
+            return tr.drop(self.concat(self.prompt_embeddings(), tr.wte.weight, idx, tr.wpe.weight))
         # check_ids=False: the public methods have checked the ids once already (`check`)
         x = prompt_concat(self.prompt_embeddings(), tr.wte.weight, idx, wpe=tr.wpe.weight, prompt_index=prompt_index,
                           backend=self.backend, check_ids=False)

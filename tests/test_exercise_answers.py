@@ -414,6 +414,47 @@ def test_vocab_init_answers():
     rejects("vocab_init", float16_rows, "P must be float32, got float16")
 
 
+# ---- predict_measure --------------------------------------------------------------------------------------
+
+def predictions(**changed):
+    return lambda: {"step_ratio_10": 1.6, "step_ratio_108": 0.95, "adamw_state_bytes": 2 * 20 * 768 * 4, **changed}
+
+
+def test_predict_measure_answers():
+    from minipt.exercises.predict import measured
+
+    m = measured()
+    accepts("predict_measure", lambda: {k: m[k] for k in ("step_ratio_10", "step_ratio_108", "adamw_state_bytes")})
+    accepts("predict_measure", predictions(step_ratio_10=1.3, step_ratio_108=0.7, adamw_state_bytes=122_884))
+    accepts("predict_measure", predictions())
+
+    rejects("predict_measure", predictions(step_ratio_10=0.8), "step_ratio_10", "slower than a fine-tuning step")
+    rejects("predict_measure", predictions(step_ratio_108=1.3), "step_ratio_108", "faster than a fine-tuning step")
+    rejects("predict_measure", predictions(step_ratio_10=4.0), "more than a factor 1.5 away")
+    rejects("predict_measure", predictions(adamw_state_bytes=20 * 768 * 4), "two moments")  # one moment only
+    rejects("predict_measure", predictions(adamw_state_bytes=2 * 20 * 768 * 2), "each float32")  # fp16 moments
+    rejects("predict_measure", lambda: [1.6, 0.95, 122_880], "must return a dict of three positive numbers")
+    rejects("predict_measure", predictions(step_ratio_10=float("nan")), "must return a dict")
+
+
+# ---- capstone: one broken piece is named ----------------------------------------------------------------
+
+def capstone_pieces(**broken):
+    return {"concat": concat_fill, "concat_backward": lambda dx, n_p: dx[:, :n_p].sum(0),
+            "vocab_init": lambda wte, n_p, counts, top_k, g: wte[candidates_of(counts, top_k)[
+                torch.randperm(min(top_k, int((counts > 0).sum())), generator=g)[:n_p]]].clone(),
+            "train": loop(), **broken}
+
+
+def test_capstone_fails_with_one_broken_piece():
+    rejects("capstone", capstone_pieces(concat_backward=lambda dx, n_p: dx[:, :n_p].mean(0)),
+            "the piece `concat_backward` does not pass its own exercise", "a mean over b")
+    rejects("capstone", capstone_pieces(train=loop(zero_grad="between")), "the piece `train`", "training_loop")
+    rejects("capstone", capstone_pieces(concat=lambda P, wte, idx, wpe: torch.cat(
+        [P.expand(len(idx), -1, -1), wte[idx]], 1)), "the piece `concat`", "position embeddings are forgotten")
+    rejects("capstone", {"concat": concat_fill}, "hand over a dict of the four pieces")
+
+
 # ---- the judge is out of the answer's reach --------------------------------------------------------------
 
 def test_patched_comparisons_do_not_pass_a_wrong_answer(monkeypatch):
@@ -722,3 +763,27 @@ def test_concat_launcher_answers():
     rejects("concat_launcher", launcher(block=lambda D: max(16, D)), "is not a power of two")
     rejects("concat_launcher", launcher(grid=lambda B, n_p, n: (B * (n_p + n),)), "one program per row")
     rejects("concat_launcher", asserts, "raised AssertionError; it must raise ValueError")
+
+
+# ---- PromptTuning's concat hook ----------------------------------------------------------------------------
+
+def test_prompt_tuning_concat_hook():
+    from minipt.exercises.equations import concat_reference
+    from minipt.exercises.training import tiny_model
+
+    model = tiny_model()
+    idx = torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(0))
+    plain = PromptTuning(model, n_prompt=3, init="uniform", seed=1, backend="reference")
+    calls = []
+
+    def mine(prompt, wte, idx, wpe):
+        calls.append(tuple(idx.shape))
+        return concat_reference(prompt, wte, idx, wpe)
+
+    hooked = PromptTuning(model, n_prompt=3, init="uniform", seed=1, backend="reference", concat=mine)
+    logits, _ = hooked(idx)
+    assert calls == [(2, 5)] and torch.equal(logits, plain(idx)[0])
+    hooked(idx, torch.randint(0, 24, (2, 5)))[1].backward()
+    assert hooked.prompt.grad is not None and hooked.prompt.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="concat must be a function"):
+        PromptTuning(model, n_prompt=3, init="uniform", concat=42)

@@ -8,7 +8,10 @@
 
 `EXERCISES` lists them (id -> title, learning goal, minutes, notebook, signature), in the order of the
 notebooks under notebooks/exercises/: 01_math (the equations of Lester et al. 2021, section 2), 02_kernel
-(the fused Triton kernel, run by the CPU interpreter), 03_training (training and using a prompt).
+(the fused Triton kernel, run by the CPU interpreter), 03_training (training and using a prompt), 04_capstone
+(four of those pieces tune the frozen tiny GPT, through `PromptTuning(..., concat=...)`), 05_kernel_track (the
+fused frozen-head cross-entropy and a decode step's attention over the cached prompt prefix, in Triton),
+06_predict_measure (numbers predicted from shapes, then checked against the committed measurements).
 
 `check(exercise_id, answer)` never raises on a wrong answer: it returns a `CheckResult` whose `str()` says
 what was tried and, on failure, the first shape or value that differs (expected vs got, the index, the
@@ -22,7 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import equations, kernel, training
+from . import capstone, equations, kernel, kernel_track, predict, training
 from .result import CheckResult
 
 RESULTS_ENV = "MINIPT_EXERCISE_RESULTS"  # set by the grader (grade.py): where check() appends each result
@@ -81,9 +84,25 @@ EXERCISES: dict[str, Exercise] = _exercises(
     ("ensemble_vote", "Prompt ensembling by majority vote",
      "combine K prompts' predictions by vote, with a tie-break that is only a tie-break (section 6)", 20,
      "03_training", "ensemble_vote(probs (K, N, C)) -> (N,) int64"),
+    ("capstone", "Capstone: your pieces tune a frozen GPT",
+     "plug your concat, its backward, your init and your loop into PromptTuning and reach 90% on parity", 30,
+     "04_capstone", "{'concat': fn, 'concat_backward': fn, 'vocab_init': fn, 'train': fn}"),
+    ("head_ce_kernel", "The fused frozen-head cross-entropy, in Triton",
+     "compute a row's loss and dL/dh chunk by chunk over the vocabulary with a running max, never the (N, V) "
+     "logits, and skip the rows without a target", 40, "05_kernel_track",
+     "@triton.jit head_ce_kernel(H, W, Y, LOSS, DH, V, D, n_sup, BLOCK_V, BLOCK_D), grid (N,)"),
+    ("decode_attention_kernel", "A decode step's attention over the cached prompt prefix",
+     "read a row's key/value cache (the prompt's, computed once, then its own tokens) chunk by chunk with an "
+     "online softmax, masked at the row's length", 35, "05_kernel_track",
+     "@triton.jit decode_attention_kernel(Q, K, V, O, LENS, T, hd, scale, BLOCK_T, BLOCK_HD), grid (R,)"),
+    ("predict_measure", "Predict, measure, explain: step time and optimizer memory",
+     "predict from shapes alone whether a prompt-tuning step is faster than fine-tuning at 10 and 108 tokens, and "
+     "how many bytes AdamW keeps for a prompt", 15, "06_predict_measure",
+     "predict() -> {'step_ratio_10': x, 'step_ratio_108': y, 'adamw_state_bytes': z}"),
 )
 
-_CHECKERS: dict[str, Callable] = {**equations.CHECKERS, **kernel.CHECKERS, **training.CHECKERS}
+_CHECKERS: dict[str, Callable] = {**equations.CHECKERS, **kernel.CHECKERS, **training.CHECKERS,
+                                  **kernel_track.CHECKERS, **capstone.CHECKERS, **predict.CHECKERS}
 assert set(_CHECKERS) == set(EXERCISES)
 
 _RESULTS: dict[str, CheckResult] = {}
@@ -93,6 +112,14 @@ NOT_STARTED = ("the answer raises NotImplementedError: fill in the lines marked 
 
 def check(exercise_id: str, answer) -> CheckResult:
     """Check a student's `answer` for `exercise_id`; never raises on a wrong answer (see the module docstring)."""
+    result = evaluate(exercise_id, answer)
+    _RESULTS[exercise_id] = result
+    _record(result)
+    return result
+
+
+def evaluate(exercise_id: str, answer) -> CheckResult:
+    """The result `check` returns, without keeping it as the exercise's result (the capstone checks its pieces)."""
     if exercise_id not in EXERCISES:
         raise ValueError(f"unknown exercise {exercise_id!r}; the exercises are {', '.join(EXERCISES)}")
     try:
@@ -103,8 +130,6 @@ def check(exercise_id: str, answer) -> CheckResult:
                                                  f"{EXERCISES[exercise_id].signature}")
     if not result.passed and "NotImplementedError" in result.message:  # the placeholder is still there
         result = CheckResult(exercise_id, False, NOT_STARTED, result.tried)
-    _RESULTS[exercise_id] = result
-    _record(result)
     return result
 
 

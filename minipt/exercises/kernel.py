@@ -113,6 +113,7 @@ class MemoryAudit:
     atomics: int = 0
     available: bool = True
     stored: list = field(default_factory=list)  # the byte addresses of every lane a tl.store wrote
+    log: list = field(default_factory=list)  # (kind, program id (x, y, z), byte addresses) of every access
     _saved: object = field(default=None, repr=False)
 
     def allow(self, kind: str, ptrs, mask, itemsize: int):
@@ -123,6 +124,8 @@ class MemoryAudit:
         for r in self.regions:
             inside |= (ptrs >= np.uint64(r.start)) & (ptrs + np.uint64(itemsize) <= np.uint64(r.end))
         bad = mask & ~inside
+        program = getattr(getattr(_interpreter_module(), "interpreter_builder", None), "grid_idx", None)
+        self.log.append((kind, tuple(program or (0, 0, 0)), ptrs[mask & inside].copy()))
         if bad.any():
             lane = np.argwhere(bad)[0]
             address = int(ptrs[tuple(lane)])
@@ -176,6 +179,35 @@ class _AuditedMemory:
         return self._real.atomic_cas(*args)
 
 
+def _interpreter_module():
+    try:
+        return import_triton()[1]
+    except ImportError:
+        return None
+
+
+def access_picture(audit: MemoryAudit | None, tensors: dict, programs: int) -> str:
+    """Which program touched which rows: one line per row of each tensor (name -> 2-D tensor), one column per
+    program (the first grid axis), R read, W written, B both, . untouched. The puzzle anchors draw the same."""
+    if audit is None or not audit.log:
+        return ""
+    lines = []
+    for name, t in tensors.items():
+        rows, row_bytes = t.shape[0], t[0].numel() * t.element_size() if t.dim() > 1 else t.element_size()
+        grid = [["."] * programs for _ in range(rows)]
+        start = t.data_ptr()
+        for kind, program, ptrs in audit.log:
+            if program[0] >= programs or not len(ptrs):
+                continue
+            offsets = (ptrs.astype(np.int64) - start) // row_bytes
+            for row in np.unique(offsets[(offsets >= 0) & (offsets < rows)]):
+                mark, old = ("R" if kind == "load" else "W"), grid[row][program[0]]
+                grid[row][program[0]] = mark if old in (".", mark) else "B"
+        lines.append(f"  {name} rows x programs 0..{programs - 1} (R read, W written, B both):")
+        lines += [f"    {r:>3} {' '.join(row)}" for r, row in enumerate(grid)]
+    return "\n".join(lines)
+
+
 def python_function(kernel) -> Callable | None:
     """The Python function inside a @triton.jit kernel (compiled or interpreted), or a plain function."""
     fn = getattr(kernel, "fn", kernel)
@@ -212,7 +244,7 @@ def run_interpreted(kernel, grid: tuple, args: tuple, tensors: dict[str, torch.T
         return None, f"expected a @triton.jit kernel, got {type(kernel).__name__}"
     audit = MemoryAudit([Region.of(name, t) for name, t in tensors.items()])
     try:
-        with audit, device_calls_interpreted():
+        with audit, device_calls_interpreted(), np.errstate(all="ignore"):  # an overflow is judged by the values
             interpreter.InterpretedFunction(fn)[grid](*args)
     except Exception as err:  # noqa: BLE001 - a kernel's exception is the student's message
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
