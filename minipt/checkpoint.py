@@ -347,8 +347,8 @@ def _check_config_fits(config, tensors: dict[str, torch.Tensor], path) -> None:
              "block_size": None if wpe is None else wpe.shape[0], "n_layer": len(blocks)}
     for name, value in found.items():
         if getattr(config, name) != value:
-            raise CheckpointError(f"{path}: the config says {name}={getattr(config, name)} but the weights have "
-                                  f"{value}; the file was changed")
+            raise CheckpointError(f"{path}: the weights do not fit the model config in the file (it says "
+                                  f"{name}={getattr(config, name)}, the weights have {value})")
 
 
 # ---- training state (for resuming) --------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_a_huge_config_is_refused_before_anything_is_built(tmp_path):
     config = {**model.config.to_dict(), "n_layer": 10**6}
     save_tensors(tmp_path / "m.safetensors", tensors, "gpt", {"config": json.dumps(config)})
     t0 = time.perf_counter()
-    with pytest.raises(CheckpointError, match="n_layer=1000000 but the weights have 2"):
+    with pytest.raises(CheckpointError, match="n_layer=1000000, the weights have 2"):
         load_model(tmp_path / "m.safetensors")
     assert time.perf_counter() - t0 < 2.0
 
