@@ -1,6 +1,7 @@
 # Two commands for a fresh machine with Python 3.10+:
 #   make demo   tune a soft prompt on the frozen tiny GPT and print what it gained
 #   make test   run the test suite (all cores)
+#   make lint   ruff check and ruff format --check (configured in pyproject.toml)
 # Each creates .venv on first use and installs minipt with its dev and hf extras, every package at the version
 # of the lock (requirements-lock.txt), so every machine gets the environment the suite passed with.
 # For maintainers:
@@ -14,7 +15,7 @@ LOCK   := requirements-lock.txt
 LATEST := .venv-latest
 TOOLS  := .venv-tools
 
-.PHONY: demo test test-latest lock clean
+.PHONY: demo test lint test-latest lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q
+
+# The linter and the formatter's check, at the lock's ruff version; `ruff format` and `ruff check --fix` repair.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # No lock: pip takes the newest release of every package that pyproject's ranges admit (torch too, unless
 # PIP_CONSTRAINT pins it, as .ci/constraints.txt does for the CPU build). The environment is made afresh each time.

@@ -12,8 +12,8 @@ inputs of 8-64 random tokens, answers of 1-8 tokens (a per-request budget, greed
 `agree` is the fraction of generated tokens equal to the greedy reference. Each configuration serves the
 whole workload once, after a warm-up on 8 requests; the two mixed ones --rounds times, in turn (the median).
 The mixed ones share one PromptBank, whose prompt-prefix KV cache is computed once per prompt before timing
-(a server computes it when it loads the prompts; one forward of the prompt positions each). The "tiny" model is the tiny preset with block_size 256
-(100 + 64 + 8 positions do not fit in 128); "gpt2" is GPT-2 small's shape.
+(a server computes it when it loads the prompts; one forward of the prompt positions each). The "tiny" model is
+the tiny preset with block_size 256 (100 + 64 + 8 positions do not fit in 128); "gpt2" is GPT-2 small's shape.
 
     python benchmarks/bench_serve.py                 # both models, 20- and 100-vector prompts
     python benchmarks/bench_serve.py --smoke         # seconds: a pico model, 16 requests
@@ -73,7 +73,7 @@ def workload(cfg, n_prompt, n_requests, device="cpu", seed=0):
     prompts = {f"task{k}": PromptTuning.from_tensor(model, torch.rand(n_prompt, cfg["n_embd"], generator=g) - 0.5,
                                                     backend="reference") for k in range(4)}
     requests, budgets = [], []
-    for i in range(n_requests):
+    for _ in range(n_requests):
         L = int(torch.randint(8, 65, (1,), generator=g))
         requests.append((f"task{int(torch.randint(4, (1,), generator=g))}",
                          torch.randint(cfg["vocab_size"], (L,), generator=g).tolist()))

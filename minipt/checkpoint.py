@@ -4,8 +4,9 @@ Every minipt file carries, in its safetensors metadata (a str -> str mapping):
     "minipt.kind"    "gpt" | "prompt" | ...      what the file holds
     "minipt.sha256"  hash of every tensor's bytes and of the rest of the metadata, so a flipped or cut byte
                      anywhere (a model's config included) is caught on load
-plus what the kind needs (a model's config and fingerprint, a prompt's n_prompt and `base_identity`).
-Loaders prove a file before building anything large from it (`load_model`), and refuse tuned tensors that
+plus what the kind needs (a model's config and fingerprint, a prompt's n_prompt and base-model identity,
+minipt.tuned.base_identity).
+Loaders prove a file before building anything large from it (minipt.model.load_model), and refuse tuned tensors that
 are not finite floating-point numbers (`check_values`).
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target with
@@ -240,7 +241,8 @@ def check_values(tensors: dict[str, torch.Tensor], path) -> None:
 # ---- base models --------------------------------------------------------------------------------------
 
 
-def _model_tensors(model) -> dict[str, torch.Tensor]:
+def model_tensors(model) -> dict[str, torch.Tensor]:
+    """The weights a model file stores and the fingerprint hashes: the state dict without the tied lm_head."""
     # lm_head.weight is the same tensor as transformer.wte.weight (tied); store it once.
     return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
@@ -249,106 +251,16 @@ def model_fingerprint(model) -> str:
     """16 hex digits that identify a base model: its config and every weight, read as float32 (so the same
     model in float64 has the same fingerprint; bf16 and fp16 round the weights: see `same_base`)."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in _model_tensors(model).items()}
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in model_tensors(model).items()}
     digest.update(tensors_sha256(tensors).encode())
     return digest.hexdigest()[:16]
 
 
-# The sketch's tolerance, relative to each tensor's norm: bf16 rounds each weight by at most 2**-9 of itself
-# (2**-8 of its ulp), so the norm and the projection move by about 2**-9 of the norm; 2**-5 leaves room
-# sixteen times over, while another model's projections differ by about the norm itself.
-SKETCH_TOLERANCE = 2.0**-5
-
-
-def model_sketch(model) -> list[list[float]]:
-    """[norm, projection] per weight tensor (sorted names): the projection is the dot product with a fixed
-    random +-1 vector. Unlike the fingerprint these survive rounding to bf16 or fp16 within SKETCH_TOLERANCE."""
-    out = []
-    for name, t in sorted(_model_tensors(model).items()):
-        w = t.detach().cpu().double().reshape(-1)  # (n,)
-        signs = torch.randint(0, 2, w.shape, generator=torch.Generator().manual_seed(len(out))).double() * 2 - 1
-        out.append([float(f"{w.norm():.9g}"), float(f"{(w @ signs):.9g}")])
-    return out
-
-
-def base_identity(model) -> dict[str, str]:
-    """What a tuned file stores about its base model (metadata strings): fingerprint, config, dtype, sketch."""
-    return {"base_fingerprint": model_fingerprint(model), "base_config": json.dumps(model.config.to_dict()),
-            "base_dtype": str(model.transformer.wte.weight.dtype).removeprefix("torch."),
-            "base_sketch": json.dumps(model_sketch(model))}
-
-
-def same_base(meta: dict, model) -> bool:
-    """Whether `model` is the base model described by `meta` (base_identity's keys): the same fingerprint, or,
-    when either side was not float32, the same config and a sketch within SKETCH_TOLERANCE."""
-    if meta.get("base_fingerprint") == model_fingerprint(model):
-        return True
-    here = base_identity(model)
-    if "float32" == meta.get("base_dtype", "float32") == here["base_dtype"] or "base_sketch" not in meta:
-        return False
-    try:
-        same_config = json.loads(meta["base_config"]) == model.config.to_dict()
-        saved = json.loads(meta["base_sketch"])
-    except (KeyError, ValueError, TypeError):
-        return False
-    sketch = json.loads(here["base_sketch"])
-    return same_config and len(saved) == len(sketch) and all(
-        abs(a - b) <= SKETCH_TOLERANCE * abs(n) + 1e-12 for (n, p), (m, q) in zip(saved, sketch)
-        for a, b in ((n, m), (p, q)))
-
-
-def check_base(meta: dict, model, subject: str) -> None:
-    """CheckpointError unless the file whose metadata is `meta` was made for `model` (`same_base`); `subject`
-    starts the message ("FILE: the prompt")."""
-    if not same_base(meta, model):
-        raise CheckpointError(f"{subject} was made for another base model (fingerprint "
-                              f"{meta.get('base_fingerprint')}, this model is {model_fingerprint(model)}); load the "
-                              f"base model it was tuned on")
-
-
 def save_model(model, path, extra_metadata: dict | None = None) -> Path:
+    """A base model's file (GPT.save); minipt.model.load_model reads it back (this module knows no GPT class)."""
     meta = {"config": json.dumps(model.config.to_dict()), "fingerprint": model_fingerprint(model)}
     meta.update(extra_metadata or {})
-    return save_tensors(path, _model_tensors(model), kind="gpt", metadata=meta)
-
-
-def load_model(path, map_location="cpu"):
-    """A base model file, proven before anything large is built: the hash, the config against the tensors'
-    shapes, finite float weights, and the stored fingerprint against the loaded model's."""
-    from .model import GPT, GPTConfig
-
-    tensors, meta = load_tensors(path, kind="gpt", map_location=map_location)
-    try:
-        config = GPTConfig(**json.loads(meta["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the model config in the metadata is missing or invalid ({e})") from e
-    _check_config_fits(config, tensors, path)
-    check_values(tensors, path)
-    try:
-        model = GPT(config).to(map_location)
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except (RuntimeError, ValueError, TypeError) as e:  # a tensor whose shape does not fit, or a bad config
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{path}: the weights do not fit the model config in the file ({first})") from e
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
-    if "fingerprint" in meta and meta["fingerprint"] != model_fingerprint(model):
-        raise CheckpointError(f"{path}: the model does not match the fingerprint stored in the file (its config or "
-                              f"weights were changed)")
-    return model
-
-
-def _check_config_fits(config, tensors: dict[str, torch.Tensor], path) -> None:
-    """The config's sizes against the tensors' shapes, before a model of that config is built."""
-    wte, wpe = tensors.get("transformer.wte.weight"), tensors.get("transformer.wpe.weight")
-    blocks = {name.split(".")[2] for name in tensors if name.startswith("transformer.h.")}
-    found = {"vocab_size": None if wte is None else wte.shape[0], "n_embd": None if wte is None else wte.shape[-1],
-             "block_size": None if wpe is None else wpe.shape[0], "n_layer": len(blocks)}
-    for name, value in found.items():
-        if getattr(config, name) != value:
-            raise CheckpointError(f"{path}: the weights do not fit the model config in the file (it says "
-                                  f"{name}={getattr(config, name)}, the weights have {value})")
+    return save_tensors(path, model_tensors(model), kind="gpt", metadata=meta)
 
 
 # ---- training state (for resuming) --------------------------------------------------------------------

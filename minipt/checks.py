@@ -17,6 +17,8 @@ import torch
 
 from .loss import IGNORE_INDEX, check_targets, supervised_count
 
+__all__ = ["check_batch", "check_ids"]
+
 ID_DTYPES = (torch.int64, torch.int32)  # what an embedding lookup takes
 
 

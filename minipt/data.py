@@ -20,6 +20,9 @@ from .loss import IGNORE_INDEX
 from .tasks import Example, get_task
 from .tokenizer import ByteTokenizer
 
+__all__ = ["query_ids", "encode_example", "collate", "token_frequencies", "batch_fn", "answers_right",
+           "exact_match_accuracy"]
+
 
 def query_ids(example: Example, tokenizer: ByteTokenizer, instruction: bool) -> list[int]:
     """The ids a model sees before it must answer: ``[instruction + " "] + input + <|sep|>``.

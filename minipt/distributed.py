@@ -38,6 +38,8 @@ import torch.nn as nn
 from .data import exact_match_accuracy
 from .loss import mask_padding
 
+__all__ = ["DistInfo", "init_from_env", "shard_rows", "DataParallelPrompt", "sharded_accuracy"]
+
 
 @dataclass(frozen=True)
 class DistInfo:

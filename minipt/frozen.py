@@ -25,8 +25,9 @@ Per position, in units of D numbers (D = n_embd; measured on the gpt2 preset, fp
 PyTorch's autograd already applies (1): a Linear with a frozen weight does not save its input (see
 `FrozenLinear`), so the blocks need no special code. The head does: F.cross_entropy keeps the (N, V)
 log-softmax for backward, 65x the size of the hidden states it is computed from; `minipt.loss`'s
-`FrozenHeadCrossEntropy` keeps only dL/dh (N, D). The rest (LayerNorm, attention and GELU inputs) is needed for dL/dx itself, whether
-or not the weights are frozen; it can only be recomputed (`PromptTuning(..., recompute=True)`), not dropped.
+`FrozenHeadCrossEntropy` keeps only dL/dh (N, D). The rest (LayerNorm, attention and GELU inputs) is needed
+for dL/dx itself, whether or not the weights are frozen; it can only be recomputed
+(`PromptTuning(..., recompute=True)`), not dropped.
 
 References: Lester et al. 2021 (prompt tuning, a frozen model); PyTorch docs, "Hooks for saved tensors".
 """

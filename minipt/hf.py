@@ -16,12 +16,14 @@ tied output head. A configuration that differs is refused with an error saying w
 loaded into a model that would silently compute something else.
 
 `transformers` is imported only inside the functions that need it (the `hf` extra: pip install "minipt[hf]").
+This module knows no GPT class (minipt.model imports it, never the other way): `GPT.from_hf` builds the model
+from `config_from_hf` and `state_dict_from_hf`; `minipt.assets.load_hf_base` pairs a model with its tokenizer.
 """
 from __future__ import annotations
 
 import torch
 
-from .model import GPT, GPTConfig
+__all__ = ["HFTokenizer", "config_from_hf", "hf_gpt2_from_pretrained", "state_dict_from_hf", "to_hf"]
 
 # Conv1D weights: stored (in, out) by Hugging Face, (out, in) by nn.Linear.
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -46,8 +48,9 @@ def _require_transformers():
     return transformers
 
 
-def config_from_hf(hf_config) -> GPTConfig:
-    """The GPTConfig of a transformers GPT2Config; ValueError for any setting minipt does not compute."""
+def config_from_hf(hf_config) -> dict:
+    """The GPTConfig fields (a dict) of a transformers GPT2Config; ValueError for any setting minipt does not
+    compute."""
     get = lambda name, default=None: getattr(hf_config, name, default)  # noqa: E731
     if get("model_type") not in (None, "gpt2"):
         raise ValueError(f"only GPT-2 models can be imported, got model_type {get('model_type')!r}")
@@ -65,8 +68,8 @@ def config_from_hf(hf_config) -> GPTConfig:
         raise ValueError("only GPT-2's attention scaling (1/sqrt(head_dim), nothing else) is supported")
     if not get("tie_word_embeddings", True):
         raise ValueError("the output head must be tied to the token embedding (tie_word_embeddings=True)")
-    return GPTConfig(n_layer=get("n_layer"), n_head=get("n_head"), n_embd=n_embd, vocab_size=get("vocab_size"),
-                     block_size=get("n_positions"), bias=True, dropout=0.0)
+    return dict(n_layer=get("n_layer"), n_head=get("n_head"), n_embd=n_embd, vocab_size=get("vocab_size"),
+                block_size=get("n_positions"), bias=True, dropout=0.0)
 
 
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,34 +90,10 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def gpt_from_hf(model_or_state_dict, config=None) -> GPT:
-    """minipt GPT with the weights of a transformers GPT-2 (a GPT2LMHeadModel or a state dict of one).
-
-    With a state dict, pass `config` (a transformers GPT2Config or a minipt GPTConfig): the number of heads
-    cannot be read from the tensor shapes. The new model is on the CPU in float32 unless the weights are not.
-    """
-    if isinstance(model_or_state_dict, dict):
-        if config is None:
-            raise ValueError("from a state dict, pass config= (a GPT2Config or GPTConfig): n_head is not in the shapes")
-        hf_state = model_or_state_dict
-    else:
-        hf_state = model_or_state_dict.state_dict()
-        config = config if config is not None else model_or_state_dict.config
-    cfg = config if isinstance(config, GPTConfig) else config_from_hf(config)
-    state = state_dict_from_hf(hf_state)
-    dtype = state["transformer.wte.weight"].dtype
-    model = GPT(cfg).to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, loaded with it
-    if missing or unexpected:
-        raise ValueError(f"the GPT-2 weights do not fit the configuration (missing {missing}, "
-                         f"unexpected {unexpected})")
-    return model.eval()
-
-
-def to_hf(model: GPT, activation: str = "gelu_new"):
-    """The same network as a transformers GPT2LMHeadModel (the inverse of gpt_from_hf), on the model's device and
-    dtype, e.g. to use a prompt tuned in minipt with PEFT on a minipt base model. Logits agree to float rounding.
+def to_hf(model, activation: str = "gelu_new"):
+    """A minipt GPT as the same network, a transformers GPT2LMHeadModel (the inverse of GPT.from_hf), on the
+    model's device and dtype, e.g. to use a prompt tuned in minipt with PEFT on a minipt base model. Logits
+    agree to float rounding.
     activation: "gelu_new" (GPT-2's) or "gelu_pytorch_tanh" (the same function, fused)."""
     transformers = _require_transformers()
     c = model.config
@@ -137,16 +116,16 @@ def to_hf(model: GPT, activation: str = "gelu_new"):
     return hf.eval()
 
 
-def gpt_from_pretrained(name_or_path: str, cache_dir=None) -> GPT:
-    """GPT.from_pretrained: a GPT-2 from the local Hugging Face cache or a local folder, never the network."""
+def hf_gpt2_from_pretrained(name_or_path: str, cache_dir=None):
+    """For GPT.from_pretrained: a transformers GPT-2 from the local Hugging Face cache or a local folder, never
+    the network."""
     transformers = _require_transformers()
     try:
-        hf = transformers.GPT2LMHeadModel.from_pretrained(str(name_or_path), local_files_only=True,
-                                                          cache_dir=cache_dir)
+        return transformers.GPT2LMHeadModel.from_pretrained(str(name_or_path), local_files_only=True,
+                                                            cache_dir=cache_dir)
     except OSError as e:  # transformers raises OSError (EnvironmentError) for files it cannot find offline
         raise FileNotFoundError(f"GPT-2 weights {name_or_path!r} are not in the local Hugging Face cache "
                                 f"or a local folder. " + HOW_TO_GET_WEIGHTS.format(name=name_or_path)) from e
-    return gpt_from_hf(hf)
 
 
 class HFTokenizer:
@@ -205,12 +184,3 @@ class HFTokenizer:
                 raise ValueError(f"decode expects a 1-D tensor of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special)
-
-
-def load_hf_base(name_or_path: str, sep: str = "\n") -> tuple[GPT, HFTokenizer]:
-    """A GPT-2 and its tokenizer from a local folder or the local cache (the CLI's `--base hf:NAME`)."""
-    model = gpt_from_pretrained(name_or_path)
-    tok = HFTokenizer.from_pretrained(name_or_path, sep=sep)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
-    return model, tok

@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+__all__ = ["IGNORE_INDEX", "CHUNK_ELEMENTS", "mask_padding", "lm_loss", "check_targets", "supervised_count",
+           "FrozenHeadCrossEntropy", "frozen_head_cross_entropy", "frozen_lm_loss"]
+
 IGNORE_INDEX = -100  # a target that is not supervised (F.cross_entropy's default ignore_index)
 # Rows of logits computed at once: a chunk of logits is at most this many elements (32 MiB in fp32).
 CHUNK_ELEMENTS = 2**23
@@ -97,6 +100,11 @@ def _chunked_loss(h, W, targets, chunk_size, ignore_index, need_dh):
             g.scatter_add_(1, y, torch.full_like(y, -1, dtype=acc))  # p - onehot(y)       (2)
             g.mul_((ok.to(acc) / n_valid)[:, None])  # / N, and 0 on ignored rows
             dh[rows] = g.to(W.dtype) @ W  # (C, V) @ (V, D) -> (C, D)                    (3)
+        # Free this chunk's logits now: the loop would otherwise make the next chunk's (z = ...) while these
+        # still live (as z and g), two (C, V) blocks at the peak instead of one.
+        del z, lse
+        if need_dh:
+            del g
     return loss_sum, n_valid, dh
 
 

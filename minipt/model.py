@@ -14,6 +14,7 @@ References:
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,8 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import CheckpointError, check_values, load_tensors, model_fingerprint, save_model
 from .checks import check_batch
 from .loss import lm_loss, mask_padding
+
+__all__ = ["GPTConfig", "PRESETS", "GPT", "KVCache", "Block", "CausalSelfAttention", "MLP", "load_model",
+           "check_generation_length", "check_sampling", "decode", "generate_without_cache", "sample_next"]
 
 
 @dataclass
@@ -342,34 +347,87 @@ class GPT(nn.Module):
 
     def fingerprint(self) -> str:
         """A short hash of the configuration and every weight, to tell which base model a prompt was made for."""
-        from .checkpoint import model_fingerprint
-
         return model_fingerprint(self)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "GPT":
-        from .checkpoint import load_model
-
         return load_model(path, map_location=map_location)
 
     def save(self, path, extra_metadata: dict | None = None) -> None:
-        from .checkpoint import save_model
-
         save_model(self, path, extra_metadata)
 
     @classmethod
     def from_hf(cls, model_or_state_dict, config=None) -> "GPT":
-        """A transformers GPT2LMHeadModel (or its state dict + config) as a minipt GPT; see minipt.hf."""
-        from .hf import gpt_from_hf
+        """A minipt GPT with the weights of a transformers GPT-2 (a GPT2LMHeadModel or its state dict); minipt.hf.
 
-        return gpt_from_hf(model_or_state_dict, config)
+        With a state dict, pass `config` (a transformers GPT2Config or a minipt GPTConfig): the number of heads
+        cannot be read from the tensor shapes. The new model is on the CPU in float32 unless the weights are not.
+        """
+        from .hf import config_from_hf, state_dict_from_hf
+
+        if isinstance(model_or_state_dict, dict):
+            if config is None:
+                raise ValueError("from a state dict, pass config= (a GPT2Config or GPTConfig): n_head is not in the "
+                                 "shapes")
+            hf_state = model_or_state_dict
+        else:
+            hf_state = model_or_state_dict.state_dict()
+            config = config if config is not None else model_or_state_dict.config
+        cfg = config if isinstance(config, GPTConfig) else GPTConfig(**config_from_hf(config))
+        state = state_dict_from_hf(hf_state)
+        dtype = state["transformer.wte.weight"].dtype
+        model = cls(cfg).to(dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, loaded with it
+        if missing or unexpected:
+            raise ValueError(f"the GPT-2 weights do not fit the configuration (missing {missing}, "
+                             f"unexpected {unexpected})")
+        return model.eval()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "gpt2", cache_dir=None) -> "GPT":
         """GPT-2 weights from the local Hugging Face cache or a local folder (never downloads); see minipt.hf."""
-        from .hf import gpt_from_pretrained
+        from .hf import hf_gpt2_from_pretrained
 
-        return gpt_from_pretrained(name_or_path, cache_dir=cache_dir)
+        return cls.from_hf(hf_gpt2_from_pretrained(name_or_path, cache_dir=cache_dir))
+
+
+def load_model(path, map_location="cpu") -> GPT:
+    """GPT.from_checkpoint: a model file written by GPT.save (minipt.checkpoint.save_model), proven before anything
+    large is built: the hash (load_tensors), the config against the tensors' shapes, finite float weights, and the
+    stored fingerprint against the loaded model's."""
+    tensors, meta = load_tensors(path, kind="gpt", map_location=map_location)
+    try:
+        config = GPTConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the model config in the metadata is missing or invalid ({e})") from e
+    _check_config_fits(config, tensors, path)
+    check_values(tensors, path)
+    try:
+        model = GPT(config).to(map_location)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except (RuntimeError, ValueError, TypeError) as e:  # a tensor whose shape does not fit, or a bad config
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: the weights do not fit the model config in the file ({first})") from e
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    if "fingerprint" in meta and meta["fingerprint"] != model_fingerprint(model):
+        raise CheckpointError(f"{path}: the model does not match the fingerprint stored in the file (its config or "
+                              f"weights were changed)")
+    return model
+
+
+def _check_config_fits(config: GPTConfig, tensors: dict[str, torch.Tensor], path) -> None:
+    """The config's sizes against the tensors' shapes, before a model of that config is built."""
+    wte, wpe = tensors.get("transformer.wte.weight"), tensors.get("transformer.wpe.weight")
+    blocks = {name.split(".")[2] for name in tensors if name.startswith("transformer.h.")}
+    found = {"vocab_size": None if wte is None else wte.shape[0], "n_embd": None if wte is None else wte.shape[-1],
+             "block_size": None if wpe is None else wpe.shape[0], "n_layer": len(blocks)}
+    for name, value in found.items():
+        if getattr(config, name) != value:
+            raise CheckpointError(f"{path}: the config says {name}={getattr(config, name)} but the weights have "
+                                  f"{value}; the file was changed")
 
 
 def check_generation_length(T0: int, max_new_tokens: int, block_size: int, what: str, temperature: float = 0.0,

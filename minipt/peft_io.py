@@ -9,6 +9,8 @@ A PEFT prompt-tuning adapter is a folder with two files:
 which is exactly minipt's prompt P (n_p, D). `pt.save_peft(dir)` writes such a folder (no `peft` needed);
 `PeftModel.from_pretrained(hf_gpt2, dir)` loads it onto the equivalent transformers GPT-2.
 `PromptTuning.from_peft(model, dir)` reads one back; the result trains further like any minipt prompt.
+A PREFIX_TUNING folder holds a deep prompt the same way (minipt.prefix). This module knows the folder format
+only; each class converts itself (`save_peft`, `from_peft`), so this module imports neither.
 
 What PEFT's files lack: the base model's fingerprint. minipt checks the width and the declared prompt length,
 but cannot tell which base model a prompt PEFT wrote was tuned on; load it onto the right one. A folder
@@ -39,8 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import (HASH_KEY, CheckpointError, _read_metadata, atomic_write, base_identity, check_base,
-                         check_values, tensors_sha256)
+from .checkpoint import HASH_KEY, CheckpointError, _read_metadata, atomic_write, check_values, tensors_sha256
 from .loss import lm_loss
 from .model import GPT
 
@@ -48,22 +49,16 @@ CONFIG_HASH_KEY = "minipt.config_sha256"  # the config's content, hashed into th
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TENSOR_NAME = "prompt_embeddings"
-# minipt init -> PEFT's PromptTuningInit. PEFT's "TEXT" requires a tokenizer name to validate, which minipt
-# does not know, so a text-initialised prompt is recorded as "RANDOM" (the init does not matter once trained).
-_PEFT_INIT = {"uniform": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "RANDOM"}
-_MINIPT_INIT = {"RANDOM": "uniform", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_config", "adapter_type", "peft_loss", "read_peft",
+           "targets_from_labels", "write_adapter"]
 
 
-def peft_config(pt, base_model_name_or_path: str | None = None) -> dict:
-    """The adapter_config.json of a PromptTuning (or a PrefixTuning), with the keys PEFT's config writes."""
-    cfg = pt.model.config
-    if hasattr(pt, "prefix_embeddings"):  # a deep prompt: PEFT's PrefixTuningConfig, saved materialised
-        return {"auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "encoder_hidden_size": None,
-                "inference_mode": True, "init_weights": None, "modules_to_save": None,
-                "num_attention_heads": cfg.n_head, "num_layers": cfg.n_layer, "num_transformer_submodules": 1,
-                "num_virtual_tokens": pt.n_prefix, "peft_type": "PREFIX_TUNING", "peft_version": None,
-                "prefix_projection": False,  # the MLP of reparam="mlp" is never saved: the prefix itself is
-                "revision": None, "task_type": "CAUSAL_LM", "token_dim": cfg.n_embd}
+def adapter_config(model: GPT, peft_type: str, num_virtual_tokens: int, base_model_name_or_path: str | None = None,
+                   **fields) -> dict:
+    """The adapter_config.json of an adapter of `peft_type` on `model`, with the keys PEFT's config writes; each
+    tuned class adds its own `fields` (PromptTuning.peft_config, PrefixTuning.peft_config)."""
+    cfg = model.config
     return {
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
@@ -72,44 +67,37 @@ def peft_config(pt, base_model_name_or_path: str | None = None) -> dict:
         "num_attention_heads": cfg.n_head,
         "num_layers": cfg.n_layer,
         "num_transformer_submodules": 1,  # a decoder-only model has one embedding stream
-        "num_virtual_tokens": pt.n_prompt,
-        "peft_type": "PROMPT_TUNING",
+        "num_virtual_tokens": num_virtual_tokens,
+        "peft_type": peft_type,
         "peft_version": None,
-        "prompt_tuning_init": _PEFT_INIT.get(pt.init, "RANDOM"),
-        "prompt_tuning_init_text": None,
         "revision": None,
         "task_type": "CAUSAL_LM",
-        "token_dim": pt.prompt.shape[-1],
-        "tokenizer_kwargs": None,
-        "tokenizer_name_or_path": None,
+        "token_dim": cfg.n_embd,
+        **fields,
     }
 
 
-def save_peft(pt, directory, base_model_name_or_path: str | None = None, extra_metadata: dict | None = None) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors (fp32 prompt) into `directory`, atomically each.
+def write_adapter(directory, tensor: torch.Tensor, config: dict, metadata: dict | None = None) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors (the tensor in fp32) into `directory`, atomically
+    each. tensor: a prompt (n_prompt, D), or a prefix (n_prefix, n_layer * 2 * D).
 
-    The weights file's metadata also carries minipt's proof (minipt.checkpoint): the base model's identity and
-    a hash of the tensor, the metadata and the config's content, checked by read_peft and load_peft."""
+    The weights file's metadata also carries `metadata` (the class passes its base model's identity,
+    minipt.tuned.base_identity) and minipt's proof: a hash of the tensor, the metadata and the config's
+    content, checked by read_peft."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tuned = pt.prefix_embeddings() if hasattr(pt, "prefix_embeddings") else pt.prompt_embeddings()
-    prompt = tuned.detach().float().cpu().contiguous()  # (n_prompt, D), or a prefix (n_prefix, n_layer * 2 * D)
-    text = json.dumps(peft_config(pt, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
-    meta = {"format": "pt", **base_identity(pt.model), **(extra_metadata or {}),
-            CONFIG_HASH_KEY: _config_sha256(json.loads(text))}
+    prompt = tensor.detach().float().cpu().contiguous()
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    meta = {"format": "pt", **(metadata or {}), CONFIG_HASH_KEY: _config_sha256(json.loads(text))}
     meta[HASH_KEY] = tensors_sha256({TENSOR_NAME: prompt}, meta)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file({TENSOR_NAME: prompt}, tmp, metadata=meta))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
 
 
-def read_peft(directory, peft_type: str = "PROMPT_TUNING") -> tuple[torch.Tensor, dict]:
-    """(prompt_embeddings, adapter config) of a PEFT adapter folder of `peft_type`, checked; no model needed.
-
-    PROMPT_TUNING: prompt_embeddings (n_p, D). PREFIX_TUNING: (n_prefix, n_layer * 2 * D), minipt.prefix's layout.
-    """
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+def _read_config(directory) -> dict:
+    """A PEFT adapter folder's adapter_config.json, as a dict; clear errors for anything else."""
+    config_path = Path(directory) / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a PEFT adapter folder")
     try:
@@ -120,6 +108,22 @@ def read_peft(directory, peft_type: str = "PROMPT_TUNING") -> tuple[torch.Tensor
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def adapter_type(directory) -> str | None:
+    """The peft_type a PEFT adapter folder declares ("PROMPT_TUNING", "PREFIX_TUNING", ...)."""
+    return _read_config(directory).get("peft_type")
+
+
+def read_peft(directory, peft_type: str = "PROMPT_TUNING") -> tuple[torch.Tensor, dict]:
+    """(prompt_embeddings, adapter config) of a PEFT adapter folder of `peft_type`, checked; no model needed.
+
+    PROMPT_TUNING: prompt_embeddings (n_p, D). PREFIX_TUNING: (n_prefix, n_layer * 2 * D), minipt.prefix's layout.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config = _read_config(directory)
     if config.get("peft_type") != peft_type:
         what = "a soft prompt" if peft_type == "PROMPT_TUNING" else "a key/value prefix"
         raise CheckpointError(f"{config_path}: peft_type is {config.get('peft_type')!r}; {what} comes from "
@@ -156,39 +160,8 @@ def read_peft(directory, peft_type: str = "PROMPT_TUNING") -> tuple[torch.Tensor
         if meta[HASH_KEY] != tensors_sha256(tensors, meta) or meta.get(CONFIG_HASH_KEY) != _config_sha256(config):
             raise CheckpointError(f"{directory} is corrupted or was edited: its files do not match the hash minipt "
                                   f"stored in {WEIGHTS_NAME}")
-    config["minipt"] = meta  # the weights file's metadata, for load_peft's base-model check
+    config["minipt"] = meta  # the weights file's metadata, for the classes' base-model check (from_peft)
     return prompt, config
-
-
-def load_peft(model: GPT, directory, backend: str = "auto"):
-    """PromptTuning.from_peft: a trainable PromptTuning on `model` with the prompt of a PEFT adapter folder."""
-    from .prompt import PromptTuning
-
-    prompt, config = read_peft(directory)
-    D = model.config.n_embd
-    if prompt.shape[1] != D:
-        raise CheckpointError(f"{directory}: the prompt has token_dim {prompt.shape[1]} but the model has "
-                              f"n_embd={D}; it was made for another model")
-    if "base_fingerprint" in config["minipt"]:  # a folder minipt wrote knows its base model; PEFT's do not
-        check_base(config["minipt"], model, f"{directory}: the prompt")
-    # kept fp32 and requiring grad: it can be trained further
-    return PromptTuning.from_tensor(model, prompt, init=_MINIPT_INIT.get(str(config.get("prompt_tuning_init")),
-                                                                         "unknown"), backend=backend)
-
-
-def load_peft_prefix(model: GPT, directory):
-    """PrefixTuning.from_peft: a trainable PrefixTuning (P-tuning v2) on `model` from a PREFIX_TUNING folder."""
-    from .prefix import PrefixTuning
-
-    prefix, config = read_peft(directory, "PREFIX_TUNING")
-    c = model.config
-    shape = (config.get("num_layers"), config.get("num_attention_heads"), config.get("token_dim"))
-    if shape != (c.n_layer, c.n_head, c.n_embd):
-        raise CheckpointError(f"{directory}: the adapter is for (num_layers, num_attention_heads, token_dim) = "
-                              f"{shape}, the model has ({c.n_layer}, {c.n_head}, {c.n_embd}); made for another model")
-    if "base_fingerprint" in config["minipt"]:
-        check_base(config["minipt"], model, f"{directory}: the prefix")
-    return PrefixTuning.from_tensor(model, prefix)
 
 
 def _config_sha256(config: dict) -> str:
@@ -204,7 +177,7 @@ def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:
 
     Hugging Face labels are aligned with input_ids (labels[:, t] is the token at t; the model shifts), minipt
     targets are already shifted (targets[:, t] is the token after t). So a minipt batch (idx, targets) from
-    `minipt.tasks.collate`, whose last target is not in idx, becomes a Hugging Face batch only with that
+    `minipt.data.collate`, whose last target is not in idx, becomes a Hugging Face batch only with that
     token appended to input_ids. labels[:, 0] is dropped: in minipt no prompt slot predicts anything.
     """
     targets = torch.full_like(labels, -100)

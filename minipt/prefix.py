@@ -30,22 +30,25 @@ section 4 (prompt tuning against prefix tuning).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, base_identity, check_base, check_values, load_tensors, save_tensors
+from .checkpoint import CheckpointError, check_values, load_tensors
 from .checks import check_batch
 from .frozen import freeze
 from .loss import frozen_lm_loss, lm_loss, mask_padding
 from .model import GPT, KVCache, check_generation_length, decode, generate_without_cache
+from .peft_io import adapter_config, read_peft, write_adapter
 from .prompt import sample_vocab_ids
+from .tuned import TunedModule, base_identity, check_base, save_tuned
+
+__all__ = ["PREFIX_INITS", "PrefixTuning", "from_peft_layout", "to_peft_layout"]
 
 REPARAMS = (None, "mlp")
 PREFIX_INITS = ("vocab", "normal")
 
 
-class PrefixTuning(nn.Module):
+class PrefixTuning(TunedModule):
     """A frozen GPT with trainable keys and values of n_prefix positions at every layer (eq. 1).
 
     >>> pf = PrefixTuning(model, n_prefix=10)                 # P-tuning v2; reparam="mlp" for Li & Liang
@@ -55,6 +58,9 @@ class PrefixTuning(nn.Module):
     init="vocab" (default) starts from the keys and values the frozen model itself makes for n_prefix
     sampled vocabulary tokens (Li & Liang's init from real words); "normal" from N(0, 1) (PEFT's default).
     """
+
+    kind, peft_type = "prefix", "PREFIX_TUNING"  # its files and PEFT folders (minipt.tuned)
+    methods = {"ptuning-v2": None, "prefix": "mlp"}  # the training methods that make one, and their reparam
 
     def __init__(self, model: GPT, n_prefix: int = 10, reparam: str | None = None, hidden: int | None = None,
                  init: str = "vocab", seed: int = 0, special_ids=(), prefix: torch.Tensor | None = None):
@@ -181,21 +187,17 @@ class PrefixTuning(nn.Module):
         new = decode(self.model, x, cache, n_valid, max_new_tokens, temperature, top_k, generator, eos_id)
         return torch.cat([idx, new], dim=1)
 
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     # ---- files --------------------------------------------------------------------------------------------
 
     def save(self, path, extra_metadata: dict | None = None) -> None:
-        """The materialised prefix alone (never the MLP), with the base model's identity (base_identity)."""
-        meta = {"n_prefix": self.n_prefix, "reparam": str(self.reparam), "init": self.init,
-                **base_identity(self.model), **(extra_metadata or {})}
-        save_tensors(path, {"prefix": self.prefix_embeddings().detach().float()}, kind="prefix", metadata=meta)
+        """The materialised prefix alone (never the MLP), with the base model's identity (minipt.tuned)."""
+        save_tuned(self, path, {"prefix": self.prefix_embeddings().detach().float()}, extra_metadata,
+                   n_prefix=self.n_prefix, reparam=str(self.reparam), init=self.init)
 
     @classmethod
     def load(cls, model: GPT, path) -> "PrefixTuning":
         """A saved prefix on `model` (as P-tuning v2: the prefix trains further); refuses another base model."""
-        tensors, meta = load_tensors(path, kind="prefix")
+        tensors, meta = load_tensors(path, kind=cls.kind)
         prefix = tensors.get("prefix")
         width = model.config.n_layer * 2 * model.config.n_embd
         if prefix is None or prefix.dim() != 2 or prefix.shape[1] != width:
@@ -206,18 +208,33 @@ class PrefixTuning(nn.Module):
         check_base(meta, model, f"{path}: the prefix")
         return cls.from_tensor(model, prefix, init=meta.get("init", "vocab"))
 
-    def save_peft(self, directory, base_model_name_or_path: str | None = None) -> None:
-        """A PEFT PREFIX_TUNING adapter folder (see minipt.peft_io)."""
-        from .peft_io import save_peft
+    # ---- PEFT adapter folders (minipt.peft_io) ------------------------------------------------------------
 
-        save_peft(self, directory, base_model_name_or_path)
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        """The adapter_config.json of this prefix: PEFT's PrefixTuningConfig, the prefix saved materialised."""
+        return adapter_config(self.model, self.peft_type, self.n_prefix, base_model_name_or_path,
+                              encoder_hidden_size=None, init_weights=None,
+                              prefix_projection=False)  # the MLP of reparam="mlp" is never saved: the prefix is
+
+    def save_peft(self, directory, base_model_name_or_path: str | None = None,
+                  extra_metadata: dict | None = None) -> None:
+        """A PEFT PREFIX_TUNING adapter folder (see minipt.peft_io)."""
+        write_adapter(directory, self.prefix_embeddings(), self.peft_config(base_model_name_or_path),
+                      {**base_identity(self.model), **(extra_metadata or {})})
 
     @classmethod
     def from_peft(cls, model: GPT, directory) -> "PrefixTuning":
-        """A PEFT PREFIX_TUNING adapter folder on `model`."""
-        from .peft_io import load_peft_prefix
-
-        return load_peft_prefix(model, directory)
+        """A trainable PrefixTuning (P-tuning v2) on `model` from a PEFT PREFIX_TUNING adapter folder."""
+        prefix, config = read_peft(directory, cls.peft_type)
+        c = model.config
+        shape = (config.get("num_layers"), config.get("num_attention_heads"), config.get("token_dim"))
+        if shape != (c.n_layer, c.n_head, c.n_embd):
+            raise CheckpointError(f"{directory}: the adapter is for (num_layers, num_attention_heads, token_dim) = "
+                                  f"{shape}, the model has ({c.n_layer}, {c.n_head}, {c.n_embd}); made for another "
+                                  f"model")
+        if "base_fingerprint" in config["minipt"]:  # a folder minipt wrote knows its base model; PEFT's do not
+            check_base(config["minipt"], model, f"{directory}: the prefix")
+        return cls.from_tensor(model, prefix)
 
 
 def to_peft_layout(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -27,16 +27,24 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, base_identity, check_base, check_values, load_tensors, save_tensors
+from .checkpoint import CheckpointError, check_values, load_tensors
 from .checks import check_batch
 from .frozen import freeze
 from .loss import frozen_lm_loss, lm_loss, mask_padding
 from .model import GPT, check_generation_length, generate_without_cache
+from .peft_io import adapter_config, read_peft, write_adapter
+from .tuned import TunedModule, base_identity, check_base, save_tuned
 
 # The fused kernel's dispatcher: Triton where it can run, the plain PyTorch reference elsewhere.
 from minipt.kernels import prompt_concat
 
+__all__ = ["INIT_MODES", "PromptTuning", "init_prompt", "sample_vocab_ids"]
+
 INIT_MODES = ("uniform", "vocab", "text", "label")
+# minipt init -> PEFT's PromptTuningInit. PEFT's "TEXT" requires a tokenizer name to validate, which minipt
+# does not know, so a text-initialised prompt is recorded as "RANDOM" (the init does not matter once trained).
+_PEFT_INIT = {"uniform": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "RANDOM"}
+_MINIPT_INIT = {"RANDOM": "uniform", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
 
 
 def init_prompt(model: GPT, n_prompt: int, init: str = "vocab", *, init_text: str | None = None,
@@ -106,7 +114,7 @@ def sample_vocab_ids(V: int, n: int, generator=None, special_ids=(), token_count
     return candidates[torch.randperm(len(candidates), generator=generator)[:n]]  # distinct ids
 
 
-class PromptTuning(nn.Module):
+class PromptTuning(TunedModule):
     """A frozen GPT with a trainable soft prompt (or a bank of them) in front of its input.
 
     >>> pt = PromptTuning(model, n_prompt=20, init="vocab")
@@ -120,6 +128,9 @@ class PromptTuning(nn.Module):
     `loss` take the plain path. `recompute=True` recomputes each frozen block in backward instead of keeping
     its activations (minipt.model.GPT.body).
     """
+
+    kind, peft_type = "prompt", "PROMPT_TUNING"  # its files and PEFT folders (minipt.tuned)
+    methods = {"prompt": None, "ptuning": "mlp"}  # the training methods that make one, and their reparam
 
     def __init__(self, model: GPT, n_prompt: int = 20, init: str = "vocab", *, init_text: str | None = None,
                  tokenizer=None, token_counts: torch.Tensor | None = None, seed: int = 0,
@@ -260,21 +271,17 @@ class PromptTuning(nn.Module):
                                                   top_k, generator, n_valid=n_valid, eos_id=eos_id)
         return torch.cat([idx, new], dim=1)
 
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     # ---- files ------------------------------------------------------------------------------------------
 
     def save(self, path, extra_metadata: dict | None = None) -> None:
         """The prompt alone, with what is needed to check it is loaded onto the right base model."""
-        meta = {"n_prompt": self.n_prompt, "n_embd": self.prompt.shape[-1], "init": self.init,
-                **base_identity(self.model), **(extra_metadata or {})}
-        save_tensors(path, {"prompt": self.prompt_embeddings().detach()}, kind="prompt", metadata=meta)
+        save_tuned(self, path, {"prompt": self.prompt_embeddings().detach()}, extra_metadata, n_prompt=self.n_prompt,
+                   n_embd=self.prompt.shape[-1], init=self.init)
 
     @classmethod
     def load(cls, model: GPT, path, backend: str = "auto") -> "PromptTuning":
         """Load a saved prompt (or bank) onto `model`; fails clearly if the file was made for another base model."""
-        tensors, meta = load_tensors(path, kind="prompt")
+        tensors, meta = load_tensors(path, kind=cls.kind)
         prompt = tensors.get("prompt")
         if prompt is None or prompt.dim() not in (2, 3):
             raise CheckpointError(f"{path}: no (n_prompt, D) tensor named 'prompt' in the file")
@@ -286,16 +293,31 @@ class PromptTuning(nn.Module):
         check_base(meta, model, f"{path}: the prompt")
         return cls.from_tensor(model, prompt, init=meta.get("init", "unknown"), backend=backend)
 
-    def save_peft(self, directory, base_model_name_or_path: str | None = None) -> None:
+    # ---- PEFT adapter folders (minipt.peft_io) ------------------------------------------------------------
+
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        """The adapter_config.json of this prompt: PEFT's PromptTuningConfig."""
+        return adapter_config(self.model, self.peft_type, self.n_prompt, base_model_name_or_path,
+                              prompt_tuning_init=_PEFT_INIT.get(self.init, "RANDOM"), prompt_tuning_init_text=None,
+                              tokenizer_kwargs=None, tokenizer_name_or_path=None)
+
+    def save_peft(self, directory, base_model_name_or_path: str | None = None,
+                  extra_metadata: dict | None = None) -> None:
         """Write a PEFT prompt-tuning adapter folder (adapter_config.json, adapter_model.safetensors); see
         minipt.peft_io, which also explains the one difference between PEFT's loss and minipt's."""
-        from .peft_io import save_peft
-
-        save_peft(self, directory, base_model_name_or_path)
+        write_adapter(directory, self.prompt_embeddings(), self.peft_config(base_model_name_or_path),
+                      {**base_identity(self.model), **(extra_metadata or {})})
 
     @classmethod
     def from_peft(cls, model: GPT, directory, backend: str = "auto") -> "PromptTuning":
         """Load a PEFT prompt-tuning adapter folder onto `model`; the prompt can be trained further."""
-        from .peft_io import load_peft
-
-        return load_peft(model, directory, backend=backend)
+        prompt, config = read_peft(directory, cls.peft_type)
+        D = model.config.n_embd
+        if prompt.shape[1] != D:
+            raise CheckpointError(f"{directory}: the prompt has token_dim {prompt.shape[1]} but the model has "
+                                  f"n_embd={D}; it was made for another model")
+        if "base_fingerprint" in config["minipt"]:  # a folder minipt wrote knows its base model; PEFT's do not
+            check_base(config["minipt"], model, f"{directory}: the prompt")
+        # kept fp32 and requiring grad: it can be trained further
+        return cls.from_tensor(model, prompt, init=_MINIPT_INIT.get(str(config.get("prompt_tuning_init")), "unknown"),
+                               backend=backend)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+__all__ = ["SavedTensorReport", "saved_tensor_report"]
+
 
 @dataclass
 class SavedTensorReport:
@@ -138,7 +140,7 @@ def saved_tensor_report(fn, *args, **kwargs) -> SavedTensorReport:
     for node in _graph_nodes(outputs):
         current_op = re.sub(r"Backward\d*$", "", node.name())
         if hasattr(node, "saved_tensors"):  # a custom autograd.Function: the node is its ctx
-            node.saved_tensors
+            _ = node.saved_tensors  # reading the property is what sends its tensors through unpack
         for name in dir(node):
             if name.startswith("_saved_"):
                 getattr(node, name)  # tensors go through unpack; sizes, scalars do not

@@ -36,9 +36,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, base_identity, check_base, check_values, model_fingerprint
+from .checkpoint import CheckpointError, check_values, model_fingerprint
 from .model import GPT, KVCache, check_sampling, decode
 from .prompt import PromptTuning
+from .tuned import base_identity, check_base
 
 
 class RequestError(ValueError):

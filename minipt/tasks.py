@@ -34,6 +34,10 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+__all__ = ["Task", "Example", "Domain", "SPLITS", "HELD_OUT_TASK", "TASKS", "get_task", "get_domain", "split_of",
+           "make_split", "pretraining_mixture", "POSITIVE_WORDS", "NEGATIVE_WORDS", "NEUTRAL_WORDS",
+           "UNSEEN_NEUTRAL_WORDS"]
+
 SPLITS = ("train", "val", "test")
 HELD_OUT_TASK = "palindrome"
 

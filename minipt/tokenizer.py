@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+__all__ = ["ByteTokenizer"]
+
 _N_BYTES = 256
 
 

@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 from .checkpoint import check_same_run, load_train_state, save_train_state
 from .frozen import trainable_parameters
 
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "make_optimizer", "run_identity", "NOT_RUN_IDENTITY"]
+
 
 @dataclass
 class TrainConfig:

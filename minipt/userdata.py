@@ -142,3 +142,18 @@ def check_fits(examples: list[Example], tokenizer, n_prompt: int, block_size: in
         if n_prompt + n > block_size:
             raise DataError(f"{where}:{i + 1}: the record encodes to {n} tokens; with the {n_prompt} prompt vectors "
                             f"that is more than the model's block_size {block_size} (nothing is cut silently)")
+
+
+def training_data(path, tokenizer, n_prompt: int, block_size: int, task: str | None = None, val_path=None,
+                  val_fraction: float = 0.1, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, val) examples of `minipt tune --data FILE`: the records of `task` (needed when the file holds
+    several tasks), every one checked to fit block_size after the prompt; validation from `val_path`, else a
+    `val_fraction` of the records (split_validation)."""
+    records = read_jsonl(path)
+    check_fits(records, tokenizer, n_prompt, block_size, path)
+    train_ex = select_task(records, task)
+    if val_path is None:
+        return split_validation(train_ex, val_fraction, seed=seed)
+    val_records = read_jsonl(val_path)
+    check_fits(val_records, tokenizer, n_prompt, block_size, val_path)
+    return train_ex, select_task(val_records, train_ex[0].task)

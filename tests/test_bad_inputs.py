@@ -19,7 +19,6 @@ from minipt import PromptTuning
 from minipt.apps.cli import main
 from minipt.checkpoint import (CheckpointError, check_output_dir, check_output_path, load_tensors,
                                load_train_state, save_model, save_train_state)
-from minipt.peft_io import load_peft
 from minipt.train import TrainConfig
 from minipt.userdata import DataError, read_jsonl
 
@@ -227,7 +226,7 @@ API_CASES = [
     ("garbage-safetensors", lambda tmp: ((tmp / "g").write_bytes(b"\x00" * 64), load_tensors(tmp / "g", "gpt")),
      CheckpointError, r"not a readable safetensors file"),
     ("model-does-not-fit-config", lambda tmp: __import__("minipt").GPT.from_checkpoint(
-        _model_file_that_does_not_fit(tmp)), CheckpointError, r"do not fit the model config"),
+        _model_file_that_does_not_fit(tmp)), CheckpointError, r"the config says n_embd=16 but the weights have 8"),
     ("train-state-other-torch-file", lambda tmp: load_train_state(_torch_file(tmp)), CheckpointError,
      r"not a minipt training checkpoint"),
     ("train-state-folder", lambda tmp: load_train_state(tmp), CheckpointError, r"not a file"),
@@ -235,9 +234,9 @@ API_CASES = [
         "prompt": torch.tensor([1.0, float("inf")])}}), FloatingPointError, r"'prompt' holds NaN or inf"),
     ("jsonl-not-utf8", lambda tmp: ((tmp / "d.jsonl").write_bytes(b'{"input": "\xe9", "output": "x"}\n'),
                                     read_jsonl(tmp / "d.jsonl")), DataError, r"d\.jsonl:1: not UTF-8"),
-    ("peft-config-a-list", lambda tmp: load_peft(_model(), _peft_folder(tmp, b"[1, 2]")), CheckpointError,
+    ("peft-config-a-list", lambda tmp: PromptTuning.from_peft(_model(), _peft_folder(tmp, b"[1, 2]")), CheckpointError,
      r"adapter_config\.json must hold a JSON object"),
-    ("peft-config-not-utf8", lambda tmp: load_peft(_model(), _peft_folder(tmp, b'{"a": "\xff"}')), CheckpointError,
+    ("peft-config-not-utf8", lambda tmp: PromptTuning.from_peft(_model(), _peft_folder(tmp, b'{"a": "\xff"}')), CheckpointError,
      r"adapter_config\.json is not UTF-8"),
     ("output-is-folder", lambda tmp: check_output_path(tmp, "--out"), ValueError, r"--out .* is a folder"),
     ("output-is-device", lambda tmp: check_output_path(os.devnull, "--out"), ValueError, r"not a regular file"),

@@ -10,12 +10,12 @@ from minipt import GPT, GPTConfig, PromptTuning
 from minipt.checkpoint import (
     CheckpointError,
     atomic_write,
-    load_model,
     load_tensors,
     load_train_state,
     save_tensors,
     save_train_state,
 )
+from minipt.model import load_model
 
 CFG = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=260, block_size=64)
 

@@ -114,7 +114,7 @@ def test_message_names_index_values_and_inputs():
         return torch.cat([(prompt + wpe[:n_p]).expand(B, -1, -1), wte[idx] + wpe[:n]], dim=1)
 
     result = rejects("concat", positions_restart, "wpe[0:n] instead of wpe[n_p:n_p + n]")
-    assert re.search(r"Case B=2, n_p=3, n=4, D=8: first difference at \(b=0, t=3, d=0\): expected -?[\d.]+, "
+    assert re.search(r"Case B=2, n_p=3, n=4, D=8: x: first difference at \(b=0, t=3, d=0\): expected -?[\d.]+, "
                      r"got -?[\d.]+ \(\d+ of 112 entries differ\)", result.message), result.message
     assert "B=1, n_p=1, n=1, D=5" in "; ".join(result.tried)
 
@@ -437,8 +437,8 @@ def test_training_loop_wrong_answers():
         return lambda pt, get_batch, steps, lr, warmup, max_norm: reference_loop(
             pt, get_batch, steps, lr, warmup, max_norm, **slip)
 
-    rejects("training_loop", with_slip(zero_grad=False), "step 2: expected loss", "zero_grad() is never called")
-    rejects("training_loop", with_slip(warmup_from=0), "step 1:", "the warmup starts at 0")
+    rejects("training_loop", with_slip(zero_grad=False), "as step 2 starts", "zero_grad() is never called")
+    rejects("training_loop", with_slip(warmup_from=0), "as step 1 starts", "the warmup starts at 0")
     rejects("training_loop", with_slip(clip="after"), "not clipped before optimizer.step()")
     rejects("training_loop", with_slip(clip="never"), "not clipped before optimizer.step()")
     rejects("training_loop", with_slip(weight_decay=0.01), "default weight_decay=0.01")
@@ -482,7 +482,7 @@ def test_ensemble_vote_wrong_answers():
     rejects("ensemble_vote", lambda p: p.amax(0).masked_fill(votes(p) != votes(p).amax(-1, keepdim=True), -1)
             .argmax(-1), "the largest single probability")
     rejects("ensemble_vote", lambda p: (votes(p) + p.sum(0)).argmax(-1), "not only the tied ones")
-    rejects("ensemble_vote", lambda p: p[0].argmax(-1), "passes every case with K = 1")  # the first prompt only
+    rejects("ensemble_vote", lambda p: p[0].argmax(-1), "only the first prompt's prediction")  # the first prompt only
 
 
 # ---- student notebooks: generated, fresh, without solutions ---------------------------------------------

@@ -13,8 +13,8 @@ import pytest
 from helpers import random_gpt
 
 from minipt import GPT
-from minipt.apps.experiments import (EXPERIMENTS, QUICK, SIZES, LesterSetup, RunRecorder, planned_runs,
-                                     pretrain_bases, run_lester, spread)
+from minipt.apps.experiments import EXPERIMENTS, QUICK, SIZES, LesterSetup, planned_runs, pretrain_bases, run_lester
+from minipt.apps.runs import RunRecorder, spread
 from minipt.assets import base_path, load_bases
 from minipt.apps.recipes import PRETRAIN_DEFAULTS
 from minipt.checkpoint import model_fingerprint

@@ -159,6 +159,30 @@ def test_frozen_head_keeps_only_dh():
     assert plain.by_op["LogSoftmax"] == 64 * 500 * 4  # the (N, V) log-softmax
 
 
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_frozen_head_holds_one_chunk_of_logits_at_a_time(need_grad):
+    """The (C, V) logits of a chunk are freed before the next chunk's are made: one block at the peak, not two."""
+    import weakref
+
+    h, W, y = head_inputs(10, D=4, V=7, dtype=torch.float32)
+    h.requires_grad_(need_grad)
+
+    class LiveLogits(TorchDispatchMode):
+        """At each new (C, V) block of logits (a matmul output V wide), counts the earlier ones still alive."""
+        blocks, alive_at_new = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.matmul.default) and out.shape[-1] == 7:
+                self.alive_at_new.append(sum(ref() is not None for ref in self.blocks))
+                self.blocks.append(weakref.ref(out))
+            return out
+
+    with LiveLogits() as mode:
+        frozen_head_cross_entropy(h, W, y, chunk_size=3)  # 4 chunks of at most 3 rows
+    assert mode.alive_at_new == [0, 0, 0, 0]
+
+
 def test_frozen_lm_loss_equals_lm_loss():
     h, W, _ = head_inputs(15, D=8, V=40)
     h3 = h.detach().view(3, 5, 8).requires_grad_(True)

@@ -12,7 +12,8 @@ tokenizers = pytest.importorskip("tokenizers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from minipt import GPT, PromptTuning  # noqa: E402
-from minipt.hf import HFTokenizer, config_from_hf, load_hf_base  # noqa: E402
+from minipt.assets import load_hf_base  # noqa: E402
+from minipt.hf import HFTokenizer, config_from_hf  # noqa: E402
 from minipt.data import collate  # noqa: E402
 from minipt.tasks import Example  # noqa: E402
 
@@ -146,6 +147,9 @@ def test_cli_tune_and_generate_with_an_hf_base(tmp_path, capsys):
     assert main(["generate", "the cat", "--base", base, "--prompt", str(out), "--task-format",
                  "--max-new-tokens", "3"]) == 0
     capsys.readouterr()
+    for prompt in (out, tmp_path / "peft"):  # eval loads the base as tune does, and whatever the prompt path holds
+        assert main(["eval", "--task", "copy", "--base", base, "--prompt", str(prompt), "-n", "4"]) == 0
+        assert "copy (test, n=4): exact match" in capsys.readouterr().out
 
 
 def test_to_hf_is_the_inverse_of_from_hf():

@@ -67,3 +67,137 @@ def test_the_counter_sees_each_kind_of_sync():
         t[t > 0]
         t.tolist()
     assert dict(syncs.by_op) == {"_local_scalar_dense": 2, "boolean index": 1, "tolist": 1}
+
+
+# ---- no import circles -------------------------------------------------------------------------------------
+# Every import statement counts, the ones inside functions too: a lazy import only hides a circle until the
+# function runs. `minipt.kernels` lives in the top-level kernels/ folder (pyproject's package-dir mapping).
+
+KERNELS = PACKAGE.parent / "kernels"
+
+
+def module_files() -> dict[str, Path]:
+    """minipt's module names -> their files (a package is its __init__.py)."""
+    files = {}
+    for root, name in ((PACKAGE, "minipt"), (KERNELS, "minipt.kernels")):
+        for path in root.rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            files[".".join((name, *parts))] = path
+    return files
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the minipt modules its import statements name (the most specific module of each name)."""
+    files = module_files()
+    graph = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                source = ".".join(p for p in (base, node.module or "") if p)
+                # `from . import apps` names a module; `from .prompt import PromptTuning` names its module
+                names = [f"{source}.{a.name}" if f"{source}.{a.name}" in files else source for a in node.names]
+            else:
+                continue
+            for name in names:
+                while name and name not in files:  # `import minipt.kernels.prompt_concat as x`, `minipt.x.attr`
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted: every import circle."""
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_module_of_minipt_imports_itself_back():
+    graph = import_graph()
+    assert {"minipt.prompt", "minipt.apps.cli", "minipt.kernels.prompt_concat"} <= set(graph)
+    assert import_circles(graph) == []
+
+
+def test_peft_io_imports_neither_tuned_class():
+    assert import_graph()["minipt.peft_io"] & {"minipt.prompt", "minipt.prefix"} == set()
+
+
+def test_the_circle_finder_sees_lazy_and_relative_imports():
+    """The walk must count an import inside a function, and find a circle of three."""
+    graph = import_graph()
+    assert "minipt.apps.recipes" in graph["minipt.apps.cli"]  # cli imports recipes inside its functions only
+    assert "minipt.checkpoint" in graph["minipt.prompt"]
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_circles({"a": {"b"}, "b": set()}) == []
+
+
+# ---- public faces ------------------------------------------------------------------------------------------
+# Modules that do not declare `__all__` yet (each is being edited elsewhere); this set only shrinks.
+WITHOUT_ALL = {"minipt.checkpoint", "minipt.serve", "minipt.userdata", "minipt.ensemble", "minipt.apps.experiments",
+               "minipt.apps.depth", "minipt.apps.seed_claims", "minipt.apps.plots", "minipt.exercises.build",
+               "minipt.exercises.equations", "minipt.exercises.grade", "minipt.exercises.kernel",
+               "minipt.exercises.kernel_solutions", "minipt.exercises.result", "minipt.exercises.training"}
+
+
+def module_level(statements):
+    """The statements that run at import, inside `if` / `try` blocks too, never inside a function or class."""
+    for node in statements:
+        yield node
+        if isinstance(node, (ast.If, ast.Try, ast.With)):
+            for block in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", []),
+                          *[h.body for h in getattr(node, "handlers", [])]):
+                yield from module_level(block)
+
+
+def test_every_module_with_a_public_face_declares_it_in_all():
+    """`__all__` lists what a module offers; every name in it exists (a renamed function cannot linger there)."""
+    missing, stale = [], {}
+    for module, path in sorted(module_files().items()):
+        tree = ast.parse(path.read_text())
+        statements = list(module_level(tree.body))
+        defined = {t.id for n in statements if isinstance(n, (ast.Assign, ast.AnnAssign))
+                   for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+        defined |= {n.name for n in statements if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {(a.asname or a.name).split(".")[0] for n in statements
+                    if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}  # a package re-exports imports
+        public = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name[0] != "_"}
+        declared = next((ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                         and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)), None)
+        if declared is None:
+            if public and module not in WITHOUT_ALL and not module.endswith("__main__"):  # a program, not a face
+                missing.append(module)
+        elif set(declared) - defined:
+            stale[module] = sorted(set(declared) - defined)
+    assert missing == [] and stale == {}

@@ -207,7 +207,8 @@ def test_a_peft_trained_prefix_loads_into_minipt_with_the_same_loss(tmp_path):
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning", "ptuning-v2", "prefix"])
 def test_cli_tune_each_method_end_to_end(tmp_path, method, capsys):
-    from minipt.apps.cli import main, load_tuned
+    from minipt.apps.cli import main
+    from minipt.tuned import load_tuned
 
     base = tmp_path / "base.safetensors"
     random_gpt(dict(CFG, vocab_size=260, block_size=64), std=0.3).save(base)

@@ -16,6 +16,7 @@ import torch
 
 from minipt import ByteTokenizer, PromptTuning
 from minipt.apps import seed_claims as sc
+from minipt.apps.recipes import METHOD_DEFAULTS
 from minipt.assets import load_base
 from minipt.checkpoint import model_fingerprint
 from minipt.data import collate, exact_match_accuracy
@@ -107,7 +108,7 @@ def test_a_new_method_keeps_the_recorded_runs_but_a_new_budget_does_not():
 
 def test_every_method_has_a_trainer():
     for method in sc.METHODS.values():
-        assert method.kind == "frozen" or method.kind in sc.TRAINERS
+        assert method.kind in ("frozen", "finetune", *METHOD_DEFAULTS)  # what runs.train_and_score trains
     assert sc.prompt_init(sc.METHODS["prompt-label"], "parity") == "label"
     assert sc.prompt_init(sc.METHODS["prompt-label"], "upper") == "vocab"  # no class labels to start from
 

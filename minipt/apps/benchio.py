@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import platform
 
+__all__ = ["device_name", "write_csv", "write_preset_csv"]
+
 
 def device_name(device: str) -> str:
     """The GPU's name for "cuda", else the CPU's model name (from /proc/cpuinfo on Linux)."""

@@ -11,6 +11,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+__all__ = ["build_parser", "main"]
+
 # ---- argument types: every value is checked while parsing, before any model is built or file touched ----
 # argparse turns an ArgumentTypeError into "minipt CMD: error: argument --NAME: MESSAGE" and exit code 2.
 
@@ -172,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="test-split exact match of a base model, with or without a prompt")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--base", help="base model file (default: the shipped tiny model)")
-    p.add_argument("--prompt", help="a soft prompt file from `minipt tune`")
+    p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER")
+    p.add_argument("--prompt", help="a prompt or prefix file from `minipt tune`, or a PEFT adapter folder")
     p.add_argument("--instruction", action="store_true", help="put the task's written instruction first")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="default %(default)s")
     p.add_argument("-n", type=count, default=500, help="number of examples (default %(default)s)")
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a text greedily (or sampled) with the KV cache")
     p.add_argument("text", type=text_arg, help="input text; a <sep> is appended when --task-format is set")
     p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER")
-    p.add_argument("--prompt", help="a soft prompt file from `minipt tune`")
+    p.add_argument("--prompt", help="a prompt or prefix file from `minipt tune`, or a PEFT adapter folder")
     p.add_argument("--task-format", action="store_true", help="append <sep> and stop at <eos>, as the tasks do")
     p.add_argument("--max-new-tokens", type=count, default=16, help="default %(default)s")
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(`minipt exercises check -h` shows a command's own options).")
     p.add_argument("exercise_args", nargs=argparse.REMAINDER, help="list | build [--check] | check NOTEBOOK.ipynb")
 
-    p = sub.add_parser("experiment", help="Lester et al.'s experiments in miniature (see minipt/experiments.py)")
+    p = sub.add_parser("experiment", help="Lester et al.'s experiments in miniature (see minipt/apps/experiments.py)")
     p.add_argument("name", choices=["lester", "lester-bases", "seed-claims", "depth"],
                    help="lester: length, init, scale and ensembling; lester-bases: pretrain its base models; "
                         "depth: P-tuning v2 and P-tuning on the scale curve (see minipt/apps/depth.py); "
@@ -244,8 +246,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, FloatingPointError) as e:  # OSError: FileNotFound, PermissionError
         print(f"minipt {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"minipt {args.command}: interrupted; {_how_to_continue(args, argv)}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command that kept some work says what in the exception (apps/runs.py)
+        print(f"minipt {args.command}: interrupted; {e.args[0] if e.args else _how_to_continue(args, argv)}",
+              file=sys.stderr)
         return 130  # 128 + SIGINT, the shell's convention
 
 
@@ -356,9 +359,8 @@ def cmd_tune(args):
     from ..data import exact_match_accuracy
     from ..distributed import init_from_env
     from ..outputs import STAMP_KEY
-    from ..peft_io import save_peft
     from ..tasks import get_task
-    from ..userdata import check_fits, read_jsonl, select_task, split_validation
+    from ..userdata import training_data
     from .recipes import METHOD_DEFAULTS, task_data, tune_prompt
 
     if args.data is None:
@@ -372,16 +374,9 @@ def cmd_tune(args):
     info = init_from_env()  # under torchrun: join the process group; else one process
     model, tok = load_base_and_tokenizer(args.base)
     if args.data is not None:
-        records = read_jsonl(args.data)
-        check_fits(records, tok, args.n_prompt, model.config.block_size, args.data)
-        train_ex = select_task(records, args.task)
-        if args.val_data is not None:
-            val_records = read_jsonl(args.val_data)
-            check_fits(val_records, tok, args.n_prompt, model.config.block_size, args.val_data)
-            val_ex = select_task(val_records, train_ex[0].task)
-        else:
-            train_ex, val_ex = split_validation(train_ex, args.val_fraction, seed=args.seed)
-        data, test_ex = (train_ex, val_ex), None
+        data = training_data(args.data, tok, args.n_prompt, model.config.block_size, task=args.task,
+                             val_path=args.val_data, val_fraction=args.val_fraction, seed=args.seed)
+        test_ex = None
     else:
         data = task_data(args.task, seed=args.seed)
         test_ex = data[2]
@@ -395,7 +390,7 @@ def cmd_tune(args):
         pt.save(args.out, extra_metadata={STAMP_KEY: stamp})
         if args.peft_out:
             hf_name = args.base[len("hf:"):] if (args.base or "").startswith("hf:") else None
-            save_peft(pt, args.peft_out, base_model_name_or_path=hf_name, extra_metadata={STAMP_KEY: stamp})
+            pt.save_peft(args.peft_out, base_model_name_or_path=hf_name, extra_metadata={STAMP_KEY: stamp})
         what = f"{len(data[0])} training / {len(data[1])} validation examples"
         if info.world_size > 1:
             what += f", {info.world_size} processes"
@@ -411,15 +406,15 @@ def cmd_tune(args):
 
 
 def cmd_eval(args):
-    from ..assets import load_base
+    from ..assets import load_base_and_tokenizer
     from ..data import exact_match_accuracy
     from ..tasks import make_split
-    from ..tokenizer import ByteTokenizer
+    from ..tuned import load_tuned
 
-    model = load_base(args.base)
-    module = load_tuned(model, args.prompt) if args.prompt else model
+    model, tok = load_base_and_tokenizer(args.base)  # the loader of tune and generate: hf: bases too
+    module = load_tuned(model, args.prompt) if args.prompt else model  # a prompt or prefix file, or a PEFT folder
     examples = make_split(args.task, args.split, args.n)
-    acc = exact_match_accuracy(module, examples, ByteTokenizer(), instruction=args.instruction)
+    acc = exact_match_accuracy(module, examples, tok, instruction=args.instruction)
     print(f"{args.task} ({args.split}, n={len(examples)}): exact match {acc:.1%}")
 
 
@@ -427,6 +422,7 @@ def cmd_generate(args):
     import torch
 
     from ..assets import load_base_and_tokenizer
+    from ..tuned import load_tuned
 
     model, tok = load_base_and_tokenizer(args.base)
     module = load_tuned(model, args.prompt) if args.prompt else model
@@ -502,15 +498,6 @@ def cmd_bench(args):
         sys.argv = saved_argv
 
 
-def load_tuned(model, path):
-    """A `minipt tune` file on `model`: a soft prompt, or a deep prompt (a prefix file of --method ptuning-v2/prefix)."""
-    from ..checkpoint import file_kind
-    from ..prefix import PrefixTuning
-    from ..prompt import PromptTuning
-
-    return (PrefixTuning if file_kind(path) == "prefix" else PromptTuning).load(model, path)
-
-
 def cmd_exercises(args):
     from ..exercises.__main__ import main as exercises_main
 
@@ -518,7 +505,8 @@ def cmd_exercises(args):
 
 
 def cmd_experiment(args):
-    from .experiments import QUICK, SIZES, LesterSetup, command_line, pretrain_bases, run_lester
+    from .experiments import QUICK, SIZES, LesterSetup, pretrain_bases, run_lester
+    from .runs import command_line
 
     if args.name == "lester-bases":
         pretrain_bases(args.out, args.sizes or SIZES, progress=not args.no_progress)
@@ -543,7 +531,8 @@ def cmd_experiment(args):
     setup = QUICK if args.quick else LesterSetup()
     results = args.results or ("runs/lester-quick" if args.quick else "benchmarks/results")
     work = args.work or ("runs/lester-quick/work" if args.quick else "runs/lester")
-    run_lester(setup, results, work, bases_dir=args.bases, command=command_line(), progress=not args.no_progress)
+    run_lester(setup, results, work, bases_dir=args.bases, command=command_line(), progress=not args.no_progress,
+               threads=args.threads)
 
 
 COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "tune": cmd_tune, "eval": cmd_eval,

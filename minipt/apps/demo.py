@@ -26,6 +26,8 @@ from ..tokenizer import ByteTokenizer
 from .plots import plot_runs
 from .recipes import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS, finetune, pretrain, task_data, tune_prompt
 
+__all__ = ["DEMO_TASK", "demo_base", "run_demo", "format_table"]
+
 DEMO_TASK = "parity"  # a classification task, like the SuperGLUE tasks of the paper
 ROWS = {
     "no_prompt": "no prompt (frozen model, input only)",

@@ -16,28 +16,18 @@ and depth.png. Finished runs are recorded in work/runs.json, so an interrupted r
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from ..assets import load_bases
-from ..checkpoint import atomic_write, model_fingerprint
-from ..data import exact_match_accuracy
-from ..tokenizer import ByteTokenizer
-from .benchio import device_name
-from .experiments import SIZES, RunRecorder, spread
-from .recipes import METHOD_DEFAULTS, task_data, tune_prompt
+from ..assets import SIZES, load_bases
+from .plots import plot_depth
+from .recipes import METHOD_DEFAULTS, task_data
+from .runs import RunRecorder, Setup, run_experiment, save_results, spread, torch_threads, train_and_score, with_all
 
 
 @dataclass(frozen=True)
-class DepthSetup:
+class DepthSetup(Setup):
     """What the experiment runs; the data, tasks, sizes and seeds are those of LesterSetup."""
 
     tasks: tuple[str, ...] = ("parity", "sentiment", "palindrome")
@@ -52,10 +42,6 @@ class DepthSetup:
     n_val: int = 200
     n_test: int = 500
     configs: dict = field(default_factory=lambda: {m: asdict(c) for m, c in METHOD_DEFAULTS.items()})
-
-    def fingerprint(self, bases) -> str:
-        identity = {"setup": asdict(self), "bases": {size: model_fingerprint(m) for size, m in sorted(bases.items())}}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
 DEPTH_QUICK = DepthSetup(tasks=("parity",), sizes=("pico", "nano"), seeds=(0,), lengths=(1, 5), n_prompt=5,
@@ -84,14 +70,9 @@ def planned_runs(setup: DepthSetup) -> list[DepthRun]:
 
 
 def execute(run: DepthRun, setup: DepthSetup, bases, data) -> dict:
-    t0 = time.perf_counter()
     cfg = replace(METHOD_DEFAULTS[run.method], steps=setup.steps, eval_every=setup.eval_every, seed=run.seed,
                   progress=False)
-    tuned, result = tune_prompt(bases[run.size], run.task, run.n, "vocab", cfg, data=data[run.task],
-                                method=run.method)
-    return {"test": exact_match_accuracy(tuned, data[run.task][2], ByteTokenizer()), "val": result.best_metric,
-            "final_loss": result.losses[-1], "trainable": tuned.num_trainable(),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return train_and_score(bases[run.size], run.task, run.method, cfg, data[run.task], n_prompt=run.n, init="vocab")[1]
 
 
 def summarise(setup: DepthSetup, bases, recorder: RunRecorder, lester_scale: list | None) -> dict:
@@ -99,18 +80,13 @@ def summarise(setup: DepthSetup, bases, recorder: RunRecorder, lester_scale: lis
     def values(method, size, task, n):
         return [recorder.runs[DepthRun(method, size, task, seed, n).key]["test"] for seed in setup.seeds]
 
-    def over_tasks(per_task):
-        return [statistics.fmean(per_task[t][i] for t in setup.tasks) for i in range(len(setup.seeds))]
-
     scale = []
     for method in setup.methods:
         for size in setup.sizes:
-            per_task = {t: values(method, size, t, setup.n_prompt) for t in setup.tasks}
             trainable = recorder.runs[DepthRun(method, size, setup.tasks[0], setup.seeds[0], setup.n_prompt).key]
-            for task in (*setup.tasks, "all"):
-                scale.append({"method": method, "size": size, "params": bases[size].num_params(), "task": task,
-                              "trainable": trainable["trainable"],
-                              **spread(per_task[task] if task != "all" else over_tasks(per_task))})
+            scale += [{"method": method, "size": size, "params": bases[size].num_params(), "task": task,
+                       "trainable": trainable["trainable"], **spread(v)}
+                      for task, v in with_all({t: values(method, size, t, setup.n_prompt) for t in setup.tasks}).items()]
     for r in lester_scale or []:  # the committed prompt-tuning and fine-tuning rows of the same setup
         if r["size"] in setup.sizes and (r["task"] in setup.tasks or r["task"] == "all"):
             D = bases[r["size"]].config.n_embd
@@ -121,46 +97,26 @@ def summarise(setup: DepthSetup, bases, recorder: RunRecorder, lester_scale: lis
     length = []
     largest = setup.sizes[-1]
     for n in setup.lengths:
-        per_task = {t: values("ptuning-v2", largest, t, n) for t in setup.tasks}
         n_layer, D = bases[largest].config.n_layer, bases[largest].config.n_embd
-        for task in (*setup.tasks, "all"):
-            length.append({"method": "ptuning-v2", "size": largest, "n_prefix": n, "task": task,
-                           "trainable": n_layer * 2 * n * D,
-                           **spread(per_task[task] if task != "all" else over_tasks(per_task))})
+        length += [{"method": "ptuning-v2", "size": largest, "n_prefix": n, "task": task,
+                    "trainable": n_layer * 2 * n * D, **spread(v)}
+                   for task, v in with_all({t: values("ptuning-v2", largest, t, n) for t in setup.tasks}).items()]
     return {"scale": scale, "length": length}
 
 
 def run_depth(setup: DepthSetup = DepthSetup(), results_dir="benchmarks/results", work="runs/depth", bases_dir=None,
               command: str | None = None, progress: bool = True, threads: int | None = None) -> dict:
     """Train every planned run (skipping recorded ones), then write depth.json and depth.png."""
-    if threads:
-        torch.set_num_threads(threads)  # small models on a shared machine: fewer threads run faster
-    t0 = time.perf_counter()
-    bases = load_bases(setup.sizes, bases_dir)
-    data = {task: task_data(task, setup.n_train, setup.n_val, setup.n_test, seed=0) for task in setup.tasks}
-    recorder = RunRecorder.open(work, setup, bases)
-    planned = planned_runs(setup)
-    todo = [run for run in planned if run.key not in recorder.runs]
-    print(f"[depth] {len(planned)} runs planned, {len(todo)} to train (methods {', '.join(setup.methods)}; "
-          f"bases {', '.join(setup.sizes)}; tasks {', '.join(setup.tasks)}; seeds {list(setup.seeds)})")
-    bar = tqdm(todo, desc="depth", disable=not progress)
-    for run in bar:
-        bar.set_postfix_str(run.key)
-        recorder.add(run.key, execute(run, setup, bases, data))
-    results_dir = Path(results_dir)
-    lester = results_dir / "lester-scale.json"
-    lester_rows = json.loads(lester.read_text())["rows"] if lester.is_file() and setup == DepthSetup() else None
-    results = summarise(setup, bases, recorder, lester_rows)
-    meta = {"command": command or "minipt experiment depth", "setup": asdict(setup),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": device_name("cpu"),
-            "train_seconds": round(sum(recorder.runs[r.key]["seconds"] for r in planned), 1),
-            "wall_seconds_this_call": round(time.perf_counter() - t0, 1)}
-    text = json.dumps({**meta, **results}, indent=1) + "\n"
-    atomic_write(results_dir / "depth.json", lambda tmp: Path(tmp).write_text(text))
-    plot_depth(results, results_dir / "depth.png")
-    print(format_depth(results))
-    print(f"[depth] wrote {results_dir}/depth.json and depth.png ({meta['wall_seconds_this_call']:.0f} s)")
+    lester = Path(results_dir) / "lester-scale.json"
+    with torch_threads(threads):
+        bases = load_bases(setup.sizes, bases_dir)
+        data = {task: task_data(task, setup.n_train, setup.n_val, setup.n_test, seed=0) for task in setup.tasks}
+        lester_rows = json.loads(lester.read_text())["rows"] if lester.is_file() and setup == DepthSetup() else None
+        results, meta = run_experiment(
+            "depth", setup, bases, planned_runs(setup), lambda run, rec: execute(run, setup, bases, data),
+            lambda rec: summarise(setup, bases, rec, lester_rows), work=work, command=command, progress=progress)
+    save_results("depth", results_dir, {"depth.json": {**meta, **results}}, "depth.png",
+                 lambda path: plot_depth(results, path), format_depth(results), meta)
     return results
 
 
@@ -174,23 +130,3 @@ def format_depth(results: dict) -> str:
             lines.append(f"{task:<10} {method:<11} {cells}")
     return "\n".join(lines)
 
-
-def plot_depth(results: dict, path) -> None:
-    """Test exact match against base-model size, one line per method (all tasks, and palindrome alone)."""
-    from .plots import _pyplot
-
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, task in zip(axes, ("all", "palindrome")):
-        rows = [r for r in results["scale"] if r["task"] == task]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            mine = [r for r in rows if r["method"] == method]
-            ax.errorbar([r["params"] for r in mine], [r["mean"] for r in mine], yerr=[r["std"] for r in mine],
-                        marker="o", capsize=3, label=method)
-        ax.set(xscale="log", xlabel="base model parameters", ylabel="test exact match",
-               title="mean over tasks" if task == "all" else "palindrome (never pretrained)", ylim=(0, 1.02))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -18,35 +18,28 @@ run is recorded in `work/runs.json` (written atomically), so an interrupted expe
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
-import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ..assets import base_path, load_bases
-from ..checkpoint import atomic_write, model_fingerprint
+from ..assets import SIZES, base_path, load_bases
+from ..checkpoint import model_fingerprint
 from ..data import exact_match_accuracy
 from ..ensemble import ensemble_accuracy
-from ..model import GPT
 from ..prompt import PromptTuning
 from ..tokenizer import ByteTokenizer
 from ..train import TrainConfig
-from .benchio import device_name
-from .recipes import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS, finetune, pretrain, task_data, tune_prompt
+from .plots import plot_lester
+from .recipes import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS, pretrain, task_data
+from .runs import RunRecorder, Setup, run_experiment, save_results, spread, torch_threads, train_and_score, with_all
 
-SIZES = ("pico", "nano", "micro", "tiny")  # the scale ladder, smallest first; all pretrained by PRETRAIN_DEFAULTS
 EXPERIMENTS = ("length", "init", "scale", "ensemble")
 
 
 @dataclass(frozen=True)
-class LesterSetup:
+class LesterSetup(Setup):
     """What the experiment runs. The defaults are the full run; QUICK is a small version for tests."""
 
     # Classification tasks, like the paper's SuperGLUE; palindrome was never seen in pretraining.
@@ -63,11 +56,6 @@ class LesterSetup:
     n_train: int = 2000
     n_val: int = 200
     n_test: int = 500
-
-    def fingerprint(self, bases: dict[str, GPT]) -> str:
-        """A short hash of the setup and the base models' weights: recorded runs are reused only when both match."""
-        identity = {"setup": asdict(self), "bases": {size: model_fingerprint(m) for size, m in sorted(bases.items())}}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
     def ensemble_groups(self) -> list[list[int]]:
         """Prompt seeds of each ensemble: group g is seeds g*K .. g*K + K-1 (K = ensemble_size)."""
@@ -91,6 +79,10 @@ class Run:
     seed: int
     n_prompt: int = 0
     init: str = ""
+
+    @property
+    def keeps_prompt(self) -> bool:  # its prompt file is kept for the ensembles (RunRecorder.prompt_file)
+        return self.kind == "prompt"
 
     @property
     def key(self) -> str:
@@ -117,115 +109,54 @@ def planned_runs(setup: LesterSetup) -> list[Run]:
 def pretrain_bases(out, sizes=SIZES, cfg: TrainConfig = PRETRAIN_DEFAULTS, progress: bool = True,
                    **pretrain_kwargs) -> list[Path]:
     """Re-derive the scale ladder: every size pretrained with the same recipe (PRETRAIN_DEFAULTS, seed 0)."""
+    unknown = [size for size in sizes if size not in SIZES]
+    if unknown or not sizes:
+        raise ValueError(f"sizes: expected some of {', '.join(SIZES)}, got {' '.join(map(str, sizes)) or 'none'}")
     paths = []
-    for size in sizes:
-        path = base_path(size, out)
-        model, result = pretrain(size, replace(cfg, progress=progress), **pretrain_kwargs)
-        model.save(path)
-        print(f"saved {path}: {model.num_params():,} parameters, validation exact match {result.best_metric:.1%}")
-        paths.append(path)
+    try:
+        for size in sizes:
+            path = base_path(size, out)
+            model, result = pretrain(size, replace(cfg, progress=progress), **pretrain_kwargs)
+            model.save(path)
+            print(f"saved {path}: {model.num_params():,} parameters, validation exact match {result.best_metric:.1%}")
+            paths.append(path)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"saved {', '.join(map(str, paths)) or 'no base model'}; the sizes still to make "
+                                f"are {' '.join(sizes[len(paths):])}") from None
     return paths
 
 
 # ---- running ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RunRecorder:
-    """Finished runs by key, kept in work/runs.json; a file from another setup (or other base models) is set
-    aside as runs.old.json, not reused."""
-
-    work: Path
-    setup_id: str
-    runs: dict = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, work, setup: LesterSetup, bases: dict[str, GPT]) -> "RunRecorder":
-        work = Path(work)
-        recorder = cls(work, setup.fingerprint(bases))
-        path = work / "runs.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("setup_id") == recorder.setup_id:
-                recorder.runs = saved["runs"]
-            else:
-                print(f"{path} was made by another setup or other base models: starting over (the old file is kept as runs.old.json)")
-                path.replace(work / "runs.old.json")
-        return recorder
-
-    def add(self, key: str, record: dict) -> None:
-        self.runs[key] = record
-        text = json.dumps({"setup_id": self.setup_id, "runs": self.runs}, indent=1)
-        atomic_write(self.work / "runs.json", lambda tmp: Path(tmp).write_text(text))
-
-    def prompt_file(self, run: Run) -> Path:
-        return self.work / "prompts" / f"{run.key}.safetensors"
-
-
 def execute(run: Run, setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder) -> dict:
     """Train one run and score it on the test split; the prompt of a prompt run is saved for the ensembles."""
-    t0 = time.perf_counter()
-    model, tok = bases[run.size], ByteTokenizer()
-    if run.kind == "prompt":
-        cfg = replace(setup.tune, seed=run.seed, progress=False)
-        tuned, result = tune_prompt(model, run.task, run.n_prompt, run.init, cfg, data=data[run.task])
+    cfg = replace(setup.tune if run.kind == "prompt" else setup.finetune, seed=run.seed, progress=False)
+    prompt = {"n_prompt": run.n_prompt, "init": run.init} if run.kind == "prompt" else {}
+    tuned, record = train_and_score(bases[run.size], run.task, run.kind, cfg, data[run.task], **prompt)
+    if run.keeps_prompt:
         tuned.save(recorder.prompt_file(run))
-    else:
-        cfg = replace(setup.finetune, seed=run.seed, progress=False)
-        tuned, result = finetune(model, run.task, cfg, data=data[run.task])
-    test = exact_match_accuracy(tuned, data[run.task][2], tok)
-    return {"test": test, "val": result.best_metric, "final_loss": result.losses[-1],
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return record
 
 
 def run_lester(setup: LesterSetup = LesterSetup(), results_dir="benchmarks/results", work="runs/lester",
-               bases_dir=None, command: str | None = None, progress: bool = True) -> dict:
+               bases_dir=None, command: str | None = None, progress: bool = True, threads: int | None = None) -> dict:
     """Train every planned run (skipping recorded ones), then write lester-{experiment}.json and lester.png."""
-    t0 = time.perf_counter()
-    bases = load_bases(setup.sizes, bases_dir)
-    data = {task: task_data(task, setup.n_train, setup.n_val, setup.n_test, seed=0) for task in setup.tasks}
-    recorder = RunRecorder.open(work, setup, bases)
-    planned = planned_runs(setup)
-    todo = [run for run in planned
-            if run.key not in recorder.runs or (run.kind == "prompt" and not recorder.prompt_file(run).is_file())]
-    print(f"[lester] {len(planned)} runs planned, {len(todo)} to train "
-          f"(tasks {', '.join(setup.tasks)}; bases {', '.join(setup.sizes)}; seeds {list(setup.seeds)})")
-    bar = tqdm(todo, desc="lester", disable=not progress)
-    for run in bar:
-        bar.set_postfix_str(run.key)
-        recorder.add(run.key, execute(run, setup, bases, data, recorder))
-    results = summarise(setup, bases, data, recorder)
-    meta = {"command": command or "minipt experiment lester", "setup": asdict(setup),
-            "bases": {size: {"params": m.num_params(), "fingerprint": model_fingerprint(m)} for size, m in bases.items()},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": device_name("cpu"),
-            "train_seconds": round(sum(recorder.runs[r.key]["seconds"] for r in planned), 1),
-            "wall_seconds_this_call": round(time.perf_counter() - t0, 1)}
-    results_dir = Path(results_dir)
-    for name in EXPERIMENTS:
-        text = json.dumps({"experiment": name, **meta, "rows": results[name]}, indent=1) + "\n"
-        atomic_write(results_dir / f"lester-{name}.json", lambda tmp, text=text: Path(tmp).write_text(text))
-    from .plots import plot_lester
-
-    plot_lester(results, results_dir / "lester.png")
-    print(format_summary(results))
-    print(f"[lester] wrote {results_dir}/lester-{{{','.join(EXPERIMENTS)}}}.json and lester.png "
-          f"({meta['wall_seconds_this_call']:.0f} s)")
+    with torch_threads(threads):
+        bases = load_bases(setup.sizes, bases_dir)
+        data = {task: task_data(task, setup.n_train, setup.n_val, setup.n_test, seed=0) for task in setup.tasks}
+        results, meta = run_experiment(
+            "lester", setup, bases, planned_runs(setup), lambda run, rec: execute(run, setup, bases, data, rec),
+            lambda rec: summarise(setup, bases, data, rec), work=work, command=command, progress=progress,
+            meta={"bases": {size: {"params": m.num_params(), "fingerprint": model_fingerprint(m)}
+                            for size, m in bases.items()}})
+    save_results("lester", results_dir, {f"lester-{name}.json": {"experiment": name, **meta, "rows": results[name]}
+                                         for name in EXPERIMENTS},
+                 "lester.png", lambda path: plot_lester(results, path), format_summary(results), meta)
     return results
 
 
 # ---- summarising -----------------------------------------------------------------------------------------------
-
-
-def spread(values: list[float]) -> dict:
-    """Mean and sample standard deviation (0 for a single value) of per-seed values."""
-    return {"values": values, "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def _over_tasks(setup: LesterSetup, per_task: dict) -> list[float]:
-    """Per seed (or ensemble group), the mean over tasks: the 'all tasks' line of each experiment."""
-    return [statistics.fmean(per_task[task][i] for task in setup.tasks) for i in range(len(setup.seeds))]
 
 
 def summarise(setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder) -> dict:
@@ -241,9 +172,8 @@ def summarise(setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder
     def rows_over(name, settings, values_of):
         rows = []
         for setting in settings:
-            per_task = {task: values_of(task, setting) for task in setup.tasks}
-            rows += [{name: setting, "task": task, **spread(v)} for task, v in per_task.items()]
-            rows.append({name: setting, "task": "all", **spread(_over_tasks(setup, per_task))})
+            rows += [{name: setting, "task": task, **spread(v)}
+                     for task, v in with_all({task: values_of(task, setting) for task in setup.tasks}).items()]
         return rows
 
     results = {
@@ -256,16 +186,14 @@ def summarise(setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder
     for size in setup.sizes:
         pt = {task: prompt_values(size, task, setup.n_prompt, setup.init) for task in setup.tasks}
         ft = {task: [test_acc(Run("finetune", size, task, seed)) for seed in setup.seeds] for task in setup.tasks}
-        gap = {task: [f - p for f, p in zip(ft[task], pt[task])] for task in setup.tasks}
+        gap = with_all({task: [f - p for f, p in zip(ft[task], pt[task])] for task in setup.tasks})
+        pt, ft = with_all(pt), with_all(ft)
         instruction = {task: exact_match_accuracy(bases[size], data[task][2], tok, instruction=True)
                        for task in setup.tasks}
-        params = bases[size].num_params()
-        for task in (*setup.tasks, "all"):
-            pick = (lambda d: d[task]) if task != "all" else (lambda d: _over_tasks(setup, d))
-            scale.append({"size": size, "params": params, "task": task, "prompt": spread(pick(pt)),
-                          "finetune": spread(pick(ft)), "gap": spread(pick(gap)),
-                          "instruction": (instruction[task] if task != "all"
-                                          else statistics.fmean(instruction.values()))})
+        instruction["all"] = statistics.fmean(instruction.values())
+        scale += [{"size": size, "params": bases[size].num_params(), "task": task, "prompt": spread(pt[task]),
+                   "finetune": spread(ft[task]), "gap": spread(gap[task]), "instruction": instruction[task]}
+                  for task in pt]
     results["scale"] = scale
 
     ensemble = []
@@ -278,8 +206,7 @@ def summarise(setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder
             measured.setdefault(task, []).append(ensemble_accuracy(bases[largest], bank, data[task][2], tok))
     for task in (*setup.tasks, "all"):
         def column(f, task=task):
-            per_task = {t: [f(m) for m in measured[t]] for t in setup.tasks}
-            return per_task[task] if task != "all" else _over_tasks(setup, per_task)
+            return with_all({t: [f(m) for m in measured[t]] for t in setup.tasks})[task]
 
         ensemble.append({"task": task, "ensemble": spread(column(lambda m: m["ensemble"])),
                          "best_single": spread(column(lambda m: max(m["single"]))),
@@ -304,7 +231,3 @@ def format_summary(results: dict) -> str:
                  f"mean single {ms(r['mean_single'])}")
     return "\n".join(lines)
 
-
-def command_line() -> str:
-    """How this process was started, as `minipt ...` (for the results files)."""
-    return " ".join(["minipt", *sys.argv[1:]])

@@ -1,7 +1,15 @@
 """matplotlib figures used by the CLI and the notebooks. Nothing is drawn on import."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
+
+from .runs import find_row, mean_over_tasks, spread
+
+# How seed-claims' methods (seed_claims.METHODS) are named in its figure.
+METHOD_LABELS = {"instruction": "written instruction, frozen model (0 examples)",
+                 "prompt-uniform": "prompt tuning, uniform init", "prompt-label": "prompt tuning, class-label init",
+                 "prompt-text": "prompt tuning, init from a wording", "finetune": "full fine-tuning"}
 
 
 def _pyplot():
@@ -10,6 +18,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path, dpi: int = 110):
+    """Lay the figure out and, when a path is given, save it as a PNG (its folder made if needed)."""
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    return fig
 
 
 def smooth(values, window: int = 10):
@@ -44,11 +61,7 @@ def plot_runs(runs: dict, path=None, title: str = "", baselines: dict | None = N
     ax_acc.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    return fig
+    return _save(fig, path)
 
 
 def plot_lester(results: dict, path=None, paper: dict | None = None):
@@ -99,11 +112,7 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
                title="prompt ensembling" + (f"\n{notes['ensemble']}" if "ensemble" in notes else ""))
     for ax in (ax_len, ax_scale):
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    return fig
+    return _save(fig, path)
 
 
 def _grouped_bars(ax, rows, setting_key, tasks):
@@ -120,3 +129,96 @@ def _grouped_bars(ax, rows, setting_key, tasks):
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
     ax.legend(fontsize=8)
+
+
+def plot_depth(results: dict, path) -> None:
+    """Test exact match against base-model size, one line per method (all tasks, and palindrome alone)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, task in zip(axes, ("all", "palindrome")):
+        rows = [r for r in results["scale"] if r["task"] == task]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+            ax.errorbar([r["params"] for r in mine], [r["mean"] for r in mine], yerr=[r["std"] for r in mine],
+                        marker="o", capsize=3, label=method)
+        ax.set(xscale="log", xlabel="base model parameters", ylabel="test exact match",
+               title="mean over tasks" if task == "all" else "palindrome (never pretrained)", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    _save(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def plot_seed_claims(files: dict, path=None):
+    """Top row: the few-shot curves, one panel per task and one for the mean over tasks (mean ± std over
+    seeds; dashed: the written instruction on the frozen model). Bottom row: prompt design (frozen vs tuned,
+    per wording), domain shift (in-domain vs shifted per method), compute (time per step and trainable numbers).
+    files: the contents of seed-{fewshot,design,shift}.json by part (what run_seed_claims returns)."""
+    plt = _pyplot()
+    fewshot, design, shift = files["fewshot"], files["design"], files["shift"]
+    tasks = [*fewshot["setup"]["tasks"], "all"]
+    ncols = max(len(tasks), 3)
+    fig, axes = plt.subplots(2, ncols, figsize=(4.2 * ncols, 8.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        _plot_curve(ax, fewshot, task)
+    for ax in axes[0][len(tasks):]:
+        ax.axis("off")
+    ax_design, ax_shift, ax_compute, *rest = axes[1]
+    for ax in rest:
+        ax.axis("off")
+
+    design_rows = [{"task": r["wording"], "kind": kind, **(r["tuned"] if kind == "after tuning" else
+                                                             {"mean": r["frozen"], "std": 0.0})}
+                   for r in _all_task_design_rows(design) for kind in ("frozen", "after tuning")]
+    _grouped_bars(ax_design, design_rows, "kind", [r["wording"] for r in _all_task_design_rows(design)])
+    ax_design.set_ylim(0, 1.0)
+    ax_design.tick_params(axis="x", labelrotation=25, labelsize=8)
+    ax_design.set(ylabel="test exact match (mean over tasks)",
+                  title=f"prompt design: 5 wordings, frozen vs tuned\n({design['setup']['design_size']} examples)")
+
+    shift_rows = [{"task": METHOD_LABELS[r["method"]].replace("prompt tuning, ", "PT, "), "kind": kind,
+                   **r[key]} for r in shift["rows"] if r["task"] == "all"
+                  for kind, key in (("in-domain", "in_domain"), ("shifted", "shifted"))]
+    _grouped_bars(ax_shift, shift_rows, "kind", list(dict.fromkeys(r["task"] for r in shift_rows)))
+    ax_shift.set_ylim(0, 1.0)
+    ax_shift.set(ylabel="test exact match (mean over tasks)",
+                 title=f"domain shift (Lester et al. Table 1)\n({shift['setup']['shift_size']} examples)")
+
+    per_task = fewshot["compute"]["per_task"]
+    kinds = ["prompt", "finetune"]
+    ms = [1000 * statistics.fmean(c[k]["seconds_per_step"] for c in per_task.values()) for k in kinds]
+    trainable = [next(iter(per_task.values()))[k]["trainable"] for k in kinds]
+    bars = ax_compute.bar(["prompt tuning", "full fine-tuning"], ms, color=["C1", "C2"])
+    for bar, n in zip(bars, trainable):
+        ax_compute.annotate(f"{n:,} trainable", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+    ax_compute.set(ylabel="ms per training step (median)", title="compute per step")
+    return _save(fig, path)
+
+
+def _plot_curve(ax, fewshot: dict, task: str) -> None:
+    for j, method in enumerate(fewshot["setup"]["methods"]):
+        rows = [r for r in fewshot["rows"] if r["task"] == task and r["method"] == method]
+        ax.errorbar([r["n_train"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows],
+                    marker="o", capsize=3, color=f"C{j}", label=METHOD_LABELS[method])
+    frozen = find_row(fewshot["instruction"], task=task)["test"]
+    ax.axhline(frozen, color="grey", ls="--", label=METHOD_LABELS["instruction"])
+    sizes = fewshot["setup"]["sizes"]
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
+    ax.set(xlabel="training examples", ylabel="test exact match", ylim=(-0.02, 1.02),
+           title=f"few-shot: {task if task != 'all' else 'mean over tasks'}")
+    if task == "all":
+        ax.legend(fontsize=7, loc="lower right")
+
+
+def _all_task_design_rows(design: dict) -> list[dict]:
+    """Per wording, the frozen and tuned accuracies averaged over tasks (the tuned ones per seed)."""
+    tasks = design["setup"]["tasks"]
+    out = []
+    for wording in dict.fromkeys(r["wording"] for r in design["rows"] if r["task"] == tasks[0]):
+        rows = [find_row(design["rows"], task=t, wording=wording) for t in tasks]
+        out.append({"wording": wording, "frozen": statistics.fmean(r["frozen"] for r in rows),
+                    "tuned": spread(mean_over_tasks({r["task"]: r["tuned"]["values"] for r in rows}))})
+    return out

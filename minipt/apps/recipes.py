@@ -26,6 +26,11 @@ from ..prompt import PromptTuning
 from ..tasks import HELD_OUT_TASK, TASKS, get_task, make_split, pretraining_mixture
 from ..tokenizer import ByteTokenizer
 from ..train import TrainConfig, TrainResult, train
+from ..tuned import method_class
+
+__all__ = ["PRETRAIN_DEFAULTS", "PRETRAIN_EXAMPLES", "TUNE_DEFAULTS", "FINETUNE_DEFAULTS", "METHODS", "METHOD_DEFAULTS",
+           "MAX_LABELS", "pretrain", "pretraining_token_counts", "task_data", "class_labels", "init_token_counts",
+           "examples_sha256", "tune_run_id", "tuned_module", "tune_prompt", "finetune"]
 
 # The shipped base model (minipt/assets/tiny.safetensors) is `minipt pretrain` with these settings.
 PRETRAIN_DEFAULTS = TrainConfig(steps=3000, batch_size=64, lr=3e-3, weight_decay=0.1, warmup_steps=100,
@@ -38,7 +43,7 @@ FINETUNE_DEFAULTS = TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=
 # of the embeddings and keys, so they take a large rate; through an MLP every step moves many weights at once, so
 # the rate is 10x smaller. The rates are the best of {0.003, 0.01, 0.03, 0.1} (prefix, P-tuning: of {3e-4 ..
 # 1e-2}) in 150-step runs on `sentiment` with the shipped tiny model.
-METHODS = ("prompt", "ptuning", "ptuning-v2", "prefix")
+METHODS = (*PromptTuning.methods, *PrefixTuning.methods)  # "prompt", "ptuning", "ptuning-v2", "prefix"
 METHOD_DEFAULTS = {"prompt": TUNE_DEFAULTS, "ptuning": replace(TUNE_DEFAULTS, lr=1e-2),
                    "ptuning-v2": replace(TUNE_DEFAULTS, lr=1e-1), "prefix": replace(TUNE_DEFAULTS, lr=1e-2)}
 MAX_LABELS = 20  # init="label" on your own data: more distinct outputs than this is not a classification data set
@@ -113,15 +118,14 @@ def tune_run_id(model: GPT, task, train_ex, n_prompt: int, init: str, init_text,
 def tuned_module(method: str, model: GPT, n_prompt: int, init: str, seed: int, tokenizer, **prompt_kwargs):
     """The module a method trains on the frozen model: a soft prompt (through an MLP for P-tuning) or a deep
     key/value prefix at every layer (P-tuning v2; through an MLP for Li & Liang's prefix tuning)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method in ("prompt", "ptuning"):
-        return PromptTuning(model, n_prompt=n_prompt, init=init, tokenizer=tokenizer, seed=seed,
-                            reparam="mlp" if method == "ptuning" else None, **prompt_kwargs)
+    cls, reparam = method_class(method)  # the classes say which methods they are (minipt.tuned)
+    if cls is PromptTuning:
+        return PromptTuning(model, n_prompt=n_prompt, init=init, tokenizer=tokenizer, seed=seed, reparam=reparam,
+                            **prompt_kwargs)
     if init not in PREFIX_INITS:
         raise ValueError(f"--init {init} is for soft prompts; --method {method} starts from {' or '.join(PREFIX_INITS)}")
-    return PrefixTuning(model, n_prefix=n_prompt, reparam="mlp" if method == "prefix" else None, init=init,
-                        seed=seed, special_ids=getattr(tokenizer, "special_ids", ()))
+    return PrefixTuning(model, n_prefix=n_prompt, reparam=reparam, init=init, seed=seed,
+                        special_ids=getattr(tokenizer, "special_ids", ()))
 
 
 def tune_prompt(model: GPT, task: str | None = None, n_prompt: int = 20, init: str = "vocab",
@@ -142,7 +146,7 @@ def tune_prompt(model: GPT, task: str | None = None, n_prompt: int = 20, init: s
     cfg = cfg or METHOD_DEFAULTS.get(method, TUNE_DEFAULTS)
     train_ex, val_ex = (data if data is not None else task_data(task, seed=cfg.seed))[:2]
     model = model.to(info.device)
-    if method in ("prompt", "ptuning"):
+    if method_class(method)[0] is PromptTuning:
         labels = class_labels(task, train_ex) if init == "label" else None
         counts = init_token_counts(tok, train_ex, n_prompt) if init in ("vocab", "label") else None
         pt = tuned_module(method, model, n_prompt, init, cfg.seed, tok, init_text=init_text, token_counts=counts,

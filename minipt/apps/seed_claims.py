@@ -24,27 +24,23 @@ draws the training and validation subsets, the prompt's initial values and the b
 fixed. `verdicts` turns the three result files into one verdict per claim, and the README table, notebook 06
 and the tests all call it, so the prose cannot drift from the data.
 
-Runs are recorded in `work/runs.json` by `experiments.RunRecorder` (atomic writes, set aside when the setup
-or the base model changes), so an interrupted run resumes where it stopped.
+Runs are recorded in `work/runs.json` by `runs.RunRecorder` (atomic writes, set aside when the setup or the
+base model changes), so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..assets import load_base
-from ..checkpoint import atomic_write, model_fingerprint
+from ..checkpoint import model_fingerprint
 from ..data import batch_fn, exact_match_accuracy
 from ..frozen import trainable_parameters
 from ..model import GPT
@@ -52,49 +48,35 @@ from ..prompt import PromptTuning
 from ..tasks import DOMAINS, get_task, make_split
 from ..tokenizer import ByteTokenizer
 from ..train import TrainConfig, make_optimizer, train
-from .benchio import device_name
-from .experiments import RunRecorder, spread
-from .recipes import FINETUNE_DEFAULTS, TUNE_DEFAULTS, finetune, tune_prompt
+from .plots import plot_seed_claims  # noqa: F401  (notebook 06 draws the figure as seed_claims.plot_seed_claims)
+from .recipes import FINETUNE_DEFAULTS, TUNE_DEFAULTS
+from .runs import (RunRecorder, Setup, mean_over_tasks, run_experiment, save_results, spread, torch_threads,
+                   train_and_score, with_all)
+from .runs import find_row as _row  # the name notebook 06 reads
 
 PARTS = ("fewshot", "design", "shift")
-
-# ---- the claims, in our translation of the explainer -------------------------------------------------------
-
-CLAIMS = {
-    "1": "Prompt tuning suits few-shot learning: it usually does well on small data sets and uses "
-         "relatively little compute.",
-    "2": "On some tasks prompt tuning performs almost as well as full fine-tuning, especially on few-shot "
-         "and zero-shot tasks.",
-    "3": "The design of the prompt directly affects the model's performance: a well-made prompt draws out "
-         "more of the model's knowledge.",
-    "4": "Prompt tuning is more robust than model tuning when the test domain differs from the training "
-         "domain (Lester et al. 2021, section 5, Table 1).",
-}
 
 # ---- the methods: what a row of the few-shot curve is ------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Method:
-    """One way to adapt the frozen base model. kind picks the trainer (TRAINERS); "frozen" trains nothing.
+    """One way to adapt the frozen base model: kind is what runs.train_and_score trains ("prompt", "finetune",
+    or a deep prompt's "ptuning-v2"); "frozen" trains nothing. The figure names it plots.METHOD_LABELS[name].
 
     P-tuning v2 (deep prompts, `minipt.prefix.PrefixTuning`) is not among these methods yet: it becomes one more
-    Method of a new kind with its trainer in TRAINERS (and its step in measure_compute), and the few-shot
-    tables and the figure pick it up from SeedSetup.methods.
+    Method of kind "ptuning-v2" (with its step in measure_compute), and the few-shot tables and the figure pick
+    it up from SeedSetup.methods.
     """
 
     name: str
     kind: str  # "frozen" | "prompt" | "finetune"
-    label: str
     init: str = ""  # prompt methods: the init of minipt.prompt.init_prompt
 
 
 METHODS = {m.name: m for m in (
-    Method("instruction", "frozen", "written instruction, frozen model (0 examples)"),
-    Method("prompt-uniform", "prompt", "prompt tuning, uniform init", "uniform"),
-    Method("prompt-label", "prompt", "prompt tuning, class-label init", "label"),
-    Method("prompt-text", "prompt", "prompt tuning, init from a wording", "text"),
-    Method("finetune", "finetune", "full fine-tuning"),
+    Method("instruction", "frozen"), Method("prompt-uniform", "prompt", "uniform"),
+    Method("prompt-label", "prompt", "label"), Method("prompt-text", "prompt", "text"), Method("finetune", "finetune"),
 )}
 
 
@@ -148,7 +130,7 @@ def domain_label(task: str, domain: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class SeedSetup:
+class SeedSetup(Setup):
     """What the experiment runs. The defaults are the full run; QUICK is a small version for tests."""
 
     # parity and sentiment are the lester experiment's pretrained classification tasks; palindrome was never
@@ -184,14 +166,12 @@ class SeedSetup:
     def n_val(self, n: int) -> int:
         return min(n, self.val_cap)
 
-    def fingerprint(self, bases: dict[str, GPT]) -> str:
-        """A short hash of what decides a run's result: the setup, the wordings, the domains and the base model's
-        weights (what experiments.RunRecorder checks). The method lists only choose which runs exist, and a
-        run's key names its method, so adding a method (a P-tuning v2 row) keeps the recorded runs."""
+    def identity(self) -> dict:
+        """What decides a run's result: the setup, the wordings and the domains (Setup.fingerprint adds the base
+        model's weights). The method lists only choose which runs exist, and a run's key names its method, so
+        adding a method (a P-tuning v2 row) keeps the recorded runs."""
         chosen = {k: v for k, v in asdict(self).items() if k not in ("methods", "shift_methods")}
-        identity = {"setup": chosen, "wordings": WORDINGS, "shifts": SHIFTS,
-                    "bases": {size: model_fingerprint(m) for size, m in sorted(bases.items())}}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        return {"setup": chosen, "wordings": WORDINGS, "shifts": SHIFTS}
 
 
 QUICK = SeedSetup(tasks=("parity",), sizes=(8, 32), steps=(10, 10), n_test=100, design_size=8, shift_size=32,
@@ -265,40 +245,25 @@ def run_data(run: Run, setup: SeedSetup) -> tuple[list, list, tuple]:
 # ---- training ----------------------------------------------------------------------------------------------
 
 
-def _train_prompt(model, run: Run, setup: SeedSetup, cfg: TrainConfig, data):
-    method = METHODS[run.method]
-    if run.wording:  # start exactly where the written wording is: its tokens' embeddings, one slot per token
+def prompt_args(run: Run, setup: SeedSetup) -> dict:
+    """n_prompt and init of a prompt run: a design run starts exactly where its written wording is (its tokens'
+    embeddings, one slot per token); the others use the method's init, n_prompt slots."""
+    if run.wording:
         text = wording_prefix(WORDINGS[run.task][run.wording])
-        n_prompt = len(ByteTokenizer().encode(text))
-        return tune_prompt(model, run.task, n_prompt, "text", cfg, data=data, init_text=text)
-    return tune_prompt(model, run.task, setup.n_prompt, prompt_init(method, run.task), cfg, data=data)
-
-
-def _finetune(model, run: Run, setup: SeedSetup, cfg: TrainConfig, data):
-    return finetune(model, run.task, cfg, data=data)
-
-
-# kind -> (trainer(model, run, setup, cfg, data) -> (tuned module, TrainResult), its base TrainConfig's name in
-# SeedSetup); a deep-prompt kind goes here.
-TRAINERS = {"prompt": (_train_prompt, "tune"), "finetune": (_finetune, "finetune")}
+        return {"n_prompt": len(ByteTokenizer().encode(text)), "init": "text", "init_text": text}
+    return {"n_prompt": setup.n_prompt, "init": prompt_init(METHODS[run.method], run.task)}
 
 
 def execute(run: Run, setup: SeedSetup, model: GPT) -> dict:
     """Train one run and score it on the test set (and, for a shift run, on the shifted test set)."""
-    t0 = time.perf_counter()
-    tok = ByteTokenizer()
-    method = METHODS[run.method]
-    data = run_data(run, setup)
-    trainer, base_config = TRAINERS[method.kind]
-    cfg = train_config(getattr(setup, base_config), setup.steps_for(run.n_train), run.seed)
-    tuned, result = trainer(model, run, setup, cfg, data)
-    record = {"test": exact_match_accuracy(tuned, data[2], tok), "val": result.best_metric,
-              "best_step": result.best_step, "steps": cfg.steps, "n_val": len(data[1]),
-              "trainable": sum(p.numel() for _, p in trainable_parameters(tuned)),
-              "final_loss": result.losses[-1]}
+    kind, data = METHODS[run.method].kind, run_data(run, setup)
+    cfg = train_config(setup.finetune if kind == "finetune" else setup.tune, setup.steps_for(run.n_train), run.seed)
+    prompt = prompt_args(run, setup) if kind != "finetune" else {}
+    tuned, record = train_and_score(model, run.task, kind, cfg, data, **prompt)
+    record.update(steps=cfg.steps, n_val=len(data[1]))
     if run.part == "shift":
-        record["shifted"] = exact_match_accuracy(tuned, fixed_test(run.task, setup.n_test, SHIFTS[run.task][1]), tok)
-    record["seconds"] = round(time.perf_counter() - t0, 2)
+        shifted = fixed_test(run.task, setup.n_test, SHIFTS[run.task][1])
+        record["shifted"] = exact_match_accuracy(tuned, shifted, ByteTokenizer())
     return record
 
 
@@ -343,52 +308,21 @@ def run_seed_claims(setup: SeedSetup = SeedSetup(), results_dir="benchmarks/resu
                     ) -> dict:
     """Train every planned run (skipping recorded ones), then write seed-{fewshot,design,shift}.json and
     seed-claims.png into results_dir; returns the three results by part. threads: torch threads for the call."""
-    t0 = time.perf_counter()
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         model = load_base(base)
-        recorder = RunRecorder.open(work, setup, {"tiny": model})
-        planned = planned_runs(setup)
-        todo = [run for run in planned if run.key not in recorder.runs]
-        print(f"[seed-claims] {len(planned)} runs planned, {len(todo)} to train (tasks {', '.join(setup.tasks)}; "
-              f"sizes {list(setup.sizes)}; seeds {list(setup.seeds)}; {torch.get_num_threads()} threads)")
-        for task in setup.tasks:
-            if f"compute-{task}" not in recorder.runs:
-                recorder.add(f"compute-{task}", measure_compute(model, task, setup))
-        bar = tqdm(todo, desc="seed-claims", disable=not progress)
-        for run in bar:
-            bar.set_postfix_str(run.key)
-            recorder.add(run.key, execute(run, setup, model))
-        results = summarise(setup, model, recorder)
-        meta = {"command": command or "minipt experiment seed-claims", "setup": asdict(setup),
-                "wordings": WORDINGS, "shifts": {t: list(d) for t, d in SHIFTS.items()},
-                "base": {"params": model.num_params(), "fingerprint": model_fingerprint(model)},
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "cpu": device_name("cpu"),
-                "train_seconds": round(sum(recorder.runs[r.key]["seconds"] for r in planned), 1),
-                "wall_seconds_this_call": round(time.perf_counter() - t0, 1)}
-    finally:
-        torch.set_num_threads(old_threads)
-    results_dir = Path(results_dir)
+        results, meta = run_experiment(
+            "seed-claims", setup, {"tiny": model}, planned_runs(setup), lambda run, rec: execute(run, setup, model),
+            lambda rec: summarise(setup, model, rec), work=work, command=command, progress=progress,
+            meta={"wordings": WORDINGS, "shifts": {t: list(d) for t, d in SHIFTS.items()},
+                  "base": {"params": model.num_params(), "fingerprint": model_fingerprint(model)}})
     files = {part: {"experiment": part, **meta, **results[part]} for part in PARTS}
-    for part, content in files.items():
-        text = json.dumps(content, indent=1) + "\n"
-        atomic_write(results_dir / f"seed-{part}.json", lambda tmp, text=text: Path(tmp).write_text(text))
-    plot_seed_claims(files, results_dir / "seed-claims.png")
-    print(format_verdicts(verdicts(files["fewshot"], files["design"], files["shift"])))
-    print(f"[seed-claims] wrote {results_dir}/seed-{{{','.join(PARTS)}}}.json and seed-claims.png "
-          f"({meta['wall_seconds_this_call']:.0f} s)")
+    save_results("seed-claims", results_dir, {f"seed-{part}.json": content for part, content in files.items()},
+                 "seed-claims.png", lambda path: plot_seed_claims(files, path),
+                 format_verdicts(verdicts(files["fewshot"], files["design"], files["shift"])), meta)
     return files
 
 
 # ---- summarising -------------------------------------------------------------------------------------------
-
-
-def _mean_over_tasks(per_task: dict[str, list[float]]) -> list[float]:
-    """Per seed, the mean over tasks: the 'all' row of each table."""
-    return [statistics.fmean(column) for column in zip(*per_task.values())]
 
 
 def _frozen_accuracy(model: GPT, task: str, text: str, examples) -> float:
@@ -418,12 +352,15 @@ def summarise_fewshot(setup, model, recorder, values) -> dict:
     for method in setup.methods:
         for n in setup.sizes:
             per_task = {t: values(lambda s, t=t: Run("fewshot", method, t, n, s)) for t in setup.tasks}
-            for task, v in {**per_task, "all": _mean_over_tasks(per_task)}.items():
+            for task, v in with_all(per_task).items():
                 rows.append({"task": task, "method": method, "n_train": n, "steps": setup.steps_for(n),
                              "n_val": setup.n_val(n), **spread(v)})
     instruction = {t: _frozen_accuracy(model, t, get_task(t).instruction, fixed_test(t, setup.n_test))
                    for t in setup.tasks}
     instruction["all"] = statistics.fmean(instruction.values())
+    for t in setup.tasks:  # measured once, after the training runs, and recorded like them
+        if f"compute-{t}" not in recorder.runs:
+            recorder.add(f"compute-{t}", measure_compute(model, t, setup))
     compute = {t: recorder.runs[f"compute-{t}"] for t in setup.tasks}
     seconds = {kind: {m: round(sum(recorder.runs[Run("fewshot", m, t, n, s).key]["seconds"] for t in setup.tasks
                                    for n in setup.sizes for s in setup.seeds), 1)
@@ -464,7 +401,7 @@ def summarise_design(setup, model, values) -> dict:
         seed_stds[task] = statistics.fmean(spread(v)["std"] for v in tuned.values())
     for task in (*setup.tasks, "all"):
         pick = (lambda d: d[task]) if task != "all" else (lambda d: statistics.fmean(d.values()))
-        pick_seeds = (lambda d: d[task]) if task != "all" else _mean_over_tasks
+        pick_seeds = (lambda d: d[task]) if task != "all" else mean_over_tasks
         ranges.append({"task": task, "frozen_range": pick(frozen_ranges),
                        "frozen_range_paraphrases": pick(frozen_ranges_par),
                        "tuned_range": spread(pick_seeds(tuned_ranges)),
@@ -485,7 +422,7 @@ def summarise_shift(setup, model, values) -> dict:
             ins = values(lambda s: Run("shift", method, task, setup.shift_size, s), "test")
             out = values(lambda s: Run("shift", method, task, setup.shift_size, s), "shifted")
             per_task[task] = (ins, out, [a - b for a, b in zip(ins, out)])
-        per_task["all"] = tuple(_mean_over_tasks({t: v[i] for t, v in per_task.items()}) for i in range(3))
+        per_task["all"] = tuple(mean_over_tasks({t: v[i] for t, v in per_task.items()}) for i in range(3))
         for task, (ins, out, drop) in per_task.items():
             rows.append({"task": task, "method": method, **_domains(task), "n_train": setup.shift_size,
                          "in_domain": spread(ins), "shifted": spread(out), "drop": spread(drop)})
@@ -523,10 +460,6 @@ def compare(a: dict, b: dict, yes: str, no: str) -> str:
     if beyond_noise(b, a):
         return no
     return "inconclusive (within the seed spread)"
-
-
-def _row(rows, **where) -> dict:
-    return next(r for r in rows if all(r[k] == v for k, v in where.items()))
 
 
 def _pm(s: dict) -> str:
@@ -656,7 +589,7 @@ def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
                                                   "seed_std": ranges["seed_std"]}})
 
     rows = {m: _row(shift["rows"], task="all", method=m) for m in ("prompt-label", "finetune")}
-    kept = {m: spread(_mean_over_tasks({t: retained(_row(shift["rows"], task=t, method=m))["values"]
+    kept = {m: spread(mean_over_tasks({t: retained(_row(shift["rows"], task=t, method=m))["values"]
                                         for t in tasks})) for m in rows}
     out.append({"id": "4", "claim": "more robust than model tuning under domain shift (Lester et al. §5)",
                 "measurement": f"share of in-domain accuracy kept on the shifted domain, mean over tasks: prompt "
@@ -685,87 +618,3 @@ def format_verdicts(rows: list[dict]) -> str:
 def load_results(results_dir="benchmarks/results") -> dict:
     """The three result files of a run, by part."""
     return {part: json.loads((Path(results_dir) / f"seed-{part}.json").read_text()) for part in PARTS}
-
-
-# ---- the figure --------------------------------------------------------------------------------------------
-
-
-def plot_seed_claims(files: dict, path=None):
-    """Top row: the few-shot curves, one panel per task and one for the mean over tasks (mean ± std over
-    seeds; dashed: the written instruction on the frozen model). Bottom row: prompt design (frozen vs tuned,
-    per wording), domain shift (in-domain vs shifted per method), compute (time per step and trainable numbers).
-    files: the contents of seed-{fewshot,design,shift}.json by part (what run_seed_claims returns)."""
-    from .plots import _grouped_bars, _pyplot
-
-    plt = _pyplot()
-    fewshot, design, shift = files["fewshot"], files["design"], files["shift"]
-    tasks = [*fewshot["setup"]["tasks"], "all"]
-    ncols = max(len(tasks), 3)
-    fig, axes = plt.subplots(2, ncols, figsize=(4.2 * ncols, 8.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        _plot_curve(ax, fewshot, task)
-    for ax in axes[0][len(tasks):]:
-        ax.axis("off")
-    ax_design, ax_shift, ax_compute, *rest = axes[1]
-    for ax in rest:
-        ax.axis("off")
-
-    design_rows = [{"task": r["wording"], "kind": kind, **(r["tuned"] if kind == "after tuning" else
-                                                             {"mean": r["frozen"], "std": 0.0})}
-                   for r in _all_task_design_rows(design) for kind in ("frozen", "after tuning")]
-    _grouped_bars(ax_design, design_rows, "kind", [r["wording"] for r in _all_task_design_rows(design)])
-    ax_design.set_ylim(0, 1.0)
-    ax_design.tick_params(axis="x", labelrotation=25, labelsize=8)
-    ax_design.set(ylabel="test exact match (mean over tasks)",
-                  title=f"prompt design: 5 wordings, frozen vs tuned\n({design['setup']['design_size']} examples)")
-
-    shift_rows = [{"task": METHODS[r["method"]].label.replace("prompt tuning, ", "PT, "), "kind": kind,
-                   **r[key]} for r in shift["rows"] if r["task"] == "all"
-                  for kind, key in (("in-domain", "in_domain"), ("shifted", "shifted"))]
-    _grouped_bars(ax_shift, shift_rows, "kind", list(dict.fromkeys(r["task"] for r in shift_rows)))
-    ax_shift.set_ylim(0, 1.0)
-    ax_shift.set(ylabel="test exact match (mean over tasks)",
-                 title=f"domain shift (Lester et al. Table 1)\n({shift['setup']['shift_size']} examples)")
-
-    per_task = fewshot["compute"]["per_task"]
-    kinds = ["prompt", "finetune"]
-    ms = [1000 * statistics.fmean(c[k]["seconds_per_step"] for c in per_task.values()) for k in kinds]
-    trainable = [next(iter(per_task.values()))[k]["trainable"] for k in kinds]
-    bars = ax_compute.bar(["prompt tuning", "full fine-tuning"], ms, color=["C1", "C2"])
-    for bar, n in zip(bars, trainable):
-        ax_compute.annotate(f"{n:,} trainable", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=8)
-    ax_compute.set(ylabel="ms per training step (median)", title="compute per step")
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    return fig
-
-
-def _plot_curve(ax, fewshot: dict, task: str) -> None:
-    for j, method in enumerate(fewshot["setup"]["methods"]):
-        rows = [r for r in fewshot["rows"] if r["task"] == task and r["method"] == method]
-        ax.errorbar([r["n_train"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows],
-                    marker="o", capsize=3, color=f"C{j}", label=METHODS[method].label)
-    frozen = _row(fewshot["instruction"], task=task)["test"]
-    ax.axhline(frozen, color="grey", ls="--", label=METHODS["instruction"].label)
-    sizes = fewshot["setup"]["sizes"]
-    ax.set_xscale("log")
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.minorticks_off()
-    ax.set(xlabel="training examples", ylabel="test exact match", ylim=(-0.02, 1.02),
-           title=f"few-shot: {task if task != 'all' else 'mean over tasks'}")
-    if task == "all":
-        ax.legend(fontsize=7, loc="lower right")
-
-
-def _all_task_design_rows(design: dict) -> list[dict]:
-    """Per wording, the frozen and tuned accuracies averaged over tasks (the tuned ones per seed)."""
-    tasks = design["setup"]["tasks"]
-    out = []
-    for wording in WORDINGS[tasks[0]]:
-        rows = [_row(design["rows"], task=t, wording=wording) for t in tasks]
-        out.append({"wording": wording, "frozen": statistics.fmean(r["frozen"] for r in rows),
-                    "tuned": spread(_mean_over_tasks({r["task"]: r["tuned"]["values"] for r in rows}))})
-    return out

@@ -12,7 +12,11 @@ from pathlib import Path
 from ..model import GPT
 from ..tokenizer import ByteTokenizer
 
+__all__ = ["DEFAULT_SIZE", "base_path", "shipped_base_path", "load_base", "load_bases", "load_base_and_tokenizer",
+           "load_hf_base"]
+
 DEFAULT_SIZE = "tiny"
+SIZES = ("pico", "nano", "micro", "tiny")  # the scale ladder, smallest first
 
 
 def base_path(size: str = DEFAULT_SIZE, bases_dir=None) -> Path:
@@ -52,7 +56,16 @@ def load_base_and_tokenizer(base=None):
     """(model, tokenizer): a minipt file (or the shipped model) with ByteTokenizer, or "hf:NAME_OR_FOLDER" for a
     GPT-2 and its tokenizer from the local Hugging Face cache or a folder (never downloads)."""
     if base is not None and str(base).startswith("hf:"):
-        from ..hf import load_hf_base
-
         return load_hf_base(str(base)[len("hf:"):])
     return load_base(base), ByteTokenizer()
+
+
+def load_hf_base(name_or_path: str, sep: str = "\n"):
+    """(GPT, HFTokenizer): a GPT-2 and its tokenizer from a local folder or the local cache (`--base hf:NAME`)."""
+    from ..hf import HFTokenizer
+
+    model = GPT.from_pretrained(name_or_path)
+    tok = HFTokenizer.from_pretrained(name_or_path, sep=sep)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+    return model, tok

@@ -17,11 +17,15 @@ inputs), and names the mistake when it recognises one. The last result of each e
 """
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import equations, kernel, training
 from .result import CheckResult
+
+RESULTS_ENV = "MINIPT_EXERCISE_RESULTS"  # set by the grader (grade.py): where check() appends each result
 
 __all__ = ["EXERCISES", "Exercise", "CheckResult", "check", "results", "summary"]
 
@@ -100,7 +104,16 @@ def check(exercise_id: str, answer) -> CheckResult:
     if not result.passed and "NotImplementedError" in result.message:  # the placeholder is still there
         result = CheckResult(exercise_id, False, NOT_STARTED, result.tried)
     _RESULTS[exercise_id] = result
+    _record(result)
     return result
+
+
+def _record(result: CheckResult) -> None:
+    """Append the result to the grader's results file (see grade.py) when a notebook is being graded."""
+    path = os.environ.get(RESULTS_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(result.to_dict()) + "\n")
 
 
 def results() -> dict[str, CheckResult]:

@@ -52,8 +52,15 @@ def main(argv=None) -> int:
         if not touched and not filled:
             print("student notebooks are up to date")
         return 0
-    from .grade import grade
-    result = grade(args.notebook, timeout=args.timeout)
+    from .grade import NotebookError, grade
+    try:
+        result = grade(args.notebook, timeout=args.timeout)
+    except NotebookError as err:
+        print(f"minipt exercises check: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: the kernel is shut down on the way out; one line, no traceback
+        print("\nminipt exercises check: interrupted; no grade", file=sys.stderr)
+        return 130
     print(result.report())
     return 0 if result.all_passed else 1
 

@@ -21,6 +21,7 @@ says so, and never raises.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from .equations import CONCAT_MISTAKES, concat_reference
-from .result import Case, CheckResult, Mistake, diagnose, failed, first_difference, passed, size_hint
+from .result import (Case, _equal, CheckResult, Mistake, diagnose_all, draw_cases, failed, first_difference, passed, pick,
+                     randint, size_hint)
 
 GUARD = 64  # elements of padding on either side of every tensor a kernel sees (>= any BLOCK_D used here)
 NO_TRITON = ("Triton is not installed (it ships wheels for Linux only), so this kernel cannot be checked here. "
@@ -110,6 +112,7 @@ class MemoryAudit:
     bad_store: str | None = None
     atomics: int = 0
     available: bool = True
+    stored: list = field(default_factory=list)  # the byte addresses of every lane a tl.store wrote
     _saved: object = field(default=None, repr=False)
 
     def allow(self, kind: str, ptrs, mask, itemsize: int):
@@ -160,7 +163,9 @@ class _AuditedMemory:
         return self._real.load(ptrs, self._audit.allow("load", ptrs, mask, np.dtype(dtype).itemsize), other, dtype)
 
     def store(self, ptrs, value, mask):
-        return self._real.store(ptrs, value, self._audit.allow("store", ptrs, mask, value.dtype.itemsize))
+        mask = self._audit.allow("store", ptrs, mask, value.dtype.itemsize)
+        self._audit.stored.append(np.asarray(ptrs, dtype=np.uint64)[mask].copy())
+        return self._real.store(ptrs, value, mask)
 
     def atomic_rmw(self, *args):
         self._audit.atomics += 1
@@ -177,6 +182,25 @@ def python_function(kernel) -> Callable | None:
     return fn if inspect.isfunction(fn) else None
 
 
+@contextlib.contextmanager
+def device_calls_interpreted():
+    """Let a kernel call @triton.jit functions (its own helpers, and tl.zeros, tl.sum, ... which Triton's
+    standard library writes with @triton.jit) whatever TRITON_INTERPRET was when Triton was imported.
+
+    With the variable set first, `@triton.jit` returns an InterpretedFunction, whose call runs the function in
+    Python; without it, a JITFunction, whose call raises "Cannot call @triton.jit'd outside of the scope of a
+    kernel". For the length of one interpreted launch, a JITFunction's call does what the interpreter's does.
+    """
+    from triton.runtime import interpreter, jit
+
+    saved = jit.JITFunction.__call__
+    jit.JITFunction.__call__ = lambda self, *args, **kwargs: interpreter.InterpretedFunction(self.fn)(*args, **kwargs)
+    try:
+        yield
+    finally:
+        jit.JITFunction.__call__ = saved
+
+
 def run_interpreted(kernel, grid: tuple, args: tuple, tensors: dict[str, torch.Tensor]):
     """Run `kernel` on the CPU under the interpreter, its memory audited against `tensors` (name -> tensor).
 
@@ -188,7 +212,7 @@ def run_interpreted(kernel, grid: tuple, args: tuple, tensors: dict[str, torch.T
         return None, f"expected a @triton.jit kernel, got {type(kernel).__name__}"
     audit = MemoryAudit([Region.of(name, t) for name, t in tensors.items()])
     try:
-        with audit:
+        with audit, device_calls_interpreted():
             interpreter.InterpretedFunction(fn)[grid](*args)
     except Exception as err:  # noqa: BLE001 - a kernel's exception is the student's message
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -202,6 +226,9 @@ def memory_problem(audit: MemoryAudit, outputs: list[Guarded], hints: dict | Non
     """The first stray store or load (or a written guard), with advice; `hints` maps a tensor name to advice
     for a stray load near it (a bad offset rather than a missing mask)."""
     if audit.bad_store:
+        if " at lane 0 " in audit.bad_store:  # even the row's first element is outside: the offset is wrong
+            return (f"{audit.bad_store}: the whole row lies outside the tensor, so no mask can help: check the row "
+                    f"offset (which program id is b and which t, and the stride between rows and examples)")
         return f"{audit.bad_store}: mask every tl.store (mask=offs < D) so the lanes past a row's end write nothing"
     if audit.bad_load:
         advice = next((text for name, text in (hints or {}).items() if f" of {name} (" in audit.bad_load),
@@ -213,13 +240,30 @@ def memory_problem(audit: MemoryAudit, outputs: list[Guarded], hints: dict | Non
     return None
 
 
-def unwritten(x: torch.Tensor, dims) -> str | None:
+def written_mask(audit: MemoryAudit | None, out: torch.Tensor) -> torch.Tensor | None:
+    """Which elements of `out` some tl.store wrote (None when the stores were not audited)."""
+    if audit is None or not audit.available:
+        return None
+    mask = torch.zeros(out.numel(), dtype=torch.bool)
+    start, size = out.data_ptr(), out.element_size()
+    for ptrs in audit.stored:
+        offsets = (ptrs.astype(np.int64) - start) // size
+        mask[torch.from_numpy(offsets[(offsets >= 0) & (offsets < out.numel())])] = True
+    return mask.view(out.shape)
+
+
+def unwritten(x: torch.Tensor, dims, name: str = "x", written: torch.Tensor | None = None) -> str | None:
+    """The first NaN of the output `name`: never written, or written with a NaN (the audit tells which)."""
     nan = x.isnan()
     if not bool(nan.any()):
         return None
     first = tuple(int(i) for i in nan.nonzero()[0])
-    names = ", ".join(f"{d}={i}" for d, i in zip(dims, first))
-    return (f"x[{names}] was never written (it still holds the NaN the checker filled x with): "
+    where = f"{name}[{', '.join(f'{d}={i}' for d, i in zip(dims, first))}]"
+    if written is not None and bool(written[first]):
+        return (f"{where} was written, but with NaN: the value stored came from memory the kernel had not set. "
+                f"The checker fills {name} with NaN before the launch: an accumulator loaded from {name} (or from "
+                f"tl.load without a mask's `other=`) starts from NaN; start it from tl.zeros")
+    return (f"{where} was never written (it still holds the NaN the checker filled {name} with): "
             f"every program must store its whole row")
 
 
@@ -230,17 +274,24 @@ def next_power_of_2(n: int) -> int:
 # ---- concat_kernel ---------------------------------------------------------------------------------------
 
 KERNEL_CASES = [(2, 2, 3, 5), (1, 1, 1, 6), (3, 1, 2, 4)]  # (B, n_p, n, D): 10 + 2 + 9 programs
+DRAWN_KERNEL_CASES = 6  # seeded draws on top, at most 12 programs each: the interpreter takes ~1 ms a program
+
+
+def kernel_case(gen, B, n_p, n, D, V=7, extra_ctx=2) -> Case:
+    args = (torch.randn(n_p, D, generator=gen), torch.randn(V, D, generator=gen),
+            torch.randint(0, V, (B, n), generator=gen), torch.randn(n_p + n + extra_ctx, D, generator=gen))
+    return Case(dict(B=B, n_p=n_p, n=n, D=D), args, "fills wpe: n_p + n = n_ctx" if extra_ctx == 0 else "")
+
+
+def draw_kernel_case(gen) -> Case:
+    B, n_p = randint(gen, 1, 3), randint(gen, 1, 3)
+    n = randint(gen, 1, max(1, 12 // B - n_p))  # B * (n_p + n) <= 12 programs, mostly
+    return kernel_case(gen, B, n_p, n, randint(gen, 1, 37), V=randint(gen, 2, 9), extra_ctx=pick(gen, [0, 0, 2]))
 
 
 def concat_kernel_cases() -> list[Case]:
     gen = torch.Generator().manual_seed(5)
-    cases = []
-    for B, n_p, n, D in KERNEL_CASES:
-        V, n_ctx = 7, n_p + n + 2
-        args = (torch.randn(n_p, D, generator=gen), torch.randn(V, D, generator=gen),
-                torch.randint(0, V, (B, n), generator=gen), torch.randn(n_ctx, D, generator=gen))
-        cases.append(Case(dict(B=B, n_p=n_p, n=n, D=D), args))
-    return cases
+    return [kernel_case(gen, *sizes) for sizes in KERNEL_CASES] + draw_cases(5, DRAWN_KERNEL_CASES, draw_kernel_case)
 
 
 def check_concat_kernel(kernel) -> CheckResult:
@@ -249,8 +300,9 @@ def check_concat_kernel(kernel) -> CheckResult:
         import_triton()
     except ImportError:
         return failed("concat_kernel", NO_TRITON)
-    cases, results, first = concat_kernel_cases(), [], None
-    for case in cases:
+    cases, results, first, gots = concat_kernel_cases(), [], None, []
+    references = [concat_reference(*case.args) for case in cases]  # before the kernel runs
+    for case, expected in zip(cases, references):
         prompt, wte, idx, wpe = case.args
         B, n = idx.shape
         n_p, D = prompt.shape
@@ -264,15 +316,16 @@ def check_concat_kernel(kernel) -> CheckResult:
         got = X.view.clone()
         problem = error or memory_problem(audit, [X], {"idx": "the token of row t >= n_p is idx[b, t - n_p], at "
                                                                   "IDX + b * n + (t - n_p)"})
+        gots.append(got if problem is None else None)  # an output worth comparing with the named mistakes
         if problem is None:
-            problem = unwritten(got, ("b", "t", "d")) or first_difference(
-                concat_reference(*case.args), got, dims=("b", "t", "d"), shape_doc="(B, n_p + n, D)",
-                atol=1e-6, rtol=1e-6)
-            if problem:
-                problem += "." + diagnose(CONCAT_MISTAKES, case.args, got, 1e-6, 1e-6)
+            problem = unwritten(got, ("b", "t", "d"), "x", written_mask(audit, X.view)) or first_difference(
+                expected, got, dims=("b", "t", "d"), shape_doc="(B, n_p + n, D)", atol=1e-6, rtol=1e-6, name="x")
         results.append((case, problem is None))
         if problem and first is None:
             first = (case, problem)
+    if first and "first difference" in first[1]:
+        first = (first[0], first[1].rstrip(".") + "." + diagnose_all(CONCAT_MISTAKES, cases, gots, 1e-6, 1e-6,
+                                                                     first=first[0]))
     return _report("concat_kernel", cases, results, first, audit_note(audit))
 
 
@@ -298,10 +351,15 @@ def batch_sum_reference(dx, n_p):
     return dx[:, :n_p].double().sum(dim=0).to(dx.dtype)  # (n_p, D), summed in float64
 
 
+def batch_sum_case(gen, B, n_p, n, D) -> Case:
+    return Case(dict(B=B, n_p=n_p, n=n, D=D), (torch.randn(B, n_p + n, D, generator=gen), n_p))
+
+
 def batch_sum_cases() -> list[Case]:
     gen = torch.Generator().manual_seed(6)
-    return [Case(dict(B=B, n_p=n_p, n=n, D=D), (torch.randn(B, n_p + n, D, generator=gen), n_p))
-            for B, n_p, n, D in [(3, 2, 3, 5), (1, 1, 1, 4), (4, 3, 1, 3)]]
+    fixed = [batch_sum_case(gen, *sizes) for sizes in [(3, 2, 3, 5), (1, 1, 1, 4), (4, 3, 1, 3)]]
+    return fixed + draw_cases(6, DRAWN_KERNEL_CASES, lambda g: batch_sum_case(
+        g, randint(g, 1, 6), randint(g, 1, 4), randint(g, 1, 5), randint(g, 1, 37)))
 
 
 def _rows_with_stride(dx, n_p, row_stride):
@@ -320,6 +378,8 @@ BATCH_SUM_MISTAKES = [
             lambda dx, n_p: _rows_with_stride(dx, n_p, n_p)),
     Mistake("the loop stops one example early (range(B - 1))",
             lambda dx, n_p: dx[:-1, :n_p].sum(dim=0)),
+    Mistake("the loop skips example b = 0 (range(1, B))",
+            lambda dx, n_p: dx[1:, :n_p].sum(dim=0)),
 ]
 
 
@@ -329,8 +389,9 @@ def check_batch_sum_kernel(kernel) -> CheckResult:
         import_triton()
     except ImportError:
         return failed("batch_sum_kernel", NO_TRITON)
-    cases, results, first, audit = batch_sum_cases(), [], None, None
-    for case in cases:
+    cases, results, first, audit, gots = batch_sum_cases(), [], None, None, []
+    references = [batch_sum_reference(*case.args) for case in cases]  # before the kernel runs
+    for case, expected in zip(cases, references):
         dx, n_p = case.args
         B, T, D = dx.shape
         runs = []
@@ -350,16 +411,22 @@ def check_batch_sum_kernel(kernel) -> CheckResult:
                        f"the programs then add in whatever order they finish, and dP changes in its last bits "
                        f"from run to run. Let one program own each row t and loop over b")
         problem = problem or memory_problem(audit, [DP])
+        gots.append(got if problem is None else None)
         if problem is None:
-            problem = unwritten(got, ("t", "d")) or first_difference(
-                batch_sum_reference(dx, n_p), got, dims=("t", "d"), shape_doc="(n_p, D)", atol=1e-5, rtol=1e-5)
-            if problem:
-                problem += "." + diagnose(BATCH_SUM_MISTAKES, case.args, got, 1e-5, 1e-5)
-        if problem is None and not torch.equal(got.view(torch.int32), runs[1][2].view.view(torch.int32)):
+            problem = unwritten(got, ("t", "d"), "dP", written_mask(audit, DP.view)) or first_difference(
+                expected, got, dims=("t", "d"), shape_doc="(n_p, D)", atol=1e-5, rtol=1e-5, name="dP")
+            if problem and "first difference" in problem and bool(
+                    ((got - expected).abs() <= 1e-2 * expected.abs().max()).all()):
+                problem += (". The values are all within 1% of the sum: is the accumulator in a lower precision "
+                            "(float16, bfloat16)? Accumulate in float32: tl.zeros((BLOCK_D,), dtype=tl.float32)")
+        if problem is None and not _equal(got.view(torch.int32), runs[1][2].view.view(torch.int32)):
             problem = "two runs on the same input gave different bits: the reduction is not deterministic"
         results.append((case, problem is None))
         if problem and first is None:
             first = (case, problem)
+    if first and "first difference" in first[1] and "within 1%" not in first[1]:
+        first = (first[0], first[1].rstrip(".") + "." + diagnose_all(BATCH_SUM_MISTAKES, cases, gots, 1e-5, 1e-5,
+                                                                     first=first[0]))
     note = audit_note(audit) + " Two runs gave identical bits, and no atomics were used."
     return _report("batch_sum_kernel", cases, results, first, note)
 
@@ -421,6 +488,9 @@ def launch_problem(launch: Launch) -> str | None:
     if T > WPE.shape[0]:
         return (f"the kernel was launched for n_p + n = {T} positions but wpe has only n_ctx = {WPE.shape[0]} rows: "
                 f"check n_p + n <= n_ctx and raise ValueError before the launch")
+    if a["X"].dtype != WTE.dtype:
+        return (f"x was allocated as {str(a['X'].dtype).replace('torch.', '')} for a wte of "
+                f"{str(WTE.dtype).replace('torch.', '')}: allocate x in wte's dtype (dtype=wte.dtype)")
     if a["P"].shape[1] != WTE.shape[1] or WPE.shape[1] != WTE.shape[1]:
         return (f"the kernel was launched with rows of different widths (P {tuple(a['P'].shape)}, wte "
                 f"{tuple(WTE.shape)}, wpe {tuple(WPE.shape)}): check that they share D and raise ValueError")
@@ -434,14 +504,33 @@ def launch_problem(launch: Launch) -> str | None:
 
 
 def launcher_cases():
-    """Valid inputs (the output is compared) and invalid ones (each must raise ValueError, never launch)."""
+    """Valid inputs (the output is compared) and invalid ones (each must raise ValueError, never launch).
+
+    The valid ones include a sequence that exactly fills wpe (n_p + n = n_ctx is allowed) and tables in float64
+    and float16 (x takes wte's dtype); the invalid ones are every case the spec names: a token id of V and of
+    -1, a sequence longer than wpe, and each of P and wpe with a width other than wte's."""
     gen = torch.Generator().manual_seed(7)
 
-    def inputs(B, n_p, n, D, V=7, n_ctx=None):
-        return (torch.randn(n_p, D, generator=gen), torch.randn(V, D, generator=gen),
-                torch.randint(0, V, (B, n), generator=gen), torch.randn(n_ctx or n_p + n + 2, D, generator=gen))
+    def inputs(B, n_p, n, D, V=7, n_ctx=None, dtype=torch.float32):
+        return (torch.randn(n_p, D, generator=gen, dtype=dtype), torch.randn(V, D, generator=gen, dtype=dtype),
+                torch.randint(0, V, (B, n), generator=gen),
+                torch.randn(n_ctx or n_p + n + 2, D, generator=gen, dtype=dtype))
 
-    valid = [Case(dict(B=2, n_p=2, n=3, D=5), inputs(2, 2, 3, 5)), Case(dict(B=1, n_p=1, n=1, D=8), inputs(1, 1, 1, 8))]
+    def draw(g):
+        B, n_p, n, D = randint(g, 1, 3), randint(g, 1, 3), randint(g, 1, 3), randint(g, 1, 19)
+        dtype = pick(g, [torch.float32, torch.float64, torch.float16])
+        fills = bool(randint(g, 0, 1))
+        args = (torch.randn(n_p, D, generator=g, dtype=dtype), torch.randn(5, D, generator=g, dtype=dtype),
+                torch.randint(0, 5, (B, n), generator=g),
+                torch.randn(n_p + n + (0 if fills else 3), D, generator=g, dtype=dtype))
+        notes = [{torch.float32: "", torch.float64: "fp64", torch.float16: "fp16"}[dtype]]
+        return Case(dict(B=B, n_p=n_p, n=n, D=D), args, ", ".join(x for x in notes + ["fills wpe"] * fills if x))
+
+    valid = [Case(dict(B=2, n_p=2, n=3, D=5), inputs(2, 2, 3, 5)), Case(dict(B=1, n_p=1, n=1, D=8), inputs(1, 1, 1, 8)),
+             Case(dict(B=2, n_p=2, n=2, D=6), inputs(2, 2, 2, 6, n_ctx=4), "fills wpe: n_p + n = n_ctx = 4"),
+             Case(dict(B=1, n_p=2, n=2, D=3), inputs(1, 2, 2, 3, dtype=torch.float64), "fp64"),
+             Case(dict(B=2, n_p=1, n=2, D=4), inputs(2, 1, 2, 4, dtype=torch.float16), "fp16")]
+    valid += draw_cases(7, 4, draw)
     invalid = []
     P, wte, idx, wpe = inputs(2, 2, 3, 5)
     idx_big, idx_neg = idx.clone(), idx.clone()
@@ -452,6 +541,10 @@ def launcher_cases():
     invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (P, wte, idx, wpe[:4]), "n_p + n = 5 > n_ctx = 4"))
     invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (torch.randn(2, 6, generator=gen), wte, idx, wpe),
                         "a prompt of width 6 for a table of width 5"))
+    invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (P, wte, idx, torch.randn(len(wpe), 6, generator=gen)),
+                        "a wpe of width 6 for a table of width 5"))
+    invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (P, wte, idx, torch.randn(len(wpe), 4, generator=gen)),
+                        "a wpe of width 4 for a table of width 5"))
     return valid, invalid
 
 

@@ -1,14 +1,20 @@
 """What a check returns, and the machinery every checker shares: cases, safe calls, the first difference.
 
-A checker tries a student's answer on a list of `Case`s (irregular shapes on purpose: B = 1 and B > 1,
-n_p = 1, odd D, n = 1), compares each output with a reference, and reports the first case that fails:
+A checker tries a student's answer on a list of `Case`s, compares each output with a reference, and reports
+the first case that fails, with the seed that drew it, so that the failure can be reproduced:
 
-    concat: not yet. Case B=2, n_p=1, n=3, D=7: first difference at (b=0, t=1, d=0): expected 0.4213,
-    got -0.1022 (12 of 56 entries differ). This is what you get when ...
+    concat: not yet. Case seed 1003, B=2, n_p=1, n=3, D=7: x: first difference at (b=0, t=1, d=0): expected
+    0.4213, got -0.1022 (12 of 56 entries differ). This is what you get when ...
 
-It never raises on a wrong answer: an exception inside the answer becomes the message of a failed result.
-When the output matches a known mistake (`Mistake`), the message names it; when every case with B = 1
-passes and a case with B > 1 fails, it says that too.
+The cases are a few hand-made edge cases plus draws from seeded generators (`draw_cases`): irregular sizes,
+B = 1 and B > 1, n_p = 1, a sequence that exactly fills the context, float64 and, where the spec allows it,
+float16. It never raises on a wrong answer: an exception inside the answer becomes the message of a failed
+result. When the outputs match a known mistake (`Mistake`) on every case, the message names it; when the
+failures are exactly the cases where one size exceeds 1, it says that too.
+
+The judge is kept out of the answer's reach: every reference output is computed before the answer is first
+called, and the comparisons use torch functions taken when this module was imported (`_isclose`, `_equal`,
+`_allclose`), so an answer (or a notebook cell) that patches `torch.allclose` cannot change a verdict.
 """
 from __future__ import annotations
 
@@ -17,6 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+# Taken once, when minipt.exercises is imported (before any student code runs): see the module docstring.
+_isclose, _equal, _allclose = torch.isclose, torch.equal, torch.allclose
 
 
 @dataclass
@@ -62,10 +71,35 @@ class Case:
     sizes: dict
     args: tuple
     note: str = ""  # what is special about the case: "fp64", "large logits", ...
+    seed: int | None = None  # the seed of the generator that drew the case (None: a hand-made case)
 
     def label(self) -> str:
         text = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        if self.seed is not None:
+            text = f"seed {self.seed}, {text}"
         return f"{text} ({self.note})" if self.note else text
+
+
+def draw_cases(base_seed: int, count: int, draw: Callable) -> list[Case]:
+    """`count` cases, case i drawn by `draw(generator, seed)` from its own generator seeded base_seed * 1000 + i:
+    a failing case can be drawn again from the seed in its label."""
+    cases = []
+    for i in range(count):
+        seed = base_seed * 1000 + i
+        case = draw(torch.Generator().manual_seed(seed))
+        case.seed = seed
+        cases.append(case)
+    return cases
+
+
+def pick(gen: torch.Generator, options: Sequence):
+    """One of `options`, drawn with `gen`."""
+    return options[int(torch.randint(0, len(options), (1,), generator=gen))]
+
+
+def randint(gen: torch.Generator, low: int, high: int) -> int:
+    """An int in [low, high], drawn with `gen`."""
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
 
 
 @dataclass
@@ -113,21 +147,24 @@ def index_text(index: Sequence[int], dims: Sequence[str]) -> str:
 
 
 def first_difference(expected: torch.Tensor, got, *, dims: Sequence[str], shape_doc: str,
-                     atol: float, rtol: float) -> str | None:
-    """None when `got` matches `expected`; else the first thing that differs: type, shape, dtype or a value."""
+                     atol: float, rtol: float, name: str = "") -> str | None:
+    """None when `got` matches `expected`; else the first thing that differs: type, shape, dtype or a value.
+    `name` (the tensor under test, e.g. "x") starts the message."""
+    head = f"{name}: " if name else ""
     if not isinstance(got, torch.Tensor):
-        return f"returned {type(got).__name__}, expected a tensor of shape {shape_doc} = {tuple(expected.shape)}"
+        return (f"{head}returned {type(got).__name__}, expected a tensor of shape {shape_doc} = "
+                f"{tuple(expected.shape)}")
     if got.shape != expected.shape:
-        return f"shape: expected {shape_doc} = {tuple(expected.shape)}, got {tuple(got.shape)}"
+        return f"{head}shape: expected {shape_doc} = {tuple(expected.shape)}, got {tuple(got.shape)}"
     if got.dtype != expected.dtype:
-        return f"dtype: expected {dtype_name(expected.dtype)}, got {dtype_name(got.dtype)}"
+        return f"{head}dtype: expected {dtype_name(expected.dtype)}, got {dtype_name(got.dtype)}"
     got = got.detach().cpu()
-    close = torch.isclose(got, expected, atol=atol, rtol=rtol)
+    close = _isclose(got, expected, atol=atol, rtol=rtol)
     if bool(close.all()):
         return None
     wrong = (~close).nonzero()
     first = tuple(int(i) for i in wrong[0])
-    return (f"first difference at {index_text(first, dims)}: expected {fmt(expected[first].item())}, "
+    return (f"{head}first difference at {index_text(first, dims)}: expected {fmt(expected[first].item())}, "
             f"got {fmt(got[first].item())} ({len(wrong)} of {expected.numel()} entries differ)")
 
 
@@ -139,7 +176,7 @@ def matches(out, got, atol: float, rtol: float) -> bool:
     """True when a mistake's output `out` is the student's output `got` (NaN equal to NaN)."""
     return (isinstance(out, torch.Tensor) and isinstance(got, torch.Tensor) and out.shape == got.shape
             and out.dtype == got.dtype
-            and bool(torch.isclose(got.detach().cpu(), out, atol=atol, rtol=rtol, equal_nan=True).all()))
+            and bool(_isclose(got.detach().cpu(), out, atol=atol, rtol=rtol, equal_nan=True).all()))
 
 
 def diagnose(mistakes: Sequence[Mistake], args: tuple, got, atol: float, rtol: float) -> str:
@@ -154,55 +191,95 @@ def diagnose(mistakes: Sequence[Mistake], args: tuple, got, atol: float, rtol: f
     return ""
 
 
-def size_hint(results: Sequence[tuple[Case, bool]]) -> str:
-    """'Passes every case with B = 1 ...' when the failures are exactly the cases where a size exceeds 1."""
-    for key in ("B", "n_p", "n", "N", "K"):
+def diagnose_all(mistakes: Sequence[Mistake], cases: Sequence[Case], gots: Sequence, atol: float,
+                 rtol: float, first: Case | None = None) -> str:
+    """'This is what you get when ...' for the first known mistake whose output equals the answer's on the first
+    failing case (`first`) and on every other case where both return something: a mistake that matches one
+    case by coincidence is not named."""
+    shown = [(case, got) for case, got in zip(cases, gots) if got is not None]
+    for mistake in mistakes:
+        agree = set()
+        for case, got in shown:
+            try:
+                out = mistake.fn(*fresh(case.args))
+            except Exception:  # noqa: BLE001 - a mistake that cannot run on this case says nothing about it
+                continue
+            if not matches(out, got, atol, rtol):
+                break
+            agree.add(id(case))
+        else:
+            if agree and (first is None or id(first) in agree):
+                return f" This is what you get when {mistake.explanation}."
+    return ""
+
+
+SIZE_WORDS = {"B": "the batch dimension (every example, not just the first)",
+              "n_p": "every prompt row, not just the first",
+              "n": "every input token, not just the first",
+              "N": "every row, not just the first"}
+
+
+def size_hint(results: Sequence[tuple[Case, bool]], words: dict | None = None) -> str:
+    """'Passes every case with B = 1 ...' when the failures are exactly the cases where one size exceeds 1.
+
+    Only one size may fit: when the failing cases are also those where another size exceeds 1, the hint would
+    guess, so it says nothing. `words` names what each size counts in this exercise (K: classes or prompts)."""
+    words = {**SIZE_WORDS, **(words or {})}
+    fits = []
+    for key in words:
         with_one = [ok for case, ok in results if case.sizes.get(key) == 1]
         with_more = [ok for case, ok in results if case.sizes.get(key, 1) > 1]
         if with_one and all(with_one) and with_more and not any(with_more):
-            what = {"B": "the batch dimension (every example, not just the first)",
-                    "n_p": "every prompt row, not just the first",
-                    "n": "every input token, not just the first",
-                    "N": "every row, not just the first",
-                    "K": "every prompt of the ensemble"}[key]
-            return f" Your answer passes every case with {key} = 1 and fails when {key} > 1: check {what}."
-    return ""
+            fits.append(key)
+    if len(fits) != 1:
+        return ""
+    key = fits[0]
+    return f" Your answer passes every case with {key} = 1 and fails when {key} > 1: check {words[key]}."
 
 
 def inputs_changed(before: tuple, after: tuple, names: Sequence[str]) -> str | None:
     """The name of the first input tensor the answer wrote into, if any."""
     for name, a, b in zip(names, before, after):
-        if isinstance(a, torch.Tensor) and not torch.equal(a, b):
+        if isinstance(a, torch.Tensor) and not _equal(a, b):
             return name
     return None
 
 
-def check_function(exercise: str, answer: Callable, cases: Sequence[Case], reference: Callable, *,
-                   arg_names: Sequence[str], dims: Sequence[str], shape_doc: str,
-                   mistakes: Sequence[Mistake] = (), atol: float = 1e-6, rtol: float = 1e-6) -> CheckResult:
-    """Try `answer` on every case against `reference`; report the first failure, named when we can."""
+def check_function(exercise: str, answer: Callable, cases: Sequence[Case], reference: Callable | None = None, *,
+                   arg_names: Sequence[str], dims: Sequence[str], shape_doc: str, name: str = "",
+                   mistakes: Sequence[Mistake] = (), atol: float = 1e-6, rtol: float = 1e-6,
+                   expected: Sequence[torch.Tensor] | None = None, tolerances: Callable | None = None,
+                   size_words: dict | None = None) -> CheckResult:
+    """Try `answer` on every case against the reference; report the first failure, named when we can.
+
+    The expected outputs (`expected`, or `reference` applied to each case) are all computed before the answer
+    is first called. `tolerances(case)` may give (atol, rtol) per case (float16 cases need looser ones)."""
     if not callable(answer):
         return failed(exercise, f"the answer must be a function, got {type(answer).__name__}")
-    results, first_failure = [], None
-    for case in cases:
-        expected = reference(*fresh(case.args))
+    if expected is None:
+        expected = [reference(*fresh(case.args)) for case in cases]
+    results, gots, first_failure = [], [], None
+    for case, want in zip(cases, expected):
+        a_tol, r_tol = tolerances(case) if tolerances else (atol, rtol)
         given = fresh(case.args)
         got, error = call_answer(answer, given)
-        problem = error or first_difference(expected, got, dims=dims, shape_doc=shape_doc, atol=atol, rtol=rtol)
+        problem = error or first_difference(want, got, dims=dims, shape_doc=shape_doc, atol=a_tol, rtol=r_tol,
+                                            name=name)
         if problem is None:
             changed = inputs_changed(case.args, given, arg_names)
             if changed:
                 problem = f"the answer wrote into its input `{changed}`; leave the inputs unchanged"
         results.append((case, problem is None))
+        gots.append(got.detach().cpu() if isinstance(got, torch.Tensor) else None)
         if problem and first_failure is None:
-            first_failure = (case, problem, got, error)
+            first_failure = (case, problem, error, a_tol, r_tol)
     tried = [case.label() for case in cases]
     if first_failure is None:
         return passed(exercise, f"{len(cases)} cases match the reference.", tried)
-    case, problem, got, error = first_failure
+    case, problem, error, a_tol, r_tol = first_failure
     message = f"Case {case.label()}: {problem.rstrip('.')}."
     if error is None:
-        message += diagnose(mistakes, case.args, got, atol, rtol)
-    message += size_hint(results)
+        message += diagnose_all(mistakes, cases, gots, a_tol, r_tol, first=case)
+    message += size_hint(results, size_words)
     message += f" Passed {sum(ok for _, ok in results)} of {len(cases)} cases."
     return failed(exercise, message, tried)

@@ -14,10 +14,12 @@ import functools
 import math
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from minipt import GPT, GPTConfig, PromptTuning
 
-from .result import Case, CheckResult, Mistake, call_answer, check_function, failed, fmt, passed
+from .result import (Case, CheckResult, Mistake, _allclose, _equal, call_answer, check_function, draw_cases, failed,
+                     fmt, passed, pick, randint)
 
 VOCAB, N_PROMPT = 24, 4
 
@@ -62,7 +64,7 @@ def one_thread():
 
 def first_change(model: GPT, before: dict) -> str | None:
     for name, t in model.state_dict().items():
-        if not torch.equal(t, before[name]):
+        if not _equal(t, before[name]):
             return f"{name} (max |change| {fmt((t - before[name]).abs().max().item())})"
     return None
 
@@ -80,8 +82,19 @@ def check_fix_snippet(answer) -> CheckResult:
     idx, targets = batch(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tried = [f"a 2-layer GPT (D=16, V={VOCAB}), one batch B=4, n=10, {SNIPPET_STEPS} steps"]
-    with one_thread():
-        out, error = call_answer(answer, (model, idx, targets, SNIPPET_STEPS))
+    steps_seen = []  # (optimizer, its tensors' values and gradients) at every optimizer.step() of the answer
+
+    def record(optimizer, args, kwargs):
+        held = [p for group in optimizer.param_groups for p in group["params"]]
+        steps_seen.append((optimizer, [(p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+                                       for p in held]))
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        with one_thread():
+            out, error = call_answer(answer, (model, idx, targets, SNIPPET_STEPS))
+    finally:
+        hook.remove()
     if error:
         return failed(exercise, f"the answer {error}.", tried)
     if not (isinstance(out, tuple) and len(out) == 2):
@@ -114,6 +127,9 @@ def check_fix_snippet(answer) -> CheckResult:
             and all(isinstance(v, float) and math.isfinite(v) for v in losses)):
         return failed(exercise, f"losses must be a list of {SNIPPET_STEPS} finite floats (loss.item() at each "
                                 f"step)", tried)
+    problem = snippet_loop_problem(model, idx, targets, steps_seen, prompt)
+    if problem:
+        return failed(exercise, problem, tried)
     if len(set(losses)) == 1:
         return failed(exercise, f"the loss never changed ({fmt(losses[0])} at every step): the optimizer's tensor "
                                 f"never received a gradient, so it is not the prompt the model uses (a copy, or a "
@@ -128,16 +144,53 @@ def check_fix_snippet(answer) -> CheckResult:
                             f"{fmt(losses[-1])}.", tried)
 
 
+def snippet_loop_problem(model, idx, targets, steps_seen, prompt) -> str | None:
+    """What is wrong with the loop itself, read from the optimizer steps it took: one optimizer for all steps,
+    and at each step the gradient of that step's loss alone (zero_grad between steps)."""
+    optimizers = {id(opt) for opt, _ in steps_seen}
+    if len(optimizers) > 1:
+        return (f"{len(optimizers)} optimizers took the {len(steps_seen)} steps: a new optimizer is made inside the "
+                f"loop, so Adam's running averages (and its step count) start over at every step. Make the optimizer "
+                f"once, before the loop.")
+    if len(steps_seen) != SNIPPET_STEPS:
+        return f"optimizer.step() was called {len(steps_seen)} times for {SNIPPET_STEPS} steps: call it once per step"
+    with torch.random.fork_rng(devices=[]), one_thread():
+        judge = PromptTuning(model, n_prompt=N_PROMPT, init="uniform", seed=0, backend="reference")
+    for step in (1, 2):  # the gradient each step used, against the gradient of that step's loss alone
+        (value, grad), = [(v, g) for v, g in steps_seen[step][1] if v.shape == prompt.shape] or [(None, None)]
+        (_, grad_before), = [(v, g) for v, g in steps_seen[step - 1][1] if v.shape == prompt.shape] or [(None, None)]
+        if grad is None or grad_before is None:
+            return None
+        with torch.no_grad():
+            judge.prompt.copy_(value)
+        judge.prompt.grad = None
+        judge(idx, targets)[1].backward()
+        fresh = judge.prompt.grad
+        if _allclose(grad, fresh, atol=1e-6, rtol=1e-4):
+            continue
+        if _allclose(grad, fresh + grad_before, atol=1e-6, rtol=1e-4):
+            return (f"at step {step}, prompt.grad is this step's gradient plus the previous one's: "
+                    f"optimizer.zero_grad() is never called, so the gradients of all earlier steps add up in .grad. "
+                    f"Call it once per step, before loss.backward().")
+        return None  # another loss than pt(idx, targets): the other checks below judge the outcome
+    return None
+
+
 # ---- training_loop ---------------------------------------------------------------------------------------
 
 LOOP = dict(steps=8, lr=0.1, warmup=3, max_norm=0.05)  # max_norm below the gradient's norm: clipping acts
-TOL = 1e-6  # the same operations in the same order give the same bits; this leaves room for rounding only
+TOL = 1e-6  # rounding: the same operations in another order (e.g. a scheduler's lr) differ in the last bits
+# The judge's own optimizer and clipping, taken at import: an answer that patches torch cannot move the reference.
+_AdamW, _clip_grad_norm_ = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_
 
 
 def reference_loop(pt, get_batch, steps, lr, warmup, max_norm, *, zero_grad=True, warmup_from=1,
                    clip="before", weight_decay=0.0, same_batch=False):
-    """The loop of the exercise; the keyword arguments switch on the mistakes the checker can name."""
-    optimizer = torch.optim.AdamW([pt.prompt], lr=lr, weight_decay=weight_decay)
+    """The loop of the exercise; the keyword arguments switch on the mistakes the checker can name.
+
+    clip="definition" clips as the definition reads, g * min(1, max_norm / ||g||): a correct answer too, whose
+    only difference from clip_grad_norm_ (which divides by ||g|| + 1e-6) is the size of the tolerance."""
+    optimizer = _AdamW([pt.prompt], lr=lr, weight_decay=weight_decay)
     losses = []
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -148,10 +201,13 @@ def reference_loop(pt, get_batch, steps, lr, warmup, max_norm, *, zero_grad=True
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip == "before":
-            torch.nn.utils.clip_grad_norm_([pt.prompt], max_norm)
+            _clip_grad_norm_([pt.prompt], max_norm)
+        if clip == "definition":
+            with torch.no_grad():
+                pt.prompt.grad.mul_((max_norm / pt.prompt.grad.norm()).clamp(max=1.0))
         optimizer.step()
         if clip == "after":  # too late: the step has used the unclipped gradient
-            torch.nn.utils.clip_grad_norm_([pt.prompt], max_norm)
+            _clip_grad_norm_([pt.prompt], max_norm)
         losses.append(loss.item())
     return losses
 
@@ -172,24 +228,59 @@ def loop_prompt_tuning(seed: int = 0) -> PromptTuning:
     return PromptTuning(tiny_model(seed), n_prompt=N_PROMPT, init="uniform", seed=seed, backend="reference")
 
 
+class Recorder:
+    """Stands in for get_batch: hands out get_batch(step) and keeps the prompt as it is when each step starts."""
+
+    def __init__(self, get_batch, pt):
+        self.get_batch, self.pt, self.calls, self.prompts = get_batch, pt, [], []
+
+    def __call__(self, step):
+        self.calls.append(step)
+        self.prompts.append(self.pt.prompt.detach().clone())
+        return self.get_batch(step)
+
+    def in_step_order(self, steps: int) -> bool:
+        return self.calls == list(range(steps))
+
+
 @functools.lru_cache(maxsize=None)
-def loop_outcome(slip: tuple = ()) -> tuple[tuple, torch.Tensor]:
-    """(losses, final prompt) of the reference loop, or of one of its mistakes: computed once per process."""
+def loop_outcome(slip: tuple = ()) -> tuple[tuple, tuple, torch.Tensor]:
+    """(losses, the prompt at the start of each step, the final prompt) of the reference loop or of one of its
+    mistakes: computed once per process."""
     pt = loop_prompt_tuning()
+    recorder = Recorder(batch, pt)
     with one_thread():
-        losses = reference_loop(pt, batch, **LOOP, **dict(slip))
-    return tuple(losses), pt.prompt.detach().clone()
+        losses = reference_loop(pt, recorder, **LOOP, **dict(slip))
+    return tuple(losses), tuple(recorder.prompts), pt.prompt.detach().clone()
+
+
+def loop_tolerances() -> tuple[list, list, float]:
+    """Per-step tolerances for the losses and the prompts, and the final prompt's: TOL plus ten times the gap
+    between the two correct ways to clip (clip_grad_norm_'s ||g|| + 1e-6 against ||g||), so the epsilon inside
+    a library call is never counted as a student's error, and a real slip (a gap of 1e-3 or more) still is."""
+    losses, prompts, final = loop_outcome()
+    d_losses, d_prompts, d_final = loop_outcome((("clip", "definition"),))
+    loss_tol = [TOL + 10 * abs(a - b) for a, b in zip(losses, d_losses)]
+    prompt_tol = [TOL + 10 * (a - b).abs().max().item() for a, b in zip(prompts, d_prompts)]
+    return loss_tol, prompt_tol, TOL + 10 * (final - d_final).abs().max().item()
 
 
 def check_training_loop(answer) -> CheckResult:
-    """answer(pt, get_batch, steps, lr, warmup, max_norm) -> losses: the reference loop, step for step."""
+    """answer(pt, get_batch, steps, lr, warmup, max_norm) -> losses: the reference loop, step by step.
+
+    Compared at every step: the prompt as the step starts (recorded when the answer calls get_batch(step)) and
+    the step's loss; then the final prompt. The reference is computed before the answer runs."""
     exercise = "training_loop"
     tried = ["a 2-layer GPT (D=16), uniform prompt (4, 16), " + ", ".join(f"{k}={v}" for k, v in LOOP.items())]
-    expected, ref_prompt = loop_outcome()
+    expected, ref_prompts, ref_prompt = loop_outcome()
+    loss_tol, prompt_tol, final_tol = loop_tolerances()
+    for slip in LOOP_MISTAKES:  # the mistakes' outcomes too, before the answer could patch anything
+        loop_outcome(tuple(sorted(slip[1].items())))
     pt = loop_prompt_tuning()
     before = {k: v.clone() for k, v in pt.model.state_dict().items()}
+    recorder = Recorder(batch, pt)
     with one_thread():  # as for the reference: the thread count can change the last bits of a matmul
-        got, error = call_answer(answer, (pt, batch, *LOOP.values()))
+        got, error = call_answer(answer, (pt, recorder, *LOOP.values()))
     if error:
         return failed(exercise, f"the answer {error}.", tried)
     if not (isinstance(got, (list, tuple)) and all(isinstance(v, float) for v in got)):
@@ -199,24 +290,33 @@ def check_training_loop(answer) -> CheckResult:
     changed = first_change(pt.model, before)
     if changed:
         return failed(exercise, f"the base model changed: {changed}; only pt.prompt may train", tried)
-    steps_off = [s for s in range(len(got)) if abs(got[s] - expected[s]) > TOL]
-    prompt_off = not torch.allclose(pt.prompt.detach(), ref_prompt, atol=TOL, rtol=TOL)
-    if not steps_off and not prompt_off:
-        return passed(exercise, f"{len(got)} losses and the final prompt match the reference loop "
-                                f"(loss {fmt(got[0])} -> {fmt(got[-1])}).", tried)
-    if steps_off:
-        s = steps_off[0]
-        message = f"step {s}: expected loss {fmt(expected[s])}, got {fmt(got[s])}."
-    else:
-        gap = (pt.prompt.detach() - ref_prompt).abs().max().item()
-        message = f"every loss matches, but the final prompt differs from the reference by up to {fmt(gap)}."
-    for explanation, flags in LOOP_MISTAKES:
-        losses, prompt = loop_outcome(tuple(sorted(flags.items())))
-        if (all(abs(a - b) <= TOL for a, b in zip(losses, got))
-                and torch.allclose(prompt, pt.prompt.detach(), atol=TOL, rtol=TOL)):
-            message += f" This is what you get when {explanation}."
+    final = pt.prompt.detach()
+    problem = None
+    for s in range(len(got)):
+        if s and recorder.in_step_order(len(got)):
+            gap = (recorder.prompts[s] - ref_prompts[s]).abs().max().item()
+            if gap > prompt_tol[s]:
+                problem = (f"pt.prompt after step {s - 1} (as step {s} starts) differs from the reference by up to "
+                           f"{fmt(gap)} (tolerance {fmt(prompt_tol[s])}); the losses up to step {s - 1} match.")
+                break
+        if abs(got[s] - expected[s]) > loss_tol[s]:
+            problem = f"step {s}: expected loss {fmt(expected[s])}, got {fmt(got[s])}."
             break
-    return failed(exercise, message, tried)
+    if problem is None:
+        gap = (final - ref_prompt).abs().max().item()
+        if gap <= final_tol:
+            return passed(exercise, f"{len(got)} losses, the prompt at every step and the final prompt match the "
+                                    f"reference loop (loss {fmt(got[0])} -> {fmt(got[-1])}; tolerance on the prompt "
+                                    f"{fmt(final_tol)}, from the 1e-6 inside clip_grad_norm_).", tried)
+        problem = (f"every loss matches, but the final prompt differs from the reference by up to {fmt(gap)} "
+                   f"(tolerance {fmt(final_tol)}).")
+    for explanation, flags in LOOP_MISTAKES:
+        losses, _, prompt = loop_outcome(tuple(sorted(flags.items())))
+        if (all(abs(a - b) <= t for a, b, t in zip(losses, got, loss_tol))
+                and (prompt - final).abs().max().item() <= final_tol):
+            problem += f" This is what you get when {explanation}."
+            break
+    return failed(exercise, problem, tried)
 
 
 # ---- vocab_init ------------------------------------------------------------------------------------------
@@ -229,17 +329,51 @@ def vocab_task():
     return wte, counts
 
 
+VOCAB_SEEDS = 300  # generator seeds per setting: each prompt is drawn 300 times
+FALSE_REJECTION = 1e-6  # the chance that a correct (uniform) answer fails the uniformity test, at most
+VOCAB_SETTINGS = [(1, 6), (4, 6), (3, 10)]  # (n_p, top_k); top_k = 10 is more than the 8 tokens that occur
+
+
+def binomial_range(trials: int, p: float, alpha: float) -> tuple[int, int]:
+    """(lo, hi): a Binomial(trials, p) count falls below lo, or above hi, with probability at most alpha (alpha/2
+    on each side), from the exact distribution (log-space terms, so 300 trials do not underflow)."""
+    log_pmf = [math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+               + (k * math.log(p) if k else 0.0) + ((trials - k) * math.log1p(-p) if k < trials else 0.0)
+               for k in range(trials + 1)]
+    pmf = [math.exp(v) for v in log_pmf]
+    lo, tail = 0, 0.0
+    while tail + pmf[lo] <= alpha / 2:
+        tail += pmf[lo]
+        lo += 1
+    hi, tail = trials, 0.0
+    while tail + pmf[hi] <= alpha / 2:
+        tail += pmf[hi]
+        hi -= 1
+    return lo, hi
+
+
 def check_vocab_init(answer) -> CheckResult:
-    """answer(wte (V, D), n_p, token_counts (V,), top_k, generator) -> P (n_p, D)."""
+    """answer(wte (V, D), n_p, token_counts (V,), top_k, generator) -> P (n_p, D).
+
+    Each draw is checked (distinct rows of wte, copied, from the top_k tokens that occur, reproducible with the
+    generator); then, over VOCAB_SEEDS seeds per setting, how often each candidate was drawn. A uniform draw of
+    n_p distinct tokens among k includes a given one with probability n_p / k, so its count over S seeds is
+    Binomial(S, n_p / k), whatever the other tokens do. Each count must fall inside the exact range that holds
+    it with probability 1 - FALSE_REJECTION / 20 (20 candidates are counted in all): by the union bound, a
+    correct answer fails with probability below FALSE_REJECTION = 1e-6. Drawing in proportion to the counts,
+    or from the top_k - 1, moves a count by about 8 standard deviations (n_p = 1, top_k = 6), far outside it.
+    """
     exercise = "vocab_init"
     wte, counts = vocab_task()
     ranked = torch.argsort(counts, descending=True, stable=True).tolist()
     rank = {i: r for r, i in enumerate(ranked)}
-    tried, picks = [], {}
-    for n_p, top_k in [(4, 6), (1, 6), (3, 10)]:  # top_k = 10 is more than the 8 tokens that occur
-        allowed = set(ranked[: min(top_k, int((counts > 0).sum()))])
-        tried.append(f"V=12, n_p={n_p}, top_k={top_k}, 8 seeds")
-        for seed in range(8):
+    candidates_in_all = sum(min(top_k, int((counts > 0).sum())) for _, top_k in VOCAB_SETTINGS)
+    tried = []
+    for n_p, top_k in VOCAB_SETTINGS:
+        allowed = ranked[: min(top_k, int((counts > 0).sum()))]
+        tried.append(f"V=12, n_p={n_p}, top_k={top_k}, {VOCAB_SEEDS} seeds")
+        drawn = dict.fromkeys(allowed, 0)  # candidate -> the number of seeds whose prompt holds it
+        for seed in range(VOCAB_SEEDS):
             P, error, given = _call_vocab(answer, wte, n_p, counts, top_k, seed, global_seed=seed)
             label = f"n_p={n_p}, top_k={top_k}, seed {seed}"
             if error:
@@ -263,25 +397,42 @@ def check_vocab_init(answer) -> CheckResult:
                 twice = next(i for i in ids if ids.count(i) > 1)
                 return failed(exercise, f"{label}: token {twice} was picked twice (ids {ids}): sample without "
                                         f"replacement (torch.randperm), so the prompt has n_p distinct tokens", tried)
-            outside = [i for i in ids if i not in allowed]
+            outside = [i for i in ids if i not in drawn]
             if outside:
                 i = outside[0]
                 why = ("never occurs in the corpus (count 0): special tokens and unseen ids are excluded"
                        if counts[i] == 0 else f"is only the {rank[i] + 1}th most frequent, outside the top_k = {top_k}")
                 return failed(exercise, f"{label}: token {i} (ids {ids}) {why}. Sample among the top_k most frequent "
                                         f"tokens that occur at all.", tried)
-            again, _, _ = _call_vocab(answer, wte, n_p, counts, top_k, seed, global_seed=seed + 100)
-            if not (isinstance(again, torch.Tensor) and torch.equal(again, P)):
-                return failed(exercise, f"{label}: two calls with generators seeded alike gave different prompts: "
-                                        f"draw with generator=generator, not the global random state", tried)
-            picks.setdefault((n_p, top_k), set()).add(tuple(sorted(ids)))
-        if n_p < len(allowed) and len(picks[(n_p, top_k)]) == 1:
+            if seed < 8:  # reproducible: the same seed under another global random state gives the same prompt
+                again, _, _ = _call_vocab(answer, wte, n_p, counts, top_k, seed, global_seed=seed + 100)
+                if not (isinstance(again, torch.Tensor) and _equal(again, P)):
+                    return failed(exercise, f"{label}: two calls with generators seeded alike gave different "
+                                            f"prompts: draw with generator=generator, not the global random state",
+                                  tried)
+            for i in ids:
+                drawn[i] += 1
+        if n_p < len(allowed) and max(drawn.values()) == VOCAB_SEEDS:
             return failed(exercise, f"n_p={n_p}, top_k={top_k}: every seed picks the same tokens "
-                                    f"{sorted(next(iter(picks[(n_p, top_k)])))}: sample them at random among the "
-                                    f"top_k (torch.randperm(k, generator=generator)) instead of taking the first "
-                                    f"n_p", tried)
-    return passed(exercise, "Distinct tokens, from the top_k that occur, copied exactly from wte, reproducible "
-                            "with the generator and different across seeds.", tried)
+                                    f"{sorted(i for i, c in drawn.items() if c == VOCAB_SEEDS)}: sample them at "
+                                    f"random among the top_k (torch.randperm(k, generator=generator)) instead of "
+                                    f"taking the first n_p", tried)
+        lo, hi = binomial_range(VOCAB_SEEDS, n_p / len(allowed), FALSE_REJECTION / candidates_in_all)
+        for i, c in drawn.items():
+            if not lo <= c <= hi:
+                advice = ("Is the last candidate left out (randint(0, k - 1), or [:top_k - 1])?" if c == 0 else
+                          "Draw uniformly among the candidates (torch.randperm), not in proportion to the counts.")
+                return failed(exercise, f"with n_p={n_p}, top_k={top_k}: token {i} (count {int(counts[i])}, "
+                                        f"frequency rank {rank[i] + 1}) was drawn in {c} of {VOCAB_SEEDS} seeds. "
+                                        f"A uniform draw of {n_p} of the "
+                                        f"{len(allowed)} candidates holds each in {VOCAB_SEEDS * n_p / len(allowed):.0f} "
+                                        f"on average, and in {lo} to {hi} except with probability "
+                                        f"{FALSE_REJECTION / candidates_in_all:.0e} (this test fails a correct "
+                                        f"answer with probability below {FALSE_REJECTION:.0e}). {advice}", tried)
+    return passed(exercise, f"Distinct tokens, from the top_k that occur, copied exactly from wte, reproducible with "
+                            f"the generator, and drawn uniformly: over {VOCAB_SEEDS} seeds per setting, every "
+                            f"candidate's count is inside its range (a correct answer fails this with probability "
+                            f"below {FALSE_REJECTION:.0e}).", tried)
 
 
 def _call_vocab(answer, wte, n_p, counts, top_k, seed, global_seed):
@@ -303,9 +454,24 @@ def label_init_reference(wte, label_ids):
 def label_init_cases() -> list[Case]:
     gen = torch.Generator().manual_seed(9)
     wte = torch.randn(10, 6, generator=gen)
-    return [Case(dict(K=K, D=6), (wte, labels), note) for K, labels, note in
-            [(2, [[3, 8], [5, 1, 2]], "labels of 2 and 3 tokens"), (1, [[0, 4]], "one label"),
-             (3, [[2, 9, 9], [7], [1, 6, 8, 3]], "labels of 3, 1 and 4 tokens")]]
+    fixed = [Case(dict(K=K, D=6), (wte, labels), note) for K, labels, note in
+             [(2, [[3, 8], [5, 1, 2]], "labels of 2 and 3 tokens"), (1, [[0, 4]], "one label"),
+              (3, [[2, 9, 9], [7], [1, 6, 8, 3]], "labels of 3, 1 and 4 tokens")]]
+
+    def draw(g):  # labels of 1 to 4 tokens, a token may repeat (" no" and " no." share a piece)
+        V, D, K = randint(g, 3, 15), randint(g, 1, 8), randint(g, 1, 5)
+        labels = [torch.randint(0, V, (randint(g, 1, 4),), generator=g).tolist() for _ in range(K)]
+        dtype = pick(g, [torch.float32, torch.float32, torch.float64])
+        note = "fp64, " if dtype == torch.float64 else ""
+        return Case(dict(K=K, D=D), (torch.randn(V, D, generator=g, dtype=dtype), labels),
+                    note + "label lengths " + "/".join(str(len(ids)) for ids in labels))
+    return fixed + draw_cases(9, 12, draw)
+
+
+def _padded_mean(wte, labels):
+    longest = max(len(ids) for ids in labels)
+    padded = torch.tensor([ids + [0] * (longest - len(ids)) for ids in labels])  # (K, longest), padded with id 0
+    return wte[padded].mean(dim=1)
 
 
 LABEL_MISTAKES = [
@@ -317,14 +483,22 @@ LABEL_MISTAKES = [
             lambda wte, labels: wte[torch.tensor([i for ids in labels for i in ids])].mean(0).expand(len(labels), -1)),
     Mistake("only the last token of each label is used",
             lambda wte, labels: torch.stack([wte[ids[-1]] for ids in labels])),
+    Mistake("the labels are padded to one length (with id 0) before the mean: a short label's mean then counts "
+            "the padding rows; average each label over its own tokens only", _padded_mean),
+    Mistake("every row is the first label's mean: row k is the mean of label k's tokens",
+            lambda wte, labels: wte[torch.tensor(labels[0])].mean(0).expand(len(labels), -1)),
+    Mistake("a token repeated within a label is counted once (set(ids)): the mean runs over the label's tokens "
+            "as they are, repeats included",
+            lambda wte, labels: torch.stack([wte[sorted(set(ids))].mean(0) for ids in labels])),
 ]
 
 
 def check_label_init(answer) -> CheckResult:
     """answer(wte (V, D), label_ids: list of K lists of token ids) -> (K, D): row k = mean of label k's rows."""
     return check_function("label_init", answer, label_init_cases(), label_init_reference,
-                          arg_names=("wte", "label_ids"), dims=("k", "d"), shape_doc="(K, D)",
-                          mistakes=LABEL_MISTAKES, atol=1e-6, rtol=1e-6)
+                          arg_names=("wte", "label_ids"), dims=("k", "d"), shape_doc="(K, D)", name="P",
+                          mistakes=LABEL_MISTAKES, atol=1e-6, rtol=1e-6,
+                          size_words={"K": "every class label, not just the first"})
 
 
 # ---- ensemble_vote ---------------------------------------------------------------------------------------
@@ -349,7 +523,21 @@ def ensemble_cases() -> list[Case]:
     tie_mean_vs_max = t([[[.95, .03, .02]], [[.34, .33, .33]], [[.1, .8, .1]], [[.1, .8, .1]]])  # 2 : 2
     tie_third_class = t([[[.5, .1, .4]], [[.05, .5, .45]]])  # 1 : 1, and class 2 has the largest mean
     sure_minority = t([[[.26, .25, .25, .24]]] * 3 + [[[.0, .97, .02, .01]]] * 2)  # 3 : 2, the 2 far surer
+    # 1 : 1; class 0 has the larger mean (.4955 vs .402), class 1 the larger geometric mean (.031 vs .057)
+    tie_mean_vs_geometric = t([[[.99, .004, .006]], [[.001, .8, .199]]])
+    # 1 : 1 : 1; class 2 has the largest mean: a tie-break among the first two classes only misses it
+    three_way_third = t([[[.34, .33, .33]], [[.33, .34, .33]], [[.0, .0, 1.]]])
+
+    def draw(g):  # few classes and an even K or so: ties between the most voted classes are common
+        K, N, C = randint(g, 1, 6), randint(g, 1, 6), randint(g, 2, 4)
+        return Case(dict(K=K, N=N, C=C), (random_with(g, K, N, C),))
+
+    def random_with(g, K, N, C):
+        return torch.randn(K, N, C, generator=g, dtype=torch.float64).mul(2).softmax(-1)
+
     return [
+        Case(dict(K=2, N=1, C=3), (tie_mean_vs_geometric,), "a 1 : 1 tie, mean and geometric mean disagree"),
+        Case(dict(K=3, N=1, C=3), (three_way_third,), "a 1 : 1 : 1 tie won by the third class"),
         Case(dict(K=3, N=5, C=3), (torch.cat([outvoted, three_way, random(3, 3, 3)], dim=1),),
              "a majority against the mean, a 1 : 1 : 1 tie"),
         Case(dict(K=4, N=1, C=3), (tie_mean_vs_max,), "a 2 : 2 tie"),
@@ -357,7 +545,7 @@ def ensemble_cases() -> list[Case]:
         Case(dict(K=1, N=5, C=4), (random(1, 5, 4),), "one prompt"),
         Case(dict(K=5, N=6, C=4), (torch.cat([sure_minority, random(5, 5, 4)], dim=1),),
              "a 3 : 2 majority against a surer minority"),
-    ]
+    ] + draw_cases(10, 12, draw)
 
 
 def _votes(probs):
@@ -365,6 +553,10 @@ def _votes(probs):
 
 
 ENSEMBLE_MISTAKES = [
+    Mistake("a tie goes to the highest class id: it must go to the tied class with the larger mean probability",
+            lambda p: p.shape[-1] - 1 - _votes(p).flip(-1).argmax(-1)),
+    Mistake("only the first prompt's prediction is used (probs[0].argmax(-1)): every prompt of the ensemble votes",
+            lambda p: p[0].argmax(-1)),
     Mistake("the mean probability decides alone (argmax of probs.mean(0)): a majority of prompts must win",
             lambda p: p.mean(0).argmax(-1)),
     Mistake("a tie goes to the lowest class id (argmax of the vote counts): it must go to the tied class with "
@@ -374,14 +566,38 @@ ENSEMBLE_MISTAKES = [
             lambda p: p.amax(0).masked_fill(_votes(p) != _votes(p).amax(-1, keepdim=True), -1.0).argmax(-1)),
     Mistake("the tie-break looks at every class, not only the tied ones (a class with fewer votes can win)",
             lambda p: (_votes(p) + p.mean(0) * p.shape[0]).argmax(-1)),
+    Mistake("a tie goes to the class the first prompt voted for: the rule is the tied class with the larger mean "
+            "probability over all K prompts",
+            lambda p: torch.where(_tied_count(p) > 1, _first_prompt_tied(p), _votes(p).argmax(-1))),
+    Mistake("a tie is broken by the geometric mean (the product of the probabilities), not the arithmetic mean",
+            lambda p: p.log().mean(0).masked_fill(_votes(p) != _votes(p).amax(-1, keepdim=True), -float("inf"))
+            .argmax(-1)),
+    Mistake("the tie-break compares only the two most voted classes (topk(2)): a tie of three or more classes "
+            "must compare all of them", lambda p: _top_two_tiebreak(p)),
 ]
+
+
+def _tied_count(p):
+    return (_votes(p) == _votes(p).amax(-1, keepdim=True)).sum(-1)  # (N,) how many classes share the top vote
+
+
+def _first_prompt_tied(p):
+    tied = _votes(p) == _votes(p).amax(-1, keepdim=True)  # (N, C)
+    first = p[0].argmax(-1)  # (N,)
+    return torch.where(tied.gather(-1, first[:, None])[:, 0], first, p.mean(0).masked_fill(~tied, -1).argmax(-1))
+
+
+def _top_two_tiebreak(p):
+    two = _votes(p).topk(2, dim=-1).indices if p.shape[-1] > 1 else _votes(p).argmax(-1, keepdim=True)  # (N, 2)
+    means = p.mean(0).gather(-1, two)
+    return two.gather(-1, means.argmax(-1, keepdim=True))[:, 0]
 
 
 def check_ensemble_vote(answer) -> CheckResult:
     """answer(probs (K, N, C)) -> (N,) int64: majority vote of K prompts, ties to the larger mean probability."""
     return check_function("ensemble_vote", answer, ensemble_cases(), ensemble_vote_reference,
                           arg_names=("probs",), dims=("i",), shape_doc="(N,)", mistakes=ENSEMBLE_MISTAKES,
-                          atol=0, rtol=0)
+                          atol=0, rtol=0, name="the votes", size_words={"K": "every prompt of the ensemble"})
 
 
 CHECKERS = {
