@@ -142,3 +142,15 @@ def test_a_model_whose_fingerprint_does_not_match_is_refused(tmp_path):
                  {"config": json.dumps(config), "fingerprint": meta["fingerprint"]})
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_model(tmp_path / "m.safetensors")
+
+
+def test_an_edited_adapter_config_of_a_folder_minipt_wrote_is_refused(tmp_path):
+    model = base()
+    _peft(model, tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config))  # the same content, laid out anew: still proven
+    PromptTuning.from_peft(model, tmp_path / "a")
+    config_path.write_text(json.dumps({**config, "num_layers": 3}))
+    with pytest.raises(CheckpointError, match="corrupted or was edited"):
+        PromptTuning.from_peft(model, tmp_path / "a")

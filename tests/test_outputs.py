@@ -39,6 +39,8 @@ def folder(tmp_path, monkeypatch):
     os.symlink("d.jsonl", "link-to-data.jsonl")
     os.link("d.jsonl", "hardlink-to-data.jsonl")
     os.symlink("p.safetensors", "link-to-prompt.safetensors")
+    Path("hfdir").mkdir()  # a Hugging Face model folder (hf:hfdir)
+    Path("hfdir/model.safetensors").write_bytes(b"a Hugging Face model's weights")
     Path("demo").mkdir()
     os.link("base.safetensors", "demo/prompt.safetensors")
     return tmp_path
@@ -72,6 +74,7 @@ COLLISIONS = [
     (TUNE + ["--out", "new.safetensors", "--checkpoint", "d.jsonl", "--overwrite"], ["--checkpoint", "--data"]),
     (TUNE + ["--out", "new.safetensors", "--peft-out", "pdir", "--base", "pdir/adapter_model.safetensors"],
      ["--peft-out", "--base"]),
+    (["tune", "--base", "hf:hfdir", "--task", "parity", "--out", "hfdir/model.safetensors"], ["--out", "--base"]),
     # tune: two outputs that are one file
     (TUNE + ["--out", "pdir/adapter_model.safetensors", "--peft-out", "pdir", "--overwrite"], ["--out", "--peft-out"]),
     (TUNE + ["--out", "new.safetensors", "--checkpoint", "new.safetensors"], ["--checkpoint", "--out"]),

@@ -109,7 +109,7 @@ def test_cli_tune_with_val_data_and_a_bad_line(tmp_path, tiny_base, capsys):
     assert main(args) == 0
     assert "10 training / 2 validation examples" in capsys.readouterr().out
     (tmp_path / "val.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "a", "output": 5}\n')
-    assert main(args[:-2] + [str(tmp_path / "p2.safetensors"), "--no-progress"]) == 2
+    assert main(args + ["--overwrite"]) == 2  # other data: another run, which may replace p.safetensors
     assert "val.jsonl:2: 'output' must be a string" in capsys.readouterr().err
 
 
@@ -134,6 +134,6 @@ def test_cli_label_init_on_classification_data_and_its_refusal_elsewhere(tmp_pat
     assert all(torch.allclose(pt.prompt[k], initial[k], atol=0.05) for k in range(2))  # 2 warmup steps move it < 0.05
     many = write_jsonl(tmp_path / "gen.jsonl", [{"input": f"x{i}", "output": f"y{i}"} for i in range(30)])
     capsys.readouterr()
-    assert main(["tune", "--data", str(many), "--base", str(tiny_base), "--init", "label", "--out",
-                 str(tmp_path / "p2.safetensors"), "--no-progress"]) == 2
+    assert main(["tune", "--data", str(many), "--base", str(tiny_base), "--init", "label", "--out", str(out),
+                 "--overwrite", "--no-progress"]) == 2
     assert "--init label needs classification data" in capsys.readouterr().err

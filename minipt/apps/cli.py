@@ -279,11 +279,18 @@ def claim_files(args, inputs: dict, outputs: dict, stamped: bool = True, may_exi
     may_exist: flags whose existing file is the command's own business (--checkpoint, see check_outputs)."""
     from ..outputs import claim_outputs, run_stamp
 
-    inputs = {flag: None if str(path or "").startswith("hf:") else path for flag, path in inputs.items()}
+    inputs = {flag: _hf_files(path) if str(path or "").startswith("hf:") else path for flag, path in inputs.items()}
     settings = {k: v for k, v in vars(args).items() if k not in NOT_IN_STAMP}
-    stamp = run_stamp(args.command, settings, inputs.values()) if stamped else None
+    stamp = run_stamp(args.command, settings, [p for p in inputs.values() if not isinstance(p, list)]) \
+        if stamped else None
     claim_outputs(inputs, outputs, stamp=stamp, overwrite=getattr(args, "overwrite", False), may_exist=may_exist)
     return stamp
+
+
+def _hf_files(base: str) -> list[Path]:
+    """The files of an hf:FOLDER base model (its weights, config, tokenizer), none for a hub name."""
+    folder = Path(base[len("hf:"):])
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
 def check_outputs(args, inputs: dict | None = None) -> str:
