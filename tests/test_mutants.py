@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from helpers import random_gpt
-from minipt import GPT, GPTConfig, PromptBank, PromptTuning
+from minipt import GPT, ByteTokenizer, GPTConfig, PromptBank, PromptTuning
 from minipt.apps.recipes import tune_prompt
 from minipt.checkpoint import CheckpointError, atomic_write, check_same_run
 from minipt.ensemble import majority_vote
 from minipt.model import sample_next
-from minipt.tasks import make_split
+from minipt.data import encode_example
+from minipt.tasks import Example, make_split
 from minipt.train import TrainConfig
+from minipt.userdata import DataError, check_fits, read_jsonl, split_validation
 
 # ---- model.py: sampling ------------------------------------------------------------------------------------
 
@@ -110,3 +112,59 @@ def test_a_saved_file_gets_the_usual_mode_not_the_temp_files_0600(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+# ---- userdata.py: the JSONL reader -------------------------------------------------------------------------
+
+
+def write(tmp_path, data: bytes):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(data)
+    return path
+
+
+def test_a_missing_data_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_errors_name_the_line_counted_from_one_and_the_byte_counted_from_one(tmp_path):
+    ok = b'{"input": "a", "output": "b"}\n'
+    with pytest.raises(DataError, match=r"d\.jsonl:3: not valid JSON"):
+        read_jsonl(write(tmp_path, ok + ok + b"{oops\n"))
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text \(byte 4 of the line\)"):
+        read_jsonl(write(tmp_path, ok + b'{"i\xff": 1}\n'))
+
+
+def test_windows_line_ends_and_a_byte_order_mark_are_read_as_text(tmp_path):
+    data = '\ufeff{"input": "a", "output": "b"}\r\n{"input": "c", "output": "d\\r"}\r\n'.encode()
+    assert read_jsonl(write(tmp_path, data)) == [Example("user", "a", "b"), Example("user", "c", "d\r")]
+
+
+@pytest.mark.parametrize("line, says", [
+    (b'[1, 2]', "got list"), (b'{"input": 3, "output": "b"}', "'input' must be a string, got int"),
+    (b'{"input": "a", "output": "b", "task": ""}', "'task' is empty"),
+])
+def test_a_bad_record_says_what_it_got(tmp_path, line, says):
+    with pytest.raises(DataError, match=rf"d\.jsonl:1: .*{says}"):
+        read_jsonl(write(tmp_path, line + b"\n"))
+
+
+def test_the_validation_split_bounds():
+    examples = [Example("user", str(i), "x") for i in range(3)]
+    assert split_validation(examples) == split_validation(examples, seed=0)  # the default split is seed 0's
+    for fraction in (0, 1, 1.5):
+        with pytest.raises(ValueError, match=rf"val_fraction must be in \(0, 1\), got {fraction}"):
+            split_validation(examples, fraction)
+    train, val = split_validation(examples[:2], 0.5)  # two records are enough: one each
+    assert len(train) == len(val) == 1
+    train, val = split_validation(examples, 0.99)  # at least one record is left to train on
+    assert (len(train), len(val)) == (1, 2)
+
+
+def test_a_record_that_exactly_fills_the_block_fits():
+    ex = Example("user", "ab", "c")
+    n = len(encode_example(ex, ByteTokenizer(), instruction=False)[0])
+    check_fits([ex], ByteTokenizer(), n_prompt=3, block_size=n + 3)
+    with pytest.raises(DataError, match=rf"^data:1: the record encodes to {n} tokens"):
+        check_fits([ex], ByteTokenizer(), n_prompt=4, block_size=n + 3)
