@@ -7,6 +7,7 @@
 # For maintainers:
 #   make test-latest   the suite in a second environment (.venv-latest) of the newest versions pyproject allows
 #   make lock          write requirements-lock.txt again from pyproject.toml (then run make test and commit)
+#   make mutate MODULE=minipt/serve.py   mutation testing of one module ([tool.mutmut] in pyproject.toml)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,7 +16,7 @@ LOCK   := requirements-lock.txt
 LATEST := .venv-latest
 TOOLS  := .venv-tools
 
-.PHONY: demo test lint test-latest lock clean
+.PHONY: demo test lint test-latest lock mutate clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -52,5 +53,17 @@ lock:
 	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --extra hf --universal --python-version 3.10 \
 		--constraint .ci/constraints.txt --no-emit-index-url --custom-compile-command "make lock" --output-file $(LOCK)
 
+# mutmut in the tools environment, which sees the test environment's packages (torch, minipt) through a .pth file.
+MUTMUT := $(TOOLS)/.mutmut-installed
+$(MUTMUT): $(STAMP)
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet "mutmut==3.8.1"
+	echo "import site; site.addsitedir('$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])')')" \
+		>$$($(TOOLS)/bin/python -c 'import site; print(site.getsitepackages()[0])')/minipt-test-env.pth
+	touch $(MUTMUT)
+
+mutate: $(MUTMUT)
+	$(TOOLS)/bin/python .ci/mutate.py $(MODULE)
+
 clean:
-	rm -rf $(VENV) $(LATEST) $(TOOLS) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(TOOLS) runs .pytest_cache mutants

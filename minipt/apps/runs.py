@@ -90,21 +90,18 @@ class Record(dict):
         raise ValueError(f"{self.where} has no field {name!r}: the file is damaged (move it away to start over)")
 
 
-def read_records(path: Path) -> dict:
-    """{"setup_id": str, "runs": {key: Record}} from a runs.json, or a ValueError that names the file."""
-    def damaged(why: str) -> ValueError:
-        return ValueError(f"{path}: {why}; not a record of finished runs (move it away to start over)")
-
+def read_records(path: Path) -> tuple[str, dict]:
+    """(setup_id, {key: Record}) from a runs.json, or a ValueError that names the file."""
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved, why = json.loads(path.read_text(encoding="utf-8")), 'expected {"setup_id": "...", "runs": {...}}'
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise damaged(f"not valid JSON ({e})") from None
-    if not (isinstance(saved, dict) and isinstance(saved.get("setup_id"), str) and isinstance(saved.get("runs"), dict)):
-        raise damaged('expected {"setup_id": "...", "runs": {...}}')
-    for key, record in saved["runs"].items():
-        if not isinstance(record, dict):
-            raise damaged(f"run {key!r} is a {type(record).__name__}, not a record")
-    return {"setup_id": saved["setup_id"], "runs": {k: Record(r, f"{path}: run {k!r}") for k, r in saved["runs"].items()}}
+        saved, why = None, f"not valid JSON ({e})"
+    ok = isinstance(saved, dict) and isinstance(saved.get("setup_id"), str) and isinstance(saved.get("runs"), dict)
+    bad = [f"run {k!r} is a {type(r).__name__}, not a record" for k, r in saved["runs"].items()
+           if not isinstance(r, dict)] if ok else [why]
+    if bad:
+        raise ValueError(f"{path}: {bad[0]}; not a record of finished runs (move it away to start over)")
+    return saved["setup_id"], {k: Record(r, f"{path}: run {k!r}") for k, r in saved["runs"].items()}
 
 
 @dataclass
@@ -124,9 +121,9 @@ class RunRecorder:
     def open(cls, work, setup: Setup, bases: dict[str, GPT]) -> "RunRecorder":
         recorder = cls(Path(work), setup.fingerprint(bases))
         if recorder.path.is_file():
-            saved = read_records(recorder.path)
-            if saved["setup_id"] == recorder.setup_id:
-                recorder.runs = saved["runs"]
+            setup_id, runs = read_records(recorder.path)
+            if setup_id == recorder.setup_id:
+                recorder.runs = runs
             else:
                 kept = recorder.set_aside()
                 print(f"{recorder.path} was made by another setup or other base models: starting over (the old "
@@ -134,20 +131,14 @@ class RunRecorder:
         return recorder
 
     def set_aside(self) -> Path:
-        """Rename runs.json (and prompts/) to the first free runs.old.json, runs.old-2.json, ...: an earlier
-        keep is never overwritten."""
-        n = 1
-        while any(p.exists() for p in self._kept(n)):
-            n += 1
-        runs, prompts = self._kept(n)
-        self.path.rename(runs)
+        """Rename runs.json (and prompts/) to the first free runs.old.json (prompts.old), runs.old-2.json, ...:
+        an earlier keep is never overwritten."""
+        tags = ("old" if n == 1 else f"old-{n}" for n in range(1, 10**6))
+        tag = next(t for t in tags if not any(p.exists() for p in (self.work / f"runs.{t}.json",
+                                                                    self.work / f"prompts.{t}")))
         if (self.work / "prompts").is_dir():
-            (self.work / "prompts").rename(prompts)
-        return runs
-
-    def _kept(self, n: int) -> tuple[Path, Path]:
-        tag = "old" if n == 1 else f"old-{n}"
-        return self.work / f"runs.{tag}.json", self.work / f"prompts.{tag}"
+            (self.work / "prompts").rename(self.work / f"prompts.{tag}")
+        return self.path.rename(self.work / f"runs.{tag}.json")
 
     def add(self, key: str, record: dict) -> None:
         self.runs[key] = record
