@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -58,9 +59,10 @@ def main(argv=None) -> int:
     except NotebookError as err:
         print(f"minipt exercises check: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: the kernel is shut down on the way out; one line, no traceback
-        print("\nminipt exercises check: interrupted; no grade", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C: the kernel was killed on the way out; one line, no traceback
+        print("\nminipt exercises check: interrupted; no grade", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # at once: no helper thread of the kernel client is left to wait for
     print(result.report())
     return 0 if result.all_passed else 1
 

@@ -98,8 +98,6 @@ def execute(path: Path, timeout: int = 120):
     import nbclient
     from nbclient.exceptions import DeadKernelError
 
-    from jupyter_core.utils import run_sync
-
     path = Path(path)
     nb = read_notebook(path)
     stopped, timed_out = None, []
@@ -114,8 +112,8 @@ def execute(path: Path, timeout: int = 120):
                                                             f"interrupted", "traceback": []},
             resources={"metadata": {"path": str(path.resolve().parent)}})
         start = time.perf_counter()
-        try:
-            with client.setup_kernel(env=kernel_env(results_file)):
+        with client.setup_kernel(env=kernel_env(results_file)):
+            try:
                 for index, cell in enumerate(nb.cells):
                     began = time.perf_counter()
                     try:
@@ -128,10 +126,11 @@ def execute(path: Path, timeout: int = 120):
                         cell.outputs = [o for o in cell.outputs if o.output_type != "error"]
                         timed_out.append(f"cell {index + 1}: ran longer than {timeout} s and was interrupted; "
                                          f"the cells after it still ran")
-        except KeyboardInterrupt:  # Ctrl-C: stop the kernel before leaving, so that it says nothing either
-            if client.km is not None:
-                run_sync(client.km.shutdown_kernel)(now=True)
-            raise
+            except KeyboardInterrupt:  # Ctrl-C: kill the kernel at once (no polite shutdown to wait for)
+                process = getattr(getattr(client.km, "provisioner", None), "process", None)
+                if process is not None:
+                    process.kill()
+                raise
         seconds = time.perf_counter() - start
         rows = []
         if os.path.exists(results_file):
