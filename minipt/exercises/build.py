@@ -118,8 +118,8 @@ def status(target: Path, text: str) -> str:
     except Exception:  # unreadable: nothing proves it is an untouched generated notebook
         return "filled"
     # untouched since it was generated, or its cells are the ones build writes now: replacing it loses nothing
-    untouched = cells_sha256(nb) in (recorded, cells_sha256(nbformat.reads(text, as_version=4)))
-    return "stale" if untouched else "filled"
+    now = json.loads(text).get("metadata", {}).get("minipt", {}).get("generated_cells_sha256") if text else None
+    return "stale" if cells_sha256(nb) in (recorded, now) else "filled"
 
 
 def plan(folder: Path | None = None) -> list[tuple[Path, str, str]]:
