@@ -67,3 +67,15 @@ def test_a_missing_solutions_folder_is_one_line(tmp_path, capsys):
     assert main(["build", "--folder", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no solution notebooks" in err
+
+
+def test_a_notebook_with_todays_cells_and_an_old_hash_is_stale_not_filled(tmp_path):
+    """A merge can bring today's cells with the hash of an older generation: replacing it loses nothing."""
+    folder = _copy(tmp_path)
+    path = folder / "01_math.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["minipt"]["generated_cells_sha256"] = "0" * 64
+    nbformat.write(nb, path)
+    assert [p.name for p in build(folder, check=True)] == ["01_math.ipynb"]
+    build(folder)
+    assert build(folder, check=True) == []

@@ -101,7 +101,8 @@ def status(target: Path, text: str) -> str:
     new      no such file yet
     fresh    the file is exactly the generated text
     stale    the file is an older generated notebook, untouched since (its cells still hash to the value
-             recorded in its metadata when it was generated): replacing it loses nothing
+             recorded in its metadata when it was generated), or its cells are those build writes now:
+             replacing it loses nothing
     filled   the file's cells differ from what was generated for it (a student's work, or an edit): never
              replaced without force
     """
@@ -116,7 +117,9 @@ def status(target: Path, text: str) -> str:
         recorded = nb.metadata.get("minipt", {}).get("generated_cells_sha256")
     except Exception:  # unreadable: nothing proves it is an untouched generated notebook
         return "filled"
-    return "stale" if recorded == cells_sha256(nb) else "filled"
+    # untouched since it was generated, or its cells are the ones build writes now: replacing it loses nothing
+    now = json.loads(text).get("metadata", {}).get("minipt", {}).get("generated_cells_sha256") if text else None
+    return "stale" if cells_sha256(nb) in (recorded, now) else "filled"
 
 
 def plan(folder: Path | None = None) -> list[tuple[Path, str, str]]:
