@@ -1,7 +1,9 @@
 """Behaviour that mutation testing (`make mutate MODULE=...`, README "Mutation testing") found unchecked: each
 test here fails on a bug the rest of the suite let through. Grouped by the module the bug was planted in."""
+import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ import torch.nn.functional as F
 from helpers import random_gpt
 from minipt import GPT, ByteTokenizer, GPTConfig, PromptBank, PromptTuning
 from minipt.apps.recipes import tune_prompt
-from minipt.checkpoint import CheckpointError, atomic_write, check_same_run
+from minipt.assets import load_base
+from minipt.checkpoint import (CheckpointError, atomic_write, check_same_run, file_kind, load_model, load_train_state,
+                               model_fingerprint, save_tensors, save_train_state)
 from minipt.ensemble import majority_vote
 from minipt.model import sample_next
 from minipt.data import encode_example
@@ -168,3 +172,69 @@ def test_a_record_that_exactly_fills_the_block_fits():
     check_fits([ex], ByteTokenizer(), n_prompt=3, block_size=n + 3)
     with pytest.raises(DataError, match=rf"^data:1: the record encodes to {n} tokens"):
         check_fits([ex], ByteTokenizer(), n_prompt=4, block_size=n + 3)
+
+
+# ---- checkpoint.py: what is written and read back ----------------------------------------------------------
+
+
+def test_a_training_checkpoint_of_nan_is_never_written(tmp_path):
+    path = tmp_path / "state.pt"
+    with pytest.raises(FloatingPointError, match=rf"not writing {path}: the trainable tensor 'prompt' holds NaN"):
+        save_train_state(path, {"step": 1, "trainable": {"prompt": torch.tensor([1.0, float("nan")])}})
+    assert not path.exists()
+
+
+class NotATensor:
+    pass
+
+
+def test_a_training_checkpoint_is_proven_before_it_is_used(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save({"kind": "something else", "step": 1}, path)  # a dict, but not ours
+    with pytest.raises(CheckpointError, match="is not a minipt training checkpoint"):
+        load_train_state(path)
+    torch.save({"kind": "minipt.train_state", "step": NotATensor()}, path)  # unpickling it would run code
+    with pytest.raises(CheckpointError, match="is not a readable training checkpoint"):
+        load_train_state(path)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path} is not a file"):
+        load_train_state(tmp_path)
+
+
+def test_the_message_of_another_run_shows_both_values_of_each_field(tmp_path):
+    with pytest.raises(CheckpointError, match=r"another run: a is 1 there, 2 in this run; b is None there, 3 in "
+                                              r"this run\. Use another"):
+        check_same_run({"a": 1}, {"a": 2, "b": 3}, tmp_path / "c.pt")
+
+
+def safetensors_bytes(header: bytes, claimed: int | None = None) -> bytes:
+    return (len(header) if claimed is None else claimed).to_bytes(8, "little") + header
+
+
+def test_a_safetensors_header_is_read_only_when_its_length_is_true(tmp_path):
+    path = tmp_path / "m.safetensors"
+    header = b'{"__metadata__": {"minipt.kind": "gpt"}}'
+    path.write_bytes(safetensors_bytes(header))  # the header ends exactly at the end of the file
+    assert file_kind(path) == "gpt"
+    path.write_bytes(safetensors_bytes(header, claimed=len(header) + 1))  # a length one byte past the end
+    assert file_kind(path) is None
+    path.write_bytes(safetensors_bytes(b'[1, 2]'))  # a header that is not a JSON object
+    assert file_kind(path) is None
+
+
+def test_the_fingerprint_covers_the_config_and_is_the_one_results_were_made_with():
+    a = random_gpt(dict(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=32), seed=0)
+    b = GPT(GPTConfig(**{**a.config.to_dict(), "n_head": 4}))
+    b.load_state_dict(a.state_dict())  # the same weights read with other heads: another model
+    assert model_fingerprint(a) != model_fingerprint(b)
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "lester-scale.json"
+    assert model_fingerprint(load_base()) == json.loads(results.read_text())["bases"]["tiny"]["fingerprint"]
+
+
+def test_weights_that_do_not_fit_name_the_mismatch(tmp_path):
+    model = random_gpt(dict(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=32), seed=0)
+    tensors = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"][:16]
+    save_tensors(tmp_path / "m.safetensors", tensors, kind="gpt", metadata={"config": json.dumps(model.config.to_dict())})
+    with pytest.raises(CheckpointError, match=r"do not fit the model config in the file \(size mismatch for "
+                                              r"transformer\.wpe\.weight"):
+        load_model(tmp_path / "m.safetensors")

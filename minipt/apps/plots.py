@@ -25,7 +25,7 @@ def _save(fig, path, dpi: int = 110):
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        fig.savefig(path, dpi=dpi, format="png")  # the format by name: atomic_write draws into a .tmp file
     return fig
 
 

@@ -217,13 +217,16 @@ def run_experiment(name: str, setup: Setup, bases: dict[str, GPT], planned: list
 
 def save_results(name: str, results_dir, files: dict[str, dict], figure_name: str, draw, summary: str = "",
                  meta: dict | None = None) -> None:
-    """Write each results file (JSON, atomically) and the figure (draw(path)) into results_dir, then print
-    the summary and what was written."""
+    """Write each results file (JSON) and the figure (draw(path), a PNG) into results_dir, each atomically,
+    then print the summary and what was written."""
     results_dir = Path(results_dir)
-    for filename, content in files.items():
-        text = json.dumps(content, indent=1) + "\n"
-        atomic_write(results_dir / filename, lambda tmp, text=text: Path(tmp).write_text(text))
-    draw(results_dir / figure_name)
+    try:
+        for filename, content in files.items():
+            text = json.dumps(content, indent=1) + "\n"
+            atomic_write(results_dir / filename, lambda tmp, text=text: Path(tmp).write_text(text))
+        atomic_write(results_dir / figure_name, draw)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("every run is finished and kept; the same command writes the results") from None
     if summary:
         print(summary)
     names = next(iter(files)) if len(files) == 1 else "{" + ",".join(files) + "}"
