@@ -24,6 +24,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+__all__ = ["STAMP_KEY", "claim_outputs", "run_stamp", "same_file", "stamp_of"]
+
 STAMP_KEY = "minipt.run_stamp"  # the safetensors metadata key that holds a file's run stamp
 
 
