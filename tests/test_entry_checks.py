@@ -69,7 +69,6 @@ def test_prompt_bank_arguments_are_checked_before_any_work(modules):
     (["serve", "--prompt", "t=a.safetensors", "--requests", "r.jsonl", "--max-batch", "0"], "--max-batch"),
     (["experiment", "lester", "--threads", "-1"], "--threads"),
     (["experiment", "lester", "--threads", "0"], "--threads"),
-    (["experiment", "lester-bases", "--sizes", "pico", "bogus"], "--sizes"),
 ])
 def test_command_line_counts_are_refused_while_parsing(argv, flag, capsys):
     with pytest.raises(SystemExit) as info:

@@ -230,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default runs/lester, or runs/lester-quick/work with --quick); "
                                   "seed-claims: likewise, default runs/seed-claims")
     p.add_argument("--out", default="runs/lester-bases", help="lester-bases: output folder (default %(default)s)")
-    p.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), metavar="SIZE",
-                   help=f"lester-bases: which sizes, of {', '.join(sorted(PRESETS))} (default: the whole ladder)")
+    p.add_argument("--sizes", nargs="+", help="lester-bases: which sizes (default: the whole ladder)")
     p.add_argument("--base", help="seed-claims: base model file (default: the shipped tiny model)")
     p.add_argument("--threads", type=count, help="torch threads for the run (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true")
