@@ -38,6 +38,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+__all__ = ["CheckpointError", "HASH_KEY", "TRAIN_STATE_KIND", "atomic_write", "check_output_dir", "check_output_path",
+           "check_same_run", "check_values", "file_kind", "load_tensors", "load_train_state", "model_fingerprint",
+           "model_tensors", "read_proven", "remove_stale_temps", "save_model", "save_tensors", "save_train_state",
+           "tensors_sha256"]
+
 
 class CheckpointError(ValueError):
     """A file that exists but cannot be used: corrupted, truncated, or made for something else."""

@@ -24,6 +24,8 @@ from .model import GPT
 from .prompt import PromptTuning
 from .tasks import Example
 
+__all__ = ["bank_logits", "check_bank", "ensemble_accuracy", "majority_vote"]
+
 
 @torch.no_grad()
 def bank_logits(model: GPT, prompts: torch.Tensor, idx: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -41,6 +41,8 @@ from .model import GPT, KVCache, check_sampling, decode
 from .prompt import PromptTuning
 from .tuned import base_identity, check_base
 
+__all__ = ["PromptBank", "RequestError", "check_max_batch", "read_requests"]
+
 
 class RequestError(ValueError):
     """A request that cannot be served; the message names the request (its 0-based number, also `.index`)."""

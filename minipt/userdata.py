@@ -24,6 +24,9 @@ from pathlib import Path
 from .data import encode_example
 from .tasks import Example
 
+__all__ = ["DataError", "KEYS", "check_fits", "read_jsonl", "read_objects", "select_task", "split_validation",
+           "training_data"]
+
 KEYS = ("input", "output", "task")
 
 
