@@ -7,6 +7,7 @@ reads its settings from the pyproject.toml of the folder it runs in, so each mod
 mutants/MODULE/, holding a copy of the sources and tests and a pyproject.toml that names that module and its tests.
 `mutmut results` and `mutmut show NAME` (run in that folder) list the survivors and show each one's change.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("minipt", "kernels", "tests", "benchmarks")
@@ -38,8 +40,11 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work / name, ignore_errors=True)
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     mutmut = {**config["tool"]["mutmut"], "only_mutate": [module], "pytest_add_cli_args_test_selection": table[module]}
-    (work / "pyproject.toml").write_text(toml_table("tool.mutmut", mutmut) + "\n" +
-                                         toml_table("tool.pytest.ini_options", config["tool"]["pytest"]["ini_options"]))
+    (work / "pyproject.toml").write_text(
+        toml_table("tool.mutmut", mutmut)
+        + "\n"
+        + toml_table("tool.pytest.ini_options", config["tool"]["pytest"]["ini_options"])
+    )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=work, env=env)
     subprocess.run([sys.executable, "-m", "mutmut", "results"], cwd=work, env=env)

@@ -24,6 +24,7 @@ between two runs says nothing; the profiler's memory timeline (torch.profiler, p
 peak of live tensors exactly. The table is printed and written to
 benchmarks/results/memory-<device>.csv (rows of other presets in that file are kept).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,13 @@ from pathlib import Path
 
 from minipt.apps.benchio import write_preset_csv
 
-CONFIGS = ("full fine-tuning", "naive prompt tuning", "minipt prompt tuning", "minipt prompt tuning, recompute",
-           "minipt P-tuning v2 (deep prefix)")
+CONFIGS = (
+    "full fine-tuning",
+    "naive prompt tuning",
+    "minipt prompt tuning",
+    "minipt prompt tuning, recompute",
+    "minipt P-tuning v2 (deep prefix)",
+)
 COLUMNS = ("trainable_params", "gradient_bytes", "optimizer_state_bytes", "saved_bytes", "peak_bytes", "ms_per_step")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,8 +59,11 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="training steps per row; the first one is not timed")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/memory-<device>.csv)")
-    ap.add_argument("--parse-only", action="store_true",
-                    help="check the arguments as a real run would, then exit (no device, no files)")
+    ap.add_argument(
+        "--parse-only",
+        action="store_true",
+        help="check the arguments as a real run would, then exit (no device, no files)",
+    )
     ap.add_argument("--worker", default=None, choices=CONFIGS, help=argparse.SUPPRESS)  # one row, in a subprocess
     return ap.parse_args(argv)
 
@@ -95,8 +104,13 @@ def build(config: str, cfg, args):
 
         module = PrefixTuning(model, n_prefix=args.n_prompt, init="normal")  # n_layer * 2 * n_prefix * D numbers
         return module.train(), [module.prefix]
-    module = PromptTuning(model, n_prompt=args.n_prompt, init="uniform", frozen_head=config.startswith("minipt"),
-                          recompute=config.endswith("recompute"))
+    module = PromptTuning(
+        model,
+        n_prompt=args.n_prompt,
+        init="uniform",
+        frozen_head=config.startswith("minipt"),
+        recompute=config.endswith("recompute"),
+    )
     if config == "naive prompt tuning":
         for p in model.parameters():
             p.requires_grad_(True)  # every weight requires grad; the optimizer still gets only the prompt
@@ -194,8 +208,15 @@ def fmt(column: str, value: float) -> str:
 
 def print_table(rows: dict[str, dict]) -> None:
     full = rows["full fine-tuning"]
-    headers = ("", "trainable", "gradients", "optimizer state", "saved for backward", "peak step memory",
-               "time per step")
+    headers = (
+        "",
+        "trainable",
+        "gradients",
+        "optimizer state",
+        "saved for backward",
+        "peak step memory",
+        "time per step",
+    )
     lines = [headers]
     for config, row in rows.items():
         cells = [config]
@@ -213,12 +234,23 @@ def write_csv(path: Path, preset: str, rows: dict[str, dict], command: str) -> N
     import torch
 
     full = rows["full fine-tuning"]
-    new_rows = [dict(preset=preset, config=config, **{c: f"{row[c]:.1f}" if c == "ms_per_step" else str(int(row[c])) for c in COLUMNS},
-                     **{f"{c}_ratio": f"{row[c] / full[c]:.4f}" if full[c] else "" for c in COLUMNS})
-                for config, row in rows.items()]
-    write_preset_csv(path, preset, new_rows, ["preset", "config", *COLUMNS, *(f"{c}_ratio" for c in COLUMNS)],
-                     f"{command}  (torch {torch.__version__}, {torch.get_num_threads()} threads)",
-                     "bench_memory.py: one training step, random weights, fp32, every input position supervised")
+    new_rows = [
+        dict(
+            preset=preset,
+            config=config,
+            **{c: f"{row[c]:.1f}" if c == "ms_per_step" else str(int(row[c])) for c in COLUMNS},
+            **{f"{c}_ratio": f"{row[c] / full[c]:.4f}" if full[c] else "" for c in COLUMNS},
+        )
+        for config, row in rows.items()
+    ]
+    write_preset_csv(
+        path,
+        preset,
+        new_rows,
+        ["preset", "config", *COLUMNS, *(f"{c}_ratio" for c in COLUMNS)],
+        f"{command}  (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        "bench_memory.py: one training step, random weights, fp32, every input position supervised",
+    )
 
 
 def main(argv=None) -> None:
@@ -228,24 +260,30 @@ def main(argv=None) -> None:
         from minipt import GPTConfig
 
         GPTConfig.preset(args.preset)  # an unknown preset is an error here too
-        print(f"parse-only: preset {args.preset}, device {args.device}, B={args.batch_size}, T={args.seq_len}, "
-              f"n_prompt={args.n_prompt}, {args.steps} steps")
+        print(
+            f"parse-only: preset {args.preset}, device {args.device}, B={args.batch_size}, T={args.seq_len}, "
+            f"n_prompt={args.n_prompt}, {args.steps} steps"
+        )
         return
     if args.worker is not None:
         print(json.dumps(measure(args.worker, args)))
         return
     command = "python benchmarks/bench_memory.py " + " ".join(argv)
-    print(f"{command}\npreset {args.preset}, B={args.batch_size}, T={args.seq_len}, n_prompt={args.n_prompt}, "
-          f"{args.steps} steps, fp32, {args.device}")
+    print(
+        f"{command}\npreset {args.preset}, B={args.batch_size}, T={args.seq_len}, n_prompt={args.n_prompt}, "
+        f"{args.steps} steps, fp32, {args.device}"
+    )
     rows = {config: run_row(config, argv) for config in CONFIGS}
     print_table(rows)
     naive, full = rows["naive prompt tuning"], rows["full fine-tuning"]
     for name in ("minipt prompt tuning", "minipt prompt tuning, recompute"):
         ours = rows[name]
-        print(f"{name}: saved for backward / naive {ours['saved_bytes'] / naive['saved_bytes']:.3f}, "
-              f"peak step memory / full fine-tuning {ours['peak_bytes'] / full['peak_bytes']:.3f}, "
-              f"step time / without recompute "
-              f"{ours['ms_per_step'] / rows['minipt prompt tuning']['ms_per_step']:.3f}")
+        print(
+            f"{name}: saved for backward / naive {ours['saved_bytes'] / naive['saved_bytes']:.3f}, "
+            f"peak step memory / full fine-tuning {ours['peak_bytes'] / full['peak_bytes']:.3f}, "
+            f"step time / without recompute "
+            f"{ours['ms_per_step'] / rows['minipt prompt tuning']['ms_per_step']:.3f}"
+        )
     out = Path(args.out) if args.out else RESULTS / f"memory-{args.device}.csv"
     write_csv(out, args.preset, rows, command)
     print(f"written to {out}")

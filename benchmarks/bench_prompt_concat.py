@@ -56,6 +56,7 @@ the copy as the roof. One row per config; `autotuned` marks the config the autot
 Written to benchmarks/results/prompt_concat_configs-<gpu>.csv. On the CPU (under TRITON_INTERPRET=1) the sweep
 checks every config against the eager chain on one tiny shape instead, and times nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,60 +72,136 @@ QUANTILES = [0.5, 0.2, 0.8]
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("eager", "compiled", "reference", "triton", "triton op", "copy")
 # (provider, mode) pairs a CUDA graph can capture: no host sync, no autograd backward issued on another stream
-CAPTURABLE = {(p, m) for p in ("copy", "triton") for m in ("fwd", "bwd", "fwd+bwd")} | {("eager", "fwd"),
-                                                                                       ("compiled", "fwd")}
+CAPTURABLE = {(p, m) for p in ("copy", "triton") for m in ("fwd", "bwd", "fwd+bwd")} | {
+    ("eager", "fwd"),
+    ("compiled", "fwd"),
+}
 GPU_PROVIDERS = ("eager", "compiled", "triton", "triton op", "copy")
 CPU_PROVIDERS = ("eager", "compiled", "reference", "copy")
 # (B, n, n_p, D). The issue's grid: D in {768, 1024, 1600, 4096}, n_p in {1, 20, 100}, n in {128, 512, 2048},
 # B in {1, 8, 32}. The default grid varies one size at a time around GPT-2 small at B=8, n=512, n_p=20, and
 # ends with the largest shape.
 FULL_GRID = list(itertools.product((1, 8, 32), (128, 512, 2048), (1, 20, 100), (768, 1024, 1600, 4096)))
-DEFAULT_GRID = [(8, 512, 20, 768), (8, 512, 20, 1024), (8, 512, 20, 1600), (8, 512, 20, 4096),
-                (8, 512, 1, 768), (8, 512, 100, 768), (8, 128, 20, 768), (8, 2048, 20, 768),
-                (1, 512, 20, 768), (32, 512, 20, 768), (32, 2048, 20, 768), (32, 2048, 100, 1600),
-                (32, 2048, 100, 4096)]
+DEFAULT_GRID = [
+    (8, 512, 20, 768),
+    (8, 512, 20, 1024),
+    (8, 512, 20, 1600),
+    (8, 512, 20, 4096),
+    (8, 512, 1, 768),
+    (8, 512, 100, 768),
+    (8, 128, 20, 768),
+    (8, 2048, 20, 768),
+    (1, 512, 20, 768),
+    (32, 512, 20, 768),
+    (32, 2048, 20, 768),
+    (32, 2048, 100, 1600),
+    (32, 2048, 100, 4096),
+]
 SMALL_GRID = [(8, 512, 20, 768), (32, 2048, 20, 768), (32, 2048, 100, 4096)]
 CPU_GRID = [(4, 128, 20, 768), (8, 512, 20, 768)]
 SMOKE_GRID = [(2, 16, 4, 64)]
 GRIDS = {"full": FULL_GRID, "default": DEFAULT_GRID, "small": SMALL_GRID, "cpu": CPU_GRID, "smoke": SMOKE_GRID}
 DTYPES = ("float32", "float16", "bfloat16")
-COLUMNS = ("device_name", "device", "mode", "dtype", "D", "n_p", "n", "B", "provider", "timer", "ms", "ms_q20",
-           "ms_q80", "gbps", "bytes", "copy_gbps", "frac_of_copy", "speedup_vs_eager", "torch", "triton", "date")
+COLUMNS = (
+    "device_name",
+    "device",
+    "mode",
+    "dtype",
+    "D",
+    "n_p",
+    "n",
+    "B",
+    "provider",
+    "timer",
+    "ms",
+    "ms_q20",
+    "ms_q80",
+    "gbps",
+    "bytes",
+    "copy_gbps",
+    "frac_of_copy",
+    "speedup_vs_eager",
+    "torch",
+    "triton",
+    "date",
+)
 
 
-SWEEP_COLUMNS = ("device_name", "device", "mode", "dtype", "D", "n_p", "n", "B", "config", "autotuned", "timer", "ms",
-                 "ms_q20", "ms_q80", "gbps", "bytes", "copy_gbps", "frac_of_copy", "torch", "triton", "date")
+SWEEP_COLUMNS = (
+    "device_name",
+    "device",
+    "mode",
+    "dtype",
+    "D",
+    "n_p",
+    "n",
+    "B",
+    "config",
+    "autotuned",
+    "timer",
+    "ms",
+    "ms_q20",
+    "ms_q80",
+    "gbps",
+    "bytes",
+    "copy_gbps",
+    "frac_of_copy",
+    "torch",
+    "triton",
+    "date",
+)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
-    ap.add_argument("--grid", default=None, choices=sorted(GRIDS),
-                    help="shapes (B, n, n_p, D): default on a GPU, cpu on the CPU (small, smoke for the sweep)")
+    ap.add_argument(
+        "--grid",
+        default=None,
+        choices=sorted(GRIDS),
+        help="shapes (B, n, n_p, D): default on a GPU, cpu on the CPU (small, smoke for the sweep)",
+    )
     ap.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated subset of {','.join(DTYPES)}")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)}")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    ap.add_argument("--cudagraph-below", type=float, default=16.0,
-                    help="GPU: also time capturable providers with do_bench_cudagraph when a mode's bytes "
-                         "model is under this many MiB (0: never)")
+    ap.add_argument(
+        "--cudagraph-below",
+        type=float,
+        default=16.0,
+        help="GPU: also time capturable providers with do_bench_cudagraph when a mode's bytes "
+        "model is under this many MiB (0: never)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="CPU: rounds over the providers, taken in turn")
     ap.add_argument("--min-run-time", type=float, default=0.2, help="CPU: seconds per provider per round")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
     ap.add_argument("--smoke", action="store_true", help="CPU, one tiny shape, fp32, no compile, one short round")
-    ap.add_argument("--sweep-configs", action="store_true",
-                    help="time every autotune config of the forward and backward kernels (GPU; a check on the CPU)")
-    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/prompt_concat-<device>.csv, "
-                                                "prompt_concat_configs-<gpu>.csv with --sweep-configs)")
+    ap.add_argument(
+        "--sweep-configs",
+        action="store_true",
+        help="time every autotune config of the forward and backward kernels (GPU; a check on the CPU)",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="CSV path (default benchmarks/results/prompt_concat-<device>.csv, "
+        "prompt_concat_configs-<gpu>.csv with --sweep-configs)",
+    )
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--parse-only", action="store_true",
-                    help="check the other arguments, print what would run and exit 0 (no device, no files)")
+    ap.add_argument(
+        "--parse-only",
+        action="store_true",
+        help="check the other arguments, print what would run and exit 0 (no device, no files)",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.device, args.grid, args.dtypes, args.no_compile = "cpu", "smoke", "float32", True
         args.rounds, args.min_run_time = 1, 0.02
-    for flag, value, allowed in (("--dtypes", args.dtypes, DTYPES), ("--modes", args.modes, MODES),
-                                 ("--providers", args.providers, PROVIDERS)):
+    for flag, value, allowed in (
+        ("--dtypes", args.dtypes, DTYPES),
+        ("--modes", args.modes, MODES),
+        ("--providers", args.providers, PROVIDERS),
+    ):
         unknown = [v.strip() for v in (value or "").split(",") if value is not None and v.strip() not in allowed]
         if unknown:
             ap.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
@@ -302,7 +379,8 @@ def time_cpu_round(fn, grad_to_none, min_run_time, threads):
         fn()
 
     m = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads).blocked_autorange(
-        min_run_time=min_run_time)
+        min_run_time=min_run_time
+    )
     return list(m.times)
 
 
@@ -341,7 +419,7 @@ def measure_case(case, providers, modes, args, device):
     else:
         times = {(p, m): [] for p in providers for m in modes}
         for r in range(args.rounds):
-            order = providers[r % len(providers):] + providers[: r % len(providers)]  # rotate who goes first
+            order = providers[r % len(providers) :] + providers[: r % len(providers)]  # rotate who goes first
             for mode in modes:
                 for p in order:
                     fn, gtn = fns[p][mode]
@@ -364,22 +442,63 @@ def rows_for(case, results, modes, common):
             roof = results.get(("copy (graph)" if graph else "copy", mode))  # the same timer
             eager = results.get(("eager (graph)" if graph else "eager", mode))
             copy_gbps = case.copy_bytes[mode] / (roof[0] * 1e-3) / 1e9 if roof else None
-            rows.append(dict(common, mode=mode, dtype=str(case.dtype).replace("torch.", ""), D=D, n_p=n_p, n=n, B=B,
-                             provider=p, timer=timer, ms=f"{ms:.5f}", ms_q20=f"{q20:.5f}", ms_q80=f"{q80:.5f}",
-                             gbps=f"{gbps:.5g}", bytes=moved, copy_gbps="" if copy_gbps is None else f"{copy_gbps:.5g}",
-                             frac_of_copy="" if copy_gbps is None else f"{gbps / copy_gbps:.3f}",
-                             speedup_vs_eager="" if eager is None else f"{eager[0] / ms:.3f}"))
+            rows.append(
+                dict(
+                    common,
+                    mode=mode,
+                    dtype=str(case.dtype).replace("torch.", ""),
+                    D=D,
+                    n_p=n_p,
+                    n=n,
+                    B=B,
+                    provider=p,
+                    timer=timer,
+                    ms=f"{ms:.5f}",
+                    ms_q20=f"{q20:.5f}",
+                    ms_q80=f"{q80:.5f}",
+                    gbps=f"{gbps:.5g}",
+                    bytes=moved,
+                    copy_gbps="" if copy_gbps is None else f"{copy_gbps:.5g}",
+                    frac_of_copy="" if copy_gbps is None else f"{gbps / copy_gbps:.3f}",
+                    speedup_vs_eager="" if eager is None else f"{eager[0] / ms:.3f}",
+                )
+            )
     return rows
 
 
 def print_rows(rows):
-    headers = ("mode", "dtype", "B", "n", "n_p", "D", "provider", "timer", "median ms [q20, q80]", "GB/s",
-               "of copy", "vs eager")
+    headers = (
+        "mode",
+        "dtype",
+        "B",
+        "n",
+        "n_p",
+        "D",
+        "provider",
+        "timer",
+        "median ms [q20, q80]",
+        "GB/s",
+        "of copy",
+        "vs eager",
+    )
     lines = [headers]
     for r in rows:
-        lines.append((r["mode"], r["dtype"], r["B"], r["n"], r["n_p"], r["D"], r["provider"], r["timer"],
-                      f"{float(r['ms']):.4f} [{float(r['ms_q20']):.4f}, {float(r['ms_q80']):.4f}]", r["gbps"],
-                      r["frac_of_copy"], r["speedup_vs_eager"] and f"{r['speedup_vs_eager']}x"))
+        lines.append(
+            (
+                r["mode"],
+                r["dtype"],
+                r["B"],
+                r["n"],
+                r["n_p"],
+                r["D"],
+                r["provider"],
+                r["timer"],
+                f"{float(r['ms']):.4f} [{float(r['ms_q20']):.4f}, {float(r['ms_q80']):.4f}]",
+                r["gbps"],
+                r["frac_of_copy"],
+                r["speedup_vs_eager"] and f"{r['speedup_vs_eager']}x",
+            )
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(headers))]
     for line in lines:
         print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
@@ -388,9 +507,16 @@ def print_rows(rows):
 def write_csv(path: Path, rows, command):
     from minipt.apps import benchio
 
-    benchio.write_csv(path, [f"# bench_prompt_concat.py: {command}",
-                             "# bytes model: fwd B*n*D*s + B*T*D*s + n_p*D*4 + T*D*s + B*n*8; bwd B*n_p*D*s + n_p*D*4; "
-                             "copy 2*nbytes; gbps = bytes / median time"], COLUMNS, rows)
+    benchio.write_csv(
+        path,
+        [
+            f"# bench_prompt_concat.py: {command}",
+            "# bytes model: fwd B*n*D*s + B*T*D*s + n_p*D*4 + T*D*s + B*n*8; bwd B*n_p*D*s + n_p*D*4; "
+            "copy 2*nbytes; gbps = bytes / median time",
+        ],
+        COLUMNS,
+        rows,
+    )
 
 
 def plot(path: Path, rows, title):
@@ -408,11 +534,15 @@ def plot(path: Path, rows, title):
             sel = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode]
             shapes = list(dict.fromkeys((r["B"], r["n"], r["n_p"], r["D"]) for r in sel))
             for provider in dict.fromkeys(r["provider"] for r in sel):
-                pts = [(shapes.index((r["B"], r["n"], r["n_p"], r["D"])), float(r["gbps"]))
-                       for r in sel if r["provider"] == provider]
+                pts = [
+                    (shapes.index((r["B"], r["n"], r["n_p"], r["D"])), float(r["gbps"]))
+                    for r in sel
+                    if r["provider"] == provider
+                ]
                 ax.plot(*zip(*pts), marker="o", label=provider, ls="--" if provider.startswith("copy") else "-")
-            ax.set_xticks(range(len(shapes)), [f"{B}x{n}+{p} D{D}" for B, n, p, D in shapes], rotation=60,
-                          ha="right", fontsize=7)
+            ax.set_xticks(
+                range(len(shapes)), [f"{B}x{n}+{p} D{D}" for B, n, p, D in shapes], rotation=60, ha="right", fontsize=7
+            )
             ax.set(title=f"{mode}, {dtype}", ylabel="GB/s (bytes model / median)")
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
@@ -426,8 +556,10 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.parse_only:
         what = "config sweep" if args.sweep_configs else "benchmark"
-        print(f"parse-only: {what}, device {args.device}, grid {args.grid or '(per device)'}, dtypes {args.dtypes}, "
-              f"modes {args.modes}, out {args.out or '(default)'}")
+        print(
+            f"parse-only: {what}, device {args.device}, grid {args.grid or '(per device)'}, dtypes {args.dtypes}, "
+            f"modes {args.modes}, out {args.out or '(default)'}"
+        )
         return []
     import torch
 
@@ -449,11 +581,15 @@ def main(argv=None) -> list[dict]:
     command = "python benchmarks/bench_prompt_concat.py " + " ".join(argv)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     common = dict(device_name=name, device=device, torch=torch.__version__, triton=triton_version(), date=date)
-    print(f"{command}\n{name} ({device}), torch {torch.__version__}, triton {triton_version()}, "
-          f"{len(grid)} shapes x {len(dtypes)} dtypes, providers {', '.join(providers)}")
+    print(
+        f"{command}\n{name} ({device}), torch {torch.__version__}, triton {triton_version()}, "
+        f"{len(grid)} shapes x {len(dtypes)} dtypes, providers {', '.join(providers)}"
+    )
     if device == "cpu":
-        print(f"CPU: {args.threads} threads, torch.utils.benchmark, {args.rounds} rounds. Triton figures need a GPU: "
-              "run this script with --device cuda (or benchmarks/gpu_check.sh) on one.")
+        print(
+            f"CPU: {args.threads} threads, torch.utils.benchmark, {args.rounds} rounds. Triton figures need a GPU: "
+            "run this script with --device cuda (or benchmarks/gpu_check.sh) on one."
+        )
     if "compiled" in providers and device == "cpu":
         print("torch.compile on the CPU builds C++ first: the first shape takes a while (--no-compile skips it)")
 
@@ -504,8 +640,10 @@ def sweep_configs(args, argv, device) -> list[dict]:
     dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",")]
     if device == "cpu":
         if not pc.TRITON_INTERPRET:
-            raise SystemExit("--sweep-configs times the compiled kernels: run it with --device cuda on a GPU "
-                             "(on the CPU, TRITON_INTERPRET=1 checks every config under the interpreter instead)")
+            raise SystemExit(
+                "--sweep-configs times the compiled kernels: run it with --device cuda on a GPU "
+                "(on the CPU, TRITON_INTERPRET=1 checks every config under the interpreter instead)"
+            )
         # The interpreter computes bf16 arithmetic wrongly (the + wpe): bf16 is checked on a GPU only.
         dtypes = [d for d in dtypes if d != torch.bfloat16] or [torch.float32]
         return check_configs_on_cpu(pc, dtypes, modes, GRIDS[args.grid or "smoke"])
@@ -515,14 +653,22 @@ def sweep_configs(args, argv, device) -> list[dict]:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     common = dict(device_name=name, device=device, torch=torch.__version__, triton=triton_version(), date=date)
     counts = {"fwd": len(pc.FWD_CONFIGS), "bwd": len(pc.BWD_CONFIGS)}
-    print(f"{command}\n{name}, torch {torch.__version__}, triton {triton_version()}: "
-          f"{' + '.join(f'{counts[m]} {m}' for m in modes)} configs x {len(grid)} shapes x {len(dtypes)} dtypes")
+    print(
+        f"{command}\n{name}, torch {torch.__version__}, triton {triton_version()}: "
+        f"{' + '.join(f'{counts[m]} {m}' for m in modes)} configs x {len(grid)} shapes x {len(dtypes)} dtypes"
+    )
     rows = sweep_rows(pc, grid, dtypes, modes, device, common)
     out = Path(args.out) if args.out else RESULTS / f"prompt_concat_configs-{slug(name)}.csv"
-    benchio.write_csv(out, [f"# bench_prompt_concat.py: {command}",
-                            "# one row per autotune config and one for the copy roof; bytes model as in "
-                            "prompt_concat-<gpu>.csv; autotuned: the config triton.autotune picks for the shape"],
-                      SWEEP_COLUMNS, rows)
+    benchio.write_csv(
+        out,
+        [
+            f"# bench_prompt_concat.py: {command}",
+            "# one row per autotune config and one for the copy roof; bytes model as in "
+            "prompt_concat-<gpu>.csv; autotuned: the config triton.autotune picks for the shape",
+        ],
+        SWEEP_COLUMNS,
+        rows,
+    )
     print(f"written to {out}")
     return rows
 
@@ -558,18 +704,37 @@ def sweep_rows(pc, grid, dtypes, modes, device, common, timer=None) -> list[dict
                 if mode == "fwd":  # the forward is exact; the batch sum agrees to rounding (fp32 sums)
                     torch.testing.assert_close(out, ref[mode], rtol=0, atol=0)
                 else:
-                    torch.testing.assert_close(out, ref[mode], rtol=1e-4, atol=1e-4 * max(1.0, B ** 0.5))
+                    torch.testing.assert_close(out, ref[mode], rtol=1e-4, atol=1e-4 * max(1.0, B**0.5))
                 timed.append((pc.config_name(config), config, timer(lambda c=config: launch(c), None)))
             copy_gbps = case.copy_bytes[mode] / (timed[0][2][0] * 1e-3) / 1e9
             for label, config, (ms, q20, q80) in timed:
                 moved = case.copy_bytes[mode] if config is None else case.bytes[mode]
                 gbps = moved / (ms * 1e-3) / 1e9
-                rows.append(dict(common, mode=mode, dtype=str(dtype).replace("torch.", ""), D=D, n_p=n_p, n=n, B=B,
-                                 config=label, autotuned="yes" if label == chosen else "", timer="do_bench",
-                                 ms=f"{ms:.5f}", ms_q20=f"{q20:.5f}", ms_q80=f"{q80:.5f}", gbps=f"{gbps:.5g}",
-                                 bytes=moved, copy_gbps=f"{copy_gbps:.5g}", frac_of_copy=f"{gbps / copy_gbps:.3f}"))
-                print(f"  {mode} {rows[-1]['dtype']:8s} B={B} n={n} n_p={n_p} D={D}  {label:36s} {ms:9.4f} ms "
-                      f"{gbps:9.1f} GB/s {gbps / copy_gbps:6.1%} of copy{'  <- autotuned' if label == chosen else ''}")
+                rows.append(
+                    dict(
+                        common,
+                        mode=mode,
+                        dtype=str(dtype).replace("torch.", ""),
+                        D=D,
+                        n_p=n_p,
+                        n=n,
+                        B=B,
+                        config=label,
+                        autotuned="yes" if label == chosen else "",
+                        timer="do_bench",
+                        ms=f"{ms:.5f}",
+                        ms_q20=f"{q20:.5f}",
+                        ms_q80=f"{q80:.5f}",
+                        gbps=f"{gbps:.5g}",
+                        bytes=moved,
+                        copy_gbps=f"{copy_gbps:.5g}",
+                        frac_of_copy=f"{gbps / copy_gbps:.3f}",
+                    )
+                )
+                print(
+                    f"  {mode} {rows[-1]['dtype']:8s} B={B} n={n} n_p={n_p} D={D}  {label:36s} {ms:9.4f} ms "
+                    f"{gbps:9.1f} GB/s {gbps / copy_gbps:6.1%} of copy{'  <- autotuned' if label == chosen else ''}"
+                )
         del case, ref, runs
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -580,8 +745,10 @@ def check_configs_on_cpu(pc, dtypes, modes, grid) -> list[dict]:
     """Every config under the interpreter on CPU tensors, against the eager chain: a check, no timing."""
     import torch
 
-    print(f"CPU: every config under the Triton interpreter at (B, n, n_p, D) in {grid}, checked against the eager "
-          "chain; nothing is timed (the interpreter's speed says nothing about the compiled kernel).")
+    print(
+        f"CPU: every config under the Triton interpreter at (B, n, n_p, D) in {grid}, checked against the eager "
+        "chain; nothing is timed (the interpreter's speed says nothing about the compiled kernel)."
+    )
     for (B, n, n_p, D), dtype in itertools.product(grid, dtypes):
         case = Case(B, n, n_p, D, dtype, "cpu", None)
         P, wte, idx, wpe, dy = case.P.detach(), case.wte, case.idx, case.wpe, case.dy
@@ -598,6 +765,7 @@ def check_configs_on_cpu(pc, dtypes, modes, grid) -> list[dict]:
                 torch.testing.assert_close(dp, ref, rtol=1e-5, atol=1e-5)
                 print(f"  bwd {str(dtype)[6:]:8s} {pc.config_name(config)}: equal to rounding")
     return []
+
 
 if __name__ == "__main__":
     main()

@@ -34,6 +34,7 @@ activations, counted once per row).
 
 Results are printed and written to benchmarks/results/train_step-<device>.csv (rows of other presets are kept).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,30 @@ CONFIGS = (PT_REF, PT_TRITON, FULL, PEFT)
 # Per preset: batch size, input tokens per example (the prompt comes on top). The gpt2 row is kept small
 # enough for a 2-core CPU (about a second per step); pass --batch-size/--seq-len for others.
 DEFAULT_SHAPES = {"gpt2": (2, 64), "tiny": (16, 108)}
-COLUMNS = ("preset", "config", "device", "dtype", "threads", "batch_size", "seq_len", "n_prompt", "steps",
-           "ms_per_step", "ms_q20", "ms_q80", "tokens_per_s", "ratio_to_peft", "paired_ratio_to_peft", "peak_bytes",
-           "loss", "loss_diff", "torch", "transformers", "peft", "date")
+COLUMNS = (
+    "preset",
+    "config",
+    "device",
+    "dtype",
+    "threads",
+    "batch_size",
+    "seq_len",
+    "n_prompt",
+    "steps",
+    "ms_per_step",
+    "ms_q20",
+    "ms_q80",
+    "tokens_per_s",
+    "ratio_to_peft",
+    "paired_ratio_to_peft",
+    "peak_bytes",
+    "loss",
+    "loss_diff",
+    "torch",
+    "transformers",
+    "peft",
+    "date",
+)
 
 
 def parse_args(argv=None):
@@ -73,18 +95,27 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per row, after one warm-up step")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU), the same for every row")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--hf-activation", default="gelu_new",
-                    help="HF GPT2Config.activation_function: gelu_new (as in the released GPT-2 configs) or "
-                         "gelu_pytorch_tanh (the fused tanh GELU minipt uses); both compute the same function")
-    ap.add_argument("--recompute", action="store_true",
-                    help="minipt rows recompute the frozen blocks in backward (PromptTuning(recompute=True))")
+    ap.add_argument(
+        "--hf-activation",
+        default="gelu_new",
+        help="HF GPT2Config.activation_function: gelu_new (as in the released GPT-2 configs) or "
+        "gelu_pytorch_tanh (the fused tanh GELU minipt uses); both compute the same function",
+    )
+    ap.add_argument(
+        "--recompute",
+        action="store_true",
+        help="minipt rows recompute the frozen blocks in backward (PromptTuning(recompute=True))",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-peft", action="store_true", help="skip the HF + PEFT row even when installed")
     ap.add_argument("--smoke", action="store_true", help="the smallest setting: nano, B=2, n=8, n_p=4, 2 steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/train_step-<device>.csv)")
-    ap.add_argument("--parse-only", action="store_true",
-                    help="check the arguments as a real run would, then exit (no device, no files)")
+    ap.add_argument(
+        "--parse-only",
+        action="store_true",
+        help="check the arguments as a real run would, then exit (no device, no files)",
+    )
     ap.add_argument("--worker", default=None, choices=CONFIGS, help=argparse.SUPPRESS)  # peak memory, one row
     args = ap.parse_args(argv)
     if args.smoke:
@@ -122,8 +153,7 @@ def minipt_config(args):
 
     base = GPTConfig.preset(args.preset)
     # the prompt needs n_prompt more positions; raise block_size where the preset is shorter (random weights)
-    return GPTConfig.preset(args.preset, block_size=max(base.block_size, args.n_prompt + args.seq_len),
-                            dropout=0.0)
+    return GPTConfig.preset(args.preset, block_size=max(base.block_size, args.n_prompt + args.seq_len), dropout=0.0)
 
 
 def build(config: str, base, prompt_init, args):
@@ -135,8 +165,9 @@ def build(config: str, base, prompt_init, args):
     lr = 1e-3
     if config in (PT_REF, PT_TRITON):
         backend = "reference" if config == PT_REF else "triton"
-        module = PromptTuning.from_tensor(copy.deepcopy(base), prompt_init, backend=backend,
-                                          recompute=args.recompute).train()
+        module = PromptTuning.from_tensor(
+            copy.deepcopy(base), prompt_init, backend=backend, recompute=args.recompute
+        ).train()
         params = [module.prompt]
 
         def forward(idx, targets, labels):
@@ -157,8 +188,9 @@ def build(config: str, base, prompt_init, args):
         from minipt.hf import to_hf
 
         hf = to_hf(base, args.hf_activation)
-        module = get_peft_model(hf, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                                       num_virtual_tokens=args.n_prompt)).train()
+        module = get_peft_model(
+            hf, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.n_prompt)
+        ).train()
         emb = module.prompt_encoder["default"].embedding.weight  # (n_p, D), the only trainable tensor
         with torch.no_grad():
             emb.copy_(prompt_init)
@@ -314,7 +346,7 @@ def measure_times(configs, args):
     for c in configs:  # warm-up step, and the first-step loss (same weights, same prompt: same loss)
         losses[c] = float(steps[c](idx, targets, labels))
     for r in range(args.steps):
-        order = configs[r % len(configs):] + configs[: r % len(configs)]  # rotate who goes first
+        order = configs[r % len(configs) :] + configs[: r % len(configs)]  # rotate who goes first
         for c in order:
             sync(args.device)
             t0 = time.perf_counter()
@@ -335,9 +367,15 @@ def package_version(name: str) -> str:
 
 def write_csv(path: Path, preset: str, new_rows: list[dict], command: str) -> None:
     """Rows of this preset replace earlier ones; other presets' rows and commands are kept."""
-    write_preset_csv(path, preset, new_rows, COLUMNS, command,
-                     "bench_train_step.py: one training step (forward, backward, AdamW), random weights, fp32; "
-                     "rows stepped alternately in one process")
+    write_preset_csv(
+        path,
+        preset,
+        new_rows,
+        COLUMNS,
+        command,
+        "bench_train_step.py: one training step (forward, backward, AdamW), random weights, fp32; "
+        "rows stepped alternately in one process",
+    )
 
 
 def main(argv=None) -> list[dict]:
@@ -347,8 +385,10 @@ def main(argv=None) -> list[dict]:
         from minipt import GPTConfig
 
         GPTConfig.preset(args.preset)  # an unknown preset is an error here too
-        print(f"parse-only: preset {args.preset}, device {args.device}, B={args.batch_size}, n={args.seq_len}, "
-              f"n_prompt={args.n_prompt}, {args.steps} steps{', recompute' if args.recompute else ''}")
+        print(
+            f"parse-only: preset {args.preset}, device {args.device}, B={args.batch_size}, n={args.seq_len}, "
+            f"n_prompt={args.n_prompt}, {args.steps} steps{', recompute' if args.recompute else ''}"
+        )
         return []
     if args.worker is not None:
         print(json.dumps(measure_memory(args.worker, args)))
@@ -360,8 +400,10 @@ def main(argv=None) -> list[dict]:
     configs = configs_for(args)
     command = "python benchmarks/bench_train_step.py " + " ".join(argv)
     B, n, n_p = args.batch_size, args.seq_len, args.n_prompt
-    print(f"{command}\npreset {args.preset}, B={B}, n={n}, n_prompt={n_p}, fp32, {args.device} "
-          f"({device_name(args.device)}), {args.threads} threads, {args.steps} timed steps per row, alternating")
+    print(
+        f"{command}\npreset {args.preset}, B={B}, n={n}, n_prompt={n_p}, fp32, {args.device} "
+        f"({device_name(args.device)}), {args.threads} threads, {args.steps} timed steps per row, alternating"
+    )
     if PEFT not in configs:
         print("HF + PEFT row skipped: " + ("--no-peft" if args.no_peft else "transformers and peft are not installed"))
     if args.device == "cpu":
@@ -371,8 +413,11 @@ def main(argv=None) -> list[dict]:
     peaks = {} if args.no_memory else {c: run_memory_row(c, argv) for c in configs}
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    versions = dict(torch=torch.__version__, transformers=package_version("transformers") if PEFT in configs else "",
-                    peft=package_version("peft") if PEFT in configs else "")
+    versions = dict(
+        torch=torch.__version__,
+        transformers=package_version("transformers") if PEFT in configs else "",
+        peft=package_version("peft") if PEFT in configs else "",
+    )
     tokens = B * n
     med = {c: statistics.median(times[c]) for c in configs}
     rows = []
@@ -380,34 +425,64 @@ def main(argv=None) -> list[dict]:
         ratio = (tokens / med[c]) / (tokens / med[PEFT]) if PEFT in configs else None
         paired = statistics.median(tp / tc for tp, tc in zip(times[PEFT], times[c])) if PEFT in configs else None
         diff = abs(losses[c] - losses[PT_REF]) if c != FULL else None  # full FT has no prompt: another loss
-        rows.append(dict(preset=args.preset, config=c, device=device_name(args.device), dtype="float32",
-                         threads=args.threads, batch_size=B, seq_len=n, n_prompt=n_p, steps=args.steps,
-                         ms_per_step=f"{1e3 * med[c]:.2f}", ms_q20=f"{1e3 * quantile(times[c], 0.2):.2f}",
-                         ms_q80=f"{1e3 * quantile(times[c], 0.8):.2f}", tokens_per_s=f"{tokens / med[c]:.1f}",
-                         ratio_to_peft="" if ratio is None else f"{ratio:.3f}",
-                         paired_ratio_to_peft="" if paired is None else f"{paired:.3f}",
-                         peak_bytes=peaks.get(c, ""), loss=f"{losses[c]:.6f}",
-                         loss_diff="" if diff is None else f"{diff:.2e}", date=date, **versions))
+        rows.append(
+            dict(
+                preset=args.preset,
+                config=c,
+                device=device_name(args.device),
+                dtype="float32",
+                threads=args.threads,
+                batch_size=B,
+                seq_len=n,
+                n_prompt=n_p,
+                steps=args.steps,
+                ms_per_step=f"{1e3 * med[c]:.2f}",
+                ms_q20=f"{1e3 * quantile(times[c], 0.2):.2f}",
+                ms_q80=f"{1e3 * quantile(times[c], 0.8):.2f}",
+                tokens_per_s=f"{tokens / med[c]:.1f}",
+                ratio_to_peft="" if ratio is None else f"{ratio:.3f}",
+                paired_ratio_to_peft="" if paired is None else f"{paired:.3f}",
+                peak_bytes=peaks.get(c, ""),
+                loss=f"{losses[c]:.6f}",
+                loss_diff="" if diff is None else f"{diff:.2e}",
+                date=date,
+                **versions,
+            )
+        )
 
     headers = ("", "ms/step [q20, q80]", "tokens/s", "vs PEFT", "peak memory", "trainable", "first loss")
     lines = [headers]
     for r, c in zip(rows, configs):
-        lines.append((c, f"{r['ms_per_step']} [{r['ms_q20']}, {r['ms_q80']}]", r["tokens_per_s"],
-                      f"{r['ratio_to_peft']}x" if r["ratio_to_peft"] else "-",
-                      f"{int(r['peak_bytes']) / 2**20:,.1f} MiB" if r["peak_bytes"] != "" else "-",
-                      f"{trainable[c]:,}", r["loss"]))
+        lines.append(
+            (
+                c,
+                f"{r['ms_per_step']} [{r['ms_q20']}, {r['ms_q80']}]",
+                r["tokens_per_s"],
+                f"{r['ratio_to_peft']}x" if r["ratio_to_peft"] else "-",
+                f"{int(r['peak_bytes']) / 2**20:,.1f} MiB" if r["peak_bytes"] != "" else "-",
+                f"{trainable[c]:,}",
+                r["loss"],
+            )
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(headers))]
     for line in lines:
-        print("  ".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w)
-                        for i, (cell, w) in enumerate(zip(line, widths))))
+        print(
+            "  ".join(
+                str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in enumerate(zip(line, widths))
+            )
+        )
     if PEFT in configs:
         d = abs(losses[PEFT] - losses[PT_REF])
         verdict = "ok" if d <= 1e-4 else "MISMATCH"
-        print(f"first-step loss, minipt {losses[PT_REF]:.6f} vs PEFT {losses[PEFT]:.6f}: |diff| = {d:.2e} "
-              f"({verdict}, tolerance 1e-4)")
+        print(
+            f"first-step loss, minipt {losses[PT_REF]:.6f} vs PEFT {losses[PEFT]:.6f}: |diff| = {d:.2e} "
+            f"({verdict}, tolerance 1e-4)"
+        )
         ours = rows[configs.index(PT_REF)]
-        print(f"minipt / PEFT tokens per second: {ours['ratio_to_peft']}x (medians), "
-              f"{ours['paired_ratio_to_peft']}x (median of per-round ratios)")
+        print(
+            f"minipt / PEFT tokens per second: {ours['ratio_to_peft']}x (medians), "
+            f"{ours['paired_ratio_to_peft']}x (median of per-round ratios)"
+        )
     out = Path(args.out) if args.out else RESULTS / f"train_step-{args.device}.csv"
     note = f"  (HF GPT-2 activation_function {args.hf_activation})" if PEFT in configs else ""
     write_csv(out, args.preset, rows, command + note)

@@ -3,6 +3,7 @@
 This folder is installed as `minipt.kernels` (pyproject's package-dir). It is never the top-level package
 `kernels`: that name belongs to Hugging Face's `kernels`, which transformers imports.
 """
+
 if __name__ == "kernels":
     # Python found this folder as a top-level `kernels` because the repository root is first on sys.path
     # (`python -m pytest`, `python -m minipt` or a script run from the root). A folder with an `__init__.py` wins

@@ -40,8 +40,8 @@ References: Lester, Al-Rfou, Constant, "The Power of Scale for Parameter-Efficie
 (EMNLP 2021); the Triton tutorials (vector add, fused softmax); Liger-Kernel (linkedin/Liger-Kernel);
 PyTorch "Python custom operators" (torch.library.custom_op).
 """
+
 import contextlib
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -241,12 +241,8 @@ FWD_INTERPRETER_CONFIG = 4  # index into the configs: (32, 256, 8)
 BWD_INTERPRETER_CONFIG = 2  # (8, 512, 4)
 
 if HAS_TRITON:
-    FWD_CONFIGS = tuple(
-        triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in FWD_CONFIG_SPECS
-    )
-    BWD_CONFIGS = tuple(
-        triton.Config({"BLOCK_B": b, "BLOCK_D": d}, num_warps=w) for b, d, w in BWD_CONFIG_SPECS
-    )
+    FWD_CONFIGS = tuple(triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in FWD_CONFIG_SPECS)
+    BWD_CONFIGS = tuple(triton.Config({"BLOCK_B": b, "BLOCK_D": d}, num_warps=w) for b, d, w in BWD_CONFIG_SPECS)
 
     def _autotune_bench(fn, quantiles):
         """Triton's do_bench with a shorter warm-up and fewer repetitions than its defaults (25 and
@@ -260,10 +256,12 @@ if HAS_TRITON:
     # argument to the key itself) is tuned again, once; the batch size is not in the key, so the
     # choice made for one B serves every B. The grid depends on the config (BLOCK_T, BLOCK_D),
     # which is why the launchers pass it as a function of the config's meta-parameters.
-    _prompt_concat_fwd_tuned = triton.autotune(configs=list(FWD_CONFIGS), key=["n", "D"],
-                                               do_bench=_autotune_bench)(_prompt_concat_fwd_kernel)
-    _prompt_concat_bwd_tuned = triton.autotune(configs=list(BWD_CONFIGS), key=["B", "R", "D"],
-                                               do_bench=_autotune_bench)(_prompt_concat_bwd_kernel)
+    _prompt_concat_fwd_tuned = triton.autotune(configs=list(FWD_CONFIGS), key=["n", "D"], do_bench=_autotune_bench)(
+        _prompt_concat_fwd_kernel
+    )
+    _prompt_concat_bwd_tuned = triton.autotune(
+        configs=list(BWD_CONFIGS), key=["B", "R", "D"], do_bench=_autotune_bench
+    )(_prompt_concat_bwd_kernel)
 else:  # pragma: no cover - exercised on machines without Triton
     FWD_CONFIGS = BWD_CONFIGS = ()
 
@@ -437,8 +435,8 @@ def _prompt_concat_op(
     prompt: torch.Tensor,
     wte: torch.Tensor,
     idx: torch.Tensor,
-    wpe: Optional[torch.Tensor],
-    prompt_index: Optional[torch.Tensor],
+    wpe: torch.Tensor | None,
+    prompt_index: torch.Tensor | None,
     use_triton: bool,
     check_ids: bool,
 ) -> torch.Tensor:
@@ -459,7 +457,7 @@ def _(prompt, wte, idx, wpe, prompt_index, use_triton, check_ids):
 @torch.library.custom_op("minipt::prompt_concat_batch_sum", mutates_args=())
 def _batch_sum_op(
     dx: torch.Tensor,
-    prompt_index: Optional[torch.Tensor],
+    prompt_index: torch.Tensor | None,
     K: int,
     R: int,
     out_dtype: torch.dtype,
@@ -537,15 +535,11 @@ def _check_inputs(prompt, wte, idx, wpe, prompt_index):
     for name in ("prompt", "wte", "wpe"):
         t = named[name]
         if t is not None and t.dtype not in TABLE_DTYPES:
-            raise TypeError(
-                f"{name} has unsupported dtype {t.dtype}; expected one of {_dtype_names(TABLE_DTYPES)}"
-            )
+            raise TypeError(f"{name} has unsupported dtype {t.dtype}; expected one of {_dtype_names(TABLE_DTYPES)}")
     for name in ("idx", "prompt_index"):
         t = named[name]
         if t is not None and t.dtype not in ID_DTYPES:
-            raise TypeError(
-                f"{name} must hold integer ids (int32 or int64), got dtype {t.dtype}"
-            )
+            raise TypeError(f"{name} must hold integer ids (int32 or int64), got dtype {t.dtype}")
     devices = {name: t.device for name, t in named.items() if t is not None}
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{name} on {device}" for name, device in devices.items())
@@ -571,15 +565,11 @@ def _check_inputs(prompt, wte, idx, wpe, prompt_index):
                 "prompt_index (B,) must say which prompt each example uses"
             )
         if prompt_index.shape != (B,):
-            raise ValueError(
-                f"prompt_index must have shape (B,) = ({B},), got {tuple(prompt_index.shape)}"
-            )
+            raise ValueError(f"prompt_index must have shape (B,) = ({B},), got {tuple(prompt_index.shape)}")
         if prompt.shape[0] == 0:
             raise ValueError("prompt is an empty bank (K == 0)")
     else:
-        raise ValueError(
-            f"prompt must be (n_p, D) or a bank (K, n_p, D), got shape {tuple(prompt.shape)}"
-        )
+        raise ValueError(f"prompt must be (n_p, D) or a bank (K, n_p, D), got shape {tuple(prompt.shape)}")
     n_p, D = prompt.shape[-2:]
     if n_p == 0:
         raise ValueError("prompt has no rows (n_p == 0); prompt_concat needs n_p >= 1")
@@ -595,9 +585,7 @@ def _check_inputs(prompt, wte, idx, wpe, prompt_index):
         if wpe.dtype != wte.dtype:
             raise TypeError(f"wpe dtype {wpe.dtype} must match wte dtype {wte.dtype}")
         if n_p + n > wpe.shape[0]:
-            raise ValueError(
-                f"n_p + n = {n_p} + {n} = {n_p + n} positions exceed wpe's {wpe.shape[0]} rows"
-            )
+            raise ValueError(f"n_p + n = {n_p} + {n} = {n_p + n} positions exceed wpe's {wpe.shape[0]} rows")
 
 
 def _id_ranges(prompt, wte, idx, prompt_index):
@@ -667,9 +655,7 @@ def _resolve_backend(backend, device):
     else:
         reason = f"Triton does not run on {device.type} tensors"
     if backend == "triton":
-        raise RuntimeError(
-            f"backend='triton' cannot run here: {reason}; use backend='reference' or 'auto'"
-        )
+        raise RuntimeError(f"backend='triton' cannot run here: {reason}; use backend='reference' or 'auto'")
     return False
 
 

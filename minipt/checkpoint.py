@@ -22,6 +22,7 @@ Training state (`save_train_state`) carries the identity of its run (`run`: task
 fingerprint, n_prompt, init, the training config, the trainable tensors' names and shapes); `check_same_run`
 refuses to resume a different run and says which field differs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,17 +32,34 @@ import os
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "HASH_KEY", "TRAIN_STATE_KIND", "atomic_write", "check_output_dir", "check_output_path",
-           "check_same_run", "check_values", "file_kind", "load_tensors", "load_train_state", "model_fingerprint",
-           "model_tensors", "read_proven", "remove_stale_temps", "save_model", "save_tensors", "save_train_state",
-           "tensors_sha256"]
+__all__ = [
+    "CheckpointError",
+    "HASH_KEY",
+    "TRAIN_STATE_KIND",
+    "atomic_write",
+    "check_output_dir",
+    "check_output_path",
+    "check_same_run",
+    "check_values",
+    "file_kind",
+    "load_tensors",
+    "load_train_state",
+    "model_fingerprint",
+    "model_tensors",
+    "read_proven",
+    "remove_stale_temps",
+    "save_model",
+    "save_tensors",
+    "save_train_state",
+    "tensors_sha256",
+]
 
 
 class CheckpointError(ValueError):
@@ -95,7 +113,7 @@ def remove_stale_temps(path) -> list[Path]:
     if not path.parent.is_dir():
         return removed
     for tmp in path.parent.glob(f"{_temp_prefix(path)}*.tmp"):
-        pid = tmp.name[len(_temp_prefix(path)):].split(".")[0]
+        pid = tmp.name[len(_temp_prefix(path)) :].split(".")[0]
         if pid.isdigit() and not _process_runs(int(pid)) and tmp.is_file():
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
@@ -237,8 +255,9 @@ def check_values(tensors: dict[str, torch.Tensor], path) -> None:
     """Trained numbers are floating point and finite: a file of ints, bools, NaN or inf is refused by name."""
     for name, t in tensors.items():
         if not t.is_floating_point():
-            raise CheckpointError(f"{path}: the tensor {name!r} holds {t.dtype} values; a trained tensor is floating "
-                                  f"point")
+            raise CheckpointError(
+                f"{path}: the tensor {name!r} holds {t.dtype} values; a trained tensor is floating point"
+            )
         if not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{path}: the tensor {name!r} holds NaN or inf")
 
@@ -299,8 +318,13 @@ def load_train_state(path) -> dict:
 
 def check_same_run(saved: dict, current: dict, path) -> None:
     """Refuse to resume from a checkpoint of another run: name every field that differs."""
-    differ = [f"{key} is {saved.get(key)!r} there, {current.get(key)!r} in this run"
-              for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    differ = [
+        f"{key} is {saved.get(key)!r} there, {current.get(key)!r} in this run"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
     if differ:
-        raise CheckpointError(f"{path} is the checkpoint of another run: {'; '.join(differ)}. Use another "
-                              f"--checkpoint, or the settings of that run")
+        raise CheckpointError(
+            f"{path} is the checkpoint of another run: {'; '.join(differ)}. Use another "
+            f"--checkpoint, or the settings of that run"
+        )

@@ -11,6 +11,7 @@ Reading a value back is a host synchronisation: on a GPU the CPU waits for every
 tuning step (forward, backward, AdamW) therefore makes two: this read, and AdamW's step counter. The number of
 supervised positions that the read returns lets the frozen head pick its rows without a second one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,17 @@ def check_ids(idx, name: str = "idx") -> None:
         raise ValueError(f"{name} is empty (shape {tuple(idx.shape)}); need at least one token per example")
 
 
-def check_batch(idx, targets=None, attention_mask=None, *, vocab_size: int, block_size: int, n_prefix: int = 0,
-                prefix_name: str = "n_prompt", name: str = "idx") -> int | None:
+def check_batch(
+    idx,
+    targets=None,
+    attention_mask=None,
+    *,
+    vocab_size: int,
+    block_size: int,
+    n_prefix: int = 0,
+    prefix_name: str = "n_prompt",
+    name: str = "idx",
+) -> int | None:
     """Check a batch before any work; return the number of supervised positions (None without targets).
 
     n_prefix positions (a soft prompt, named prefix_name in messages) come before the T tokens of each row, so
@@ -51,11 +61,16 @@ def check_batch(idx, targets=None, attention_mask=None, *, vocab_size: int, bloc
     stats = list(torch.aminmax(idx))  # id range
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
-            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            got = (
+                tuple(attention_mask.shape)
+                if isinstance(attention_mask, torch.Tensor)
+                else type(attention_mask).__name__
+            )
             raise ValueError(f"attention_mask must have the shape of idx {tuple(idx.shape)}, got {got}")
         if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise TypeError(f"attention_mask must hold integers or bools (1 = token, 0 = pad), got dtype "
-                            f"{attention_mask.dtype}")
+            raise TypeError(
+                f"attention_mask must hold integers or bools (1 = token, 0 = pad), got dtype {attention_mask.dtype}"
+            )
         if attention_mask.device != idx.device:
             raise ValueError(f"attention_mask is on {attention_mask.device}, idx on {idx.device}; put both on one")
         m = attention_mask.to(torch.long)
@@ -82,13 +97,16 @@ def check_batch(idx, targets=None, attention_mask=None, *, vocab_size: int, bloc
         if not_right_padded:
             raise ValueError("attention_mask must be right-padded (ones, then zeros in every row)")
         if empty_rows:
-            raise ValueError(f"attention_mask has {empty_rows} row(s) of zeros only: every row needs at least "
-                             f"one token")
+            raise ValueError(
+                f"attention_mask has {empty_rows} row(s) of zeros only: every row needs at least one token"
+            )
     if targets is None:
         return None
     n_supervised, t_lo, t_hi = rest
     supervised_count(n_supervised)  # none supervised: the error
     if t_lo < 0 or t_hi >= vocab_size:
-        raise ValueError(f"targets holds token id {t_lo if t_lo < 0 else t_hi}, outside [0, vocab_size="
-                         f"{vocab_size}) (use -100 where no loss is taken)")
+        raise ValueError(
+            f"targets holds token id {t_lo if t_lo < 0 else t_hi}, outside [0, vocab_size="
+            f"{vocab_size}) (use -100 where no loss is taken)"
+        )
     return n_supervised

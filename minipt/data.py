@@ -10,9 +10,10 @@ induction, the greedy prefix then stays equal to the correct one. So one forward
 argmax at the supervised positions gives the same verdict as decoding token by token, at the cost of a single
 batched forward (tests check the equivalence against `generate`).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,8 +21,15 @@ from .loss import IGNORE_INDEX
 from .tasks import Example, get_task
 from .tokenizer import ByteTokenizer
 
-__all__ = ["query_ids", "encode_example", "collate", "token_frequencies", "batch_fn", "answers_right",
-           "exact_match_accuracy"]
+__all__ = [
+    "query_ids",
+    "encode_example",
+    "collate",
+    "token_frequencies",
+    "batch_fn",
+    "answers_right",
+    "exact_match_accuracy",
+]
 
 
 def query_ids(example: Example, tokenizer: ByteTokenizer, instruction: bool) -> list[int]:
@@ -33,9 +41,7 @@ def query_ids(example: Example, tokenizer: ByteTokenizer, instruction: bool) -> 
     return tokenizer.encode(prefix) + [tokenizer.sep_id]
 
 
-def encode_example(
-    example: Example, tokenizer: ByteTokenizer, instruction: bool
-) -> tuple[list[int], list[int]]:
+def encode_example(example: Example, tokenizer: ByteTokenizer, instruction: bool) -> tuple[list[int], list[int]]:
     """``(idx, targets)`` for next-token training, both of length len(full) - 1.
 
         full    = query_ids(example) + answer_ids + [eos]     (query_ids ends with <|sep|>)
@@ -76,9 +82,7 @@ def collate(
     return idx, targets, mask
 
 
-def token_frequencies(
-    examples: Sequence[Example], tokenizer: ByteTokenizer, instruction: bool = False
-) -> torch.Tensor:
+def token_frequencies(examples: Sequence[Example], tokenizer: ByteTokenizer, instruction: bool = False) -> torch.Tensor:
     """How often each token id occurs in the encoded examples: int64 tensor of shape (vocab_size,).
 
     Counts the full sequences (prompt, answer and <|eos|>). Used for the "sampled vocabulary" prompt
@@ -92,8 +96,9 @@ def token_frequencies(
     return counts
 
 
-def batch_fn(examples: Sequence[Example], tokenizer, batch_size: int, seed: int = 0, instruction: bool = False,
-             device="cpu") -> Callable[[int], tuple]:
+def batch_fn(
+    examples: Sequence[Example], tokenizer, batch_size: int, seed: int = 0, instruction: bool = False, device="cpu"
+) -> Callable[[int], tuple]:
     """get_batch(step) -> (idx, targets, attention_mask): the same batch for the same step, always.
 
     Each step draws its examples with a generator seeded by (seed, step), so a resumed run sees exactly the
@@ -118,8 +123,9 @@ def answers_right(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def exact_match_accuracy(module, examples: Sequence[Example], tokenizer, instruction: bool = False,
-                         batch_size: int = 256, device="cpu") -> float:
+def exact_match_accuracy(
+    module, examples: Sequence[Example], tokenizer, instruction: bool = False, batch_size: int = 256, device="cpu"
+) -> float:
     """Fraction of examples whose greedy answer (up to <eos>) is exactly right; see the module docstring."""
     if len(examples) == 0:
         raise ValueError("examples is empty")
@@ -127,7 +133,7 @@ def exact_match_accuracy(module, examples: Sequence[Example], tokenizer, instruc
     module.eval()
     correct = 0
     for i in range(0, len(examples), batch_size):
-        idx, targets, _ = collate(examples[i: i + batch_size], tokenizer, instruction=instruction)
+        idx, targets, _ = collate(examples[i : i + batch_size], tokenizer, instruction=instruction)
         idx, targets = idx.to(device), targets.to(device)
         logits, _ = module(idx)  # (B, T, V)
         correct += int(answers_right(logits.argmax(dim=-1), targets).sum())

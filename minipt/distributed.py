@@ -26,6 +26,7 @@ Only rank 0 writes files and prints. Validation is sharded too: each rank scores
 summed, so keep-best decides the same on every rank. Training-state checkpoints (--checkpoint/--resume)
 work the same way: rank 0 writes the file, every rank reads it on resume (the state is the same on all).
 """
+
 from __future__ import annotations
 
 import os
@@ -91,8 +92,11 @@ class DataParallelPrompt(nn.Module):
         super().__init__()
         self.pt, self.rank, self.world_size = pt, rank, world_size
         # after backward has accumulated dL_r/dP into p.grad: sum it over ranks, in place
-        self._hooks = [p.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad))
-                       for p in pt.parameters() if p.requires_grad]
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad))
+            for p in pt.parameters()
+            if p.requires_grad
+        ]
 
     def loss(self, idx, targets, attention_mask=None):
         supervised = mask_padding(targets, attention_mask) != -100  # (B, T)
@@ -112,7 +116,7 @@ class DataParallelPrompt(nn.Module):
 
 def sharded_accuracy(pt, examples, tokenizer, info: DistInfo) -> float:
     """Exact match over `examples`, each rank scoring examples[rank::world_size]; the same number everywhere."""
-    mine = examples[info.rank::info.world_size]
+    mine = examples[info.rank :: info.world_size]
     correct = exact_match_accuracy(pt, mine, tokenizer, device=info.device) * len(mine) if mine else 0.0
     count = torch.tensor([round(correct)], dtype=torch.float64, device=info.device)
     if info.world_size > 1:

@@ -12,6 +12,7 @@ The vote is taken token by token under teacher forcing. By the argument in `mini
 under this rule exactly when greedy decoding with the voted next token (the ensemble decoding the answer
 itself) reproduces the answer, so ensemble and single prompts are scored by the same exact match.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,8 +47,9 @@ def check_bank(model: GPT, prompts) -> None:
         got = prompts.dtype if isinstance(prompts, torch.Tensor) else type(prompts).__name__
         raise TypeError(f"prompts must be a floating-point tensor (K, n_prompt, n_embd={D}), got {got}")
     if prompts.dim() != 3 or prompts.shape[0] == 0 or prompts.shape[1] == 0 or prompts.shape[2] != D:
-        raise ValueError(f"prompts must have shape (K, n_prompt, n_embd={D}) with K, n_prompt >= 1, "
-                         f"got {tuple(prompts.shape)}")
+        raise ValueError(
+            f"prompts must have shape (K, n_prompt, n_embd={D}) with K, n_prompt >= 1, got {tuple(prompts.shape)}"
+        )
     if not bool(torch.isfinite(prompts).all()):
         raise ValueError("prompts hold NaN or inf")
 
@@ -63,8 +65,9 @@ def majority_vote(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ensemble_accuracy(model: GPT, prompts: torch.Tensor, examples: Sequence[Example], tokenizer,
-                      batch_size: int = 128) -> dict:
+def ensemble_accuracy(
+    model: GPT, prompts: torch.Tensor, examples: Sequence[Example], tokenizer, batch_size: int = 128
+) -> dict:
     """Exact match of each prompt of the bank alone and of their majority vote, on the same examples.
 
     Returns {"single": [acc of prompt k for k in range(K)], "ensemble": acc}.
@@ -80,7 +83,7 @@ def ensemble_accuracy(model: GPT, prompts: torch.Tensor, examples: Sequence[Exam
     single = torch.zeros(K, dtype=torch.float64)  # counts; float64 so the fractions print exactly
     ensemble = 0
     for i in range(0, len(examples), batch_size):
-        idx, targets, _ = collate(examples[i: i + batch_size], tokenizer, instruction=False)  # (B, n) each
+        idx, targets, _ = collate(examples[i : i + batch_size], tokenizer, instruction=False)  # (B, n) each
         logits = bank_logits(model, prompts, idx)  # (K, B, n, V)
         single += answers_right(logits.argmax(dim=-1), targets).sum(dim=1)  # (K,): right answers of each prompt
         ensemble += int(answers_right(majority_vote(logits), targets).sum())

@@ -31,6 +31,7 @@ for dL/dx itself, whether or not the weights are frozen; it can only be recomput
 
 References: Lester et al. 2021 (prompt tuning, a frozen model); PyTorch docs, "Hooks for saved tensors".
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,8 +83,9 @@ class FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b=None):
         if W.requires_grad or (b is not None and b.requires_grad):
-            raise ValueError("FrozenLinear is for frozen weights: W and b must not require grad "
-                             "(use F.linear to train them)")
+            raise ValueError(
+                "FrozenLinear is for frozen weights: W and b must not require grad (use F.linear to train them)"
+            )
         ctx.save_for_backward(W)  # W only: dx = dy W does not need x
         return F.linear(x, W, b)  # (..., N)
 

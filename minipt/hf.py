@@ -19,6 +19,7 @@ loaded into a model that would silently compute something else.
 This module knows no GPT class (minipt.model imports it, never the other way): `GPT.from_hf` builds the model
 from `config_from_hf` and `state_dict_from_hf`; `minipt.assets.load_hf_base` pairs a model with its tokenizer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,7 @@ _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5 x (1 + tanh(sqrt
 
 HOW_TO_GET_WEIGHTS = (
     "minipt never downloads. On a machine with network access, fetch the weights once into the Hugging Face "
-    "cache with `python -c \"from transformers import AutoTokenizer, GPT2LMHeadModel as M; "
+    'cache with `python -c "from transformers import AutoTokenizer, GPT2LMHeadModel as M; '
     "M.from_pretrained('{name}'); AutoTokenizer.from_pretrained('{name}')\"` (or `hf download {name}`), "
     "then copy the cache folder (~/.cache/huggingface, or $HF_HOME) to this machine; or pass the path of a "
     "folder written by `save_pretrained`."
@@ -56,8 +57,9 @@ def config_from_hf(hf_config) -> dict:
         raise ValueError(f"only GPT-2 models can be imported, got model_type {get('model_type')!r}")
     act = get("activation_function", "gelu_new")
     if act not in _TANH_GELUS:
-        raise ValueError(f"activation_function {act!r} is not supported: minipt's GPT uses the tanh GELU "
-                         f"('gelu_new', as GPT-2 does)")
+        raise ValueError(
+            f"activation_function {act!r} is not supported: minipt's GPT uses the tanh GELU ('gelu_new', as GPT-2 does)"
+        )
     eps = get("layer_norm_epsilon", 1e-5)
     if eps != 1e-5:
         raise ValueError(f"layer_norm_epsilon {eps} is not supported: minipt's LayerNorms use 1e-5 (GPT-2's)")
@@ -68,8 +70,15 @@ def config_from_hf(hf_config) -> dict:
         raise ValueError("only GPT-2's attention scaling (1/sqrt(head_dim), nothing else) is supported")
     if not get("tie_word_embeddings", True):
         raise ValueError("the output head must be tied to the token embedding (tie_word_embeddings=True)")
-    return dict(n_layer=get("n_layer"), n_head=get("n_head"), n_embd=n_embd, vocab_size=get("vocab_size"),
-                block_size=get("n_positions"), bias=True, dropout=0.0)
+    return dict(
+        n_layer=get("n_layer"),
+        n_head=get("n_head"),
+        n_embd=n_embd,
+        vocab_size=get("vocab_size"),
+        block_size=get("n_positions"),
+        bias=True,
+        dropout=0.0,
+    )
 
 
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,15 +108,28 @@ def to_hf(model, activation: str = "gelu_new"):
     c = model.config
     if not c.bias:
         raise ValueError("only models with bias=True (GPT-2's layout) can be exported")
-    hf_config = transformers.GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
-                                        n_positions=c.block_size, activation_function=activation,
-                                        layer_norm_epsilon=1e-5, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
-                                        attn_pdrop=c.dropout, bos_token_id=None, eos_token_id=None)
+    hf_config = transformers.GPT2Config(
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        activation_function=activation,
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=c.dropout,
+        embd_pdrop=c.dropout,
+        attn_pdrop=c.dropout,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     hf_config._attn_implementation = "sdpa"  # minipt uses F.scaled_dot_product_attention too
     wte = model.transformer.wte.weight
     hf = transformers.GPT2LMHeadModel(hf_config).to(device=wte.device, dtype=wte.dtype)
-    state = {name: t.t().contiguous() if name.endswith(TRANSPOSED) else t  # (out, in) -> (in, out)
-             for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    state = {
+        name: t.t().contiguous() if name.endswith(TRANSPOSED) else t  # (out, in) -> (in, out)
+        for name, t in model.state_dict().items()
+        if name != "lm_head.weight"
+    }
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" and not k.endswith(_SKIPPED_SUFFIXES)]
     if missing or unexpected:
@@ -121,11 +143,14 @@ def hf_gpt2_from_pretrained(name_or_path: str, cache_dir=None):
     the network."""
     transformers = _require_transformers()
     try:
-        return transformers.GPT2LMHeadModel.from_pretrained(str(name_or_path), local_files_only=True,
-                                                            cache_dir=cache_dir)
+        return transformers.GPT2LMHeadModel.from_pretrained(
+            str(name_or_path), local_files_only=True, cache_dir=cache_dir
+        )
     except OSError as e:  # transformers raises OSError (EnvironmentError) for files it cannot find offline
-        raise FileNotFoundError(f"GPT-2 weights {name_or_path!r} are not in the local Hugging Face cache "
-                                f"or a local folder. " + HOW_TO_GET_WEIGHTS.format(name=name_or_path)) from e
+        raise FileNotFoundError(
+            f"GPT-2 weights {name_or_path!r} are not in the local Hugging Face cache "
+            f"or a local folder. " + HOW_TO_GET_WEIGHTS.format(name=name_or_path)
+        ) from e
 
 
 class HFTokenizer:
@@ -151,22 +176,26 @@ class HFTokenizer:
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos_id
         sep_ids = tokenizer.encode(sep, add_special_tokens=False)
         if len(sep_ids) != 1:
-            raise ValueError(f"sep={sep!r} encodes to {len(sep_ids)} tokens {sep_ids}; choose a string that is "
-                             f"exactly one token")
+            raise ValueError(
+                f"sep={sep!r} encodes to {len(sep_ids)} tokens {sep_ids}; choose a string that is exactly one token"
+            )
         self.sep = sep
         self.sep_id = sep_ids[0]
         self.special_ids = frozenset(tokenizer.all_special_ids)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, sep: str = "\n", cache_dir=None) -> "HFTokenizer":
+    def from_pretrained(cls, name_or_path: str, sep: str = "\n", cache_dir=None) -> HFTokenizer:
         """The tokenizer of a local folder or the local Hugging Face cache, never the network."""
         transformers = _require_transformers()
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True,
-                                                             cache_dir=cache_dir)
+            tok = transformers.AutoTokenizer.from_pretrained(
+                str(name_or_path), local_files_only=True, cache_dir=cache_dir
+            )
         except OSError as e:
-            raise FileNotFoundError(f"tokenizer {name_or_path!r} is not in the local Hugging Face cache or a "
-                                    f"local folder. " + HOW_TO_GET_WEIGHTS.format(name=name_or_path)) from e
+            raise FileNotFoundError(
+                f"tokenizer {name_or_path!r} is not in the local Hugging Face cache or a "
+                f"local folder. " + HOW_TO_GET_WEIGHTS.format(name=name_or_path)
+            ) from e
         return cls(tok, sep=sep)
 
     def __repr__(self) -> str:

@@ -14,14 +14,24 @@ functions here trust them.
 References: Lester et al. 2021 (prompt tuning, a frozen model); Liger-Kernel's fused linear cross-entropy
 (chunked logits, gradient computed in the forward pass).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["IGNORE_INDEX", "CHUNK_ELEMENTS", "mask_padding", "lm_loss", "check_targets", "supervised_count",
-           "FrozenHeadCrossEntropy", "frozen_head_cross_entropy", "frozen_lm_loss"]
+__all__ = [
+    "IGNORE_INDEX",
+    "CHUNK_ELEMENTS",
+    "mask_padding",
+    "lm_loss",
+    "check_targets",
+    "supervised_count",
+    "FrozenHeadCrossEntropy",
+    "frozen_head_cross_entropy",
+    "frozen_lm_loss",
+]
 
 IGNORE_INDEX = -100  # a target that is not supervised (F.cross_entropy's default ignore_index)
 # Rows of logits computed at once: a chunk of logits is at most this many elements (32 MiB in fp32).
@@ -132,24 +142,35 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         return (dh * dloss).to(dh.dtype), None, None, None, None  # dL/dh = dloss * dh; nothing for W
 
 
-def frozen_head_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor,
-                              chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def frozen_head_cross_entropy(
+    h: torch.Tensor,
+    W: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """F.cross_entropy(F.linear(h, W), targets) for h (N, D), a frozen W (V, D), targets (N,).
 
     The loss is in fp32 for 16-bit inputs (fp64 for fp64). Without a gradient to compute (no_grad, or h
     not requiring grad) it skips dh and saves nothing.
     """
     if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1] or targets.shape != h.shape[:1]:
-        raise ValueError(f"expected h (N, D), W (V, D), targets (N,); got {tuple(h.shape)}, {tuple(W.shape)}, "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"expected h (N, D), W (V, D), targets (N,); got {tuple(h.shape)}, {tuple(W.shape)}, {tuple(targets.shape)}"
+        )
     if torch.is_grad_enabled() and h.requires_grad:
         return FrozenHeadCrossEntropy.apply(h, W, targets, chunk_size, ignore_index)
     loss_sum, n_valid, _ = _chunked_loss(h, W, targets, _chunk_rows(W, chunk_size), ignore_index, need_dh=False)
     return loss_sum / n_valid
 
 
-def frozen_lm_loss(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, n_supervised: int | None = None,
-                   chunk_size: int | None = None) -> torch.Tensor:
+def frozen_lm_loss(
+    h: torch.Tensor,
+    W: torch.Tensor,
+    targets: torch.Tensor,
+    n_supervised: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Eq. (1) from hidden states h (B, T, D) and a frozen head W (V, D), with logits only where targets != -100.
 
     n_supervised, the number of such positions, comes from `minipt.checks.check_batch`, which has already

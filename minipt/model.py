@@ -12,6 +12,7 @@ References:
     Vaswani et al. 2017, "Attention Is All You Need": scaled dot-product attention.
     Karpathy, nanoGPT `model.py`: the parameter names (wte, wpe, h, ln_f, c_attn, c_proj) and config fields.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,21 @@ from .checkpoint import CheckpointError, check_values, load_tensors, model_finge
 from .checks import check_batch
 from .loss import lm_loss, mask_padding
 
-__all__ = ["GPTConfig", "PRESETS", "GPT", "KVCache", "Block", "CausalSelfAttention", "MLP", "load_model",
-           "check_generation_length", "check_sampling", "decode", "generate_without_cache", "sample_next"]
+__all__ = [
+    "GPTConfig",
+    "PRESETS",
+    "GPT",
+    "KVCache",
+    "Block",
+    "CausalSelfAttention",
+    "MLP",
+    "load_model",
+    "check_generation_length",
+    "check_sampling",
+    "decode",
+    "generate_without_cache",
+    "sample_next",
+]
 
 
 @dataclass
@@ -56,7 +70,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
+    def preset(cls, name: str, **overrides) -> GPTConfig:
         """A named configuration: see PRESETS."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
@@ -92,7 +106,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
         B, T, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)  # 3 x (B, T, D)
         # (B, T, D) -> (B, n_head, T, head_dim)
@@ -100,8 +114,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)  # (B, n_head, T, hd)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, n_head, T, hd)
         else:
             k, v = cache.write(layer, k, v)  # (B, n_head, T_max, head_dim): every row's past and this chunk
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)  # (B, n_head, T, head_dim)
@@ -136,7 +151,7 @@ class KVCache:
         self.mask = None
 
     @classmethod
-    def for_model(cls, model: "GPT", B: int, T_max: int, dtype=None) -> "KVCache":
+    def for_model(cls, model: GPT, B: int, T_max: int, dtype=None) -> KVCache:
         c, w = model.config, model.transformer.wte.weight
         return cls(c.n_layer, B, c.n_head, T_max, c.n_embd // c.n_head, device=w.device, dtype=dtype or w.dtype)
 
@@ -251,8 +266,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, D)
         return self.transformer.drop(x)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None, recompute: bool = False,
-             n_valid=None) -> torch.Tensor:
+    def body(
+        self, x: torch.Tensor, cache: KVCache | None = None, recompute: bool = False, n_valid=None
+    ) -> torch.Tensor:
         """Run the blocks and the final LayerNorm on input embeddings x (B, T, D).
 
         cache: a `KVCache`; x's keys and values are written after each row's cached positions and x attends to
@@ -281,8 +297,9 @@ class GPT(nn.Module):
         c = self.config
         return check_batch(idx, targets, attention_mask, vocab_size=c.vocab_size, block_size=c.block_size)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None):
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ):
         """Logits (B, T, V) for every position, and the mean cross-entropy over targets != -100 when targets are given.
 
         targets has the shape of idx and holds the next token of each position (targets[:, t] = idx[:, t+1]
@@ -303,9 +320,17 @@ class GPT(nn.Module):
     # ---- generation -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None,
-                 attention_mask: torch.Tensor | None = None, eos_id: int | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
+        eos_id: int | None = None,
+    ) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens tokens; temperature 0 means greedy. Returns (B, T + new).
 
         attention_mask (B, T), 1 = token, 0 = pad, right-padded: row b continues after its own last token, and
@@ -315,16 +340,34 @@ class GPT(nn.Module):
         self.check(idx, attention_mask=attention_mask)
         check_generation_length(idx.shape[1], max_new_tokens, self.config.block_size, "idx length", temperature, top_k)
         if not use_cache:
-            return generate_without_cache(lambda ids, rows: self(ids)[0], idx, max_new_tokens, temperature, top_k,
-                                          generator, attention_mask, eos_id)
+            return generate_without_cache(
+                lambda ids, rows: self(ids)[0],
+                idx,
+                max_new_tokens,
+                temperature,
+                top_k,
+                generator,
+                attention_mask,
+                eos_id,
+            )
         n_valid = idx.shape[1] if attention_mask is None else attention_mask.sum(1)  # (B,) or T
-        new = self.generate_from_embeddings(self.embed(idx), max_new_tokens, temperature, top_k, generator,
-                                            n_valid=n_valid, eos_id=eos_id)
+        new = self.generate_from_embeddings(
+            self.embed(idx), max_new_tokens, temperature, top_k, generator, n_valid=n_valid, eos_id=eos_id
+        )
         return torch.cat([idx, new], dim=1)
 
     @torch.no_grad()
-    def generate_from_embeddings(self, x, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-                                 n_valid=None, eos_id=None, cache: KVCache | None = None) -> torch.Tensor:
+    def generate_from_embeddings(
+        self,
+        x,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        generator=None,
+        n_valid=None,
+        eos_id=None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Generate after a prefix given as embeddings x (B, T0, D), e.g. a soft prompt + input, with the KV cache.
 
         n_valid: the real positions of each row (an int or (B,) tensor; right padding; default T0). cache: a
@@ -332,8 +375,11 @@ class GPT(nn.Module):
         The prefix is run once (prefill) and each new token costs one position. Returns the new ids (B, new).
         """
         B, T0, _ = x.shape
-        n_valid = torch.full((B,), T0, dtype=torch.long, device=x.device) if n_valid is None \
-            else torch.as_tensor(n_valid, device=x.device).expand(B)  # (B,)
+        n_valid = (
+            torch.full((B,), T0, dtype=torch.long, device=x.device)
+            if n_valid is None
+            else torch.as_tensor(n_valid, device=x.device).expand(B)
+        )  # (B,)
         if cache is None:
             check_generation_length(T0, max_new_tokens, self.config.block_size, "prefix length")
             cache = KVCache.for_model(self, B, T0 + max_new_tokens, dtype=x.dtype)
@@ -350,14 +396,14 @@ class GPT(nn.Module):
         return model_fingerprint(self)
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu") -> "GPT":
+    def from_checkpoint(cls, path, map_location="cpu") -> GPT:
         return load_model(path, map_location=map_location)
 
     def save(self, path, extra_metadata: dict | None = None) -> None:
         save_model(self, path, extra_metadata)
 
     @classmethod
-    def from_hf(cls, model_or_state_dict, config=None) -> "GPT":
+    def from_hf(cls, model_or_state_dict, config=None) -> GPT:
         """A minipt GPT with the weights of a transformers GPT-2 (a GPT2LMHeadModel or its state dict); minipt.hf.
 
         With a state dict, pass `config` (a transformers GPT2Config or a minipt GPTConfig): the number of heads
@@ -367,8 +413,9 @@ class GPT(nn.Module):
 
         if isinstance(model_or_state_dict, dict):
             if config is None:
-                raise ValueError("from a state dict, pass config= (a GPT2Config or GPTConfig): n_head is not in the "
-                                 "shapes")
+                raise ValueError(
+                    "from a state dict, pass config= (a GPT2Config or GPTConfig): n_head is not in the shapes"
+                )
             hf_state = model_or_state_dict
         else:
             hf_state = model_or_state_dict.state_dict()
@@ -380,12 +427,13 @@ class GPT(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, loaded with it
         if missing or unexpected:
-            raise ValueError(f"the GPT-2 weights do not fit the configuration (missing {missing}, "
-                             f"unexpected {unexpected})")
+            raise ValueError(
+                f"the GPT-2 weights do not fit the configuration (missing {missing}, unexpected {unexpected})"
+            )
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "gpt2", cache_dir=None) -> "GPT":
+    def from_pretrained(cls, name_or_path: str = "gpt2", cache_dir=None) -> GPT:
         """GPT-2 weights from the local Hugging Face cache or a local folder (never downloads); see minipt.hf."""
         from .hf import hf_gpt2_from_pretrained
 
@@ -413,8 +461,9 @@ def load_model(path, map_location="cpu") -> GPT:
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
     if "fingerprint" in meta and meta["fingerprint"] != model_fingerprint(model):
-        raise CheckpointError(f"{path}: the model does not match the fingerprint stored in the file (its config or "
-                              f"weights were changed)")
+        raise CheckpointError(
+            f"{path}: the model does not match the fingerprint stored in the file (its config or weights were changed)"
+        )
     return model
 
 
@@ -422,16 +471,23 @@ def _check_config_fits(config: GPTConfig, tensors: dict[str, torch.Tensor], path
     """The config's sizes against the tensors' shapes, before a model of that config is built."""
     wte, wpe = tensors.get("transformer.wte.weight"), tensors.get("transformer.wpe.weight")
     blocks = {name.split(".")[2] for name in tensors if name.startswith("transformer.h.")}
-    found = {"vocab_size": None if wte is None else wte.shape[0], "n_embd": None if wte is None else wte.shape[-1],
-             "block_size": None if wpe is None else wpe.shape[0], "n_layer": len(blocks)}
+    found = {
+        "vocab_size": None if wte is None else wte.shape[0],
+        "n_embd": None if wte is None else wte.shape[-1],
+        "block_size": None if wpe is None else wpe.shape[0],
+        "n_layer": len(blocks),
+    }
     for name, value in found.items():
         if getattr(config, name) != value:
-            raise CheckpointError(f"{path}: the config says {name}={getattr(config, name)} but the weights have "
-                                  f"{value}; the file was changed")
+            raise CheckpointError(
+                f"{path}: the config says {name}={getattr(config, name)} but the weights have "
+                f"{value}; the file was changed"
+            )
 
 
-def check_generation_length(T0: int, max_new_tokens: int, block_size: int, what: str, temperature: float = 0.0,
-                            top_k: int | None = None) -> None:
+def check_generation_length(
+    T0: int, max_new_tokens: int, block_size: int, what: str, temperature: float = 0.0, top_k: int | None = None
+) -> None:
     """Generation's arguments, before any work: max_new_tokens an integer >= 0 whose sequence fits in block_size,
     and the sampling arguments as sample_next takes them."""
     check_sampling(temperature, top_k)
@@ -442,8 +498,18 @@ def check_generation_length(T0: int, max_new_tokens: int, block_size: int, what:
 
 
 @torch.no_grad()
-def decode(model: GPT, x, cache: KVCache, n_valid, max_new_tokens, temperature=1.0, top_k=None,
-           generator=None, eos_id=None, budgets=None) -> torch.Tensor:
+def decode(
+    model: GPT,
+    x,
+    cache: KVCache,
+    n_valid,
+    max_new_tokens,
+    temperature=1.0,
+    top_k=None,
+    generator=None,
+    eos_id=None,
+    budgets=None,
+) -> torch.Tensor:
     """Prefill x (B, T0, D) after each row's cached prefix, then decode; returns the new ids (B, max_new_tokens).
 
     Row b's real positions are x[b, :n_valid[b]], placed after the cache's lengths[b] positions; its next token
@@ -482,8 +548,16 @@ def decode(model: GPT, x, cache: KVCache, n_valid, max_new_tokens, temperature=1
 
 
 @torch.no_grad()
-def generate_without_cache(logits_fn, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
-                           generator=None, attention_mask=None, eos_id=None) -> torch.Tensor:
+def generate_without_cache(
+    logits_fn,
+    idx,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k=None,
+    generator=None,
+    attention_mask=None,
+    eos_id=None,
+) -> torch.Tensor:
     """The reference decoder: run the whole sequence again for every new token (what the cache must equal).
 
     logits_fn(ids, rows) -> logits (b, T, V) is any forward pass (the model's, or a prompt-tuned one) of ids
@@ -492,9 +566,12 @@ def generate_without_cache(logits_fn, idx, max_new_tokens: int, temperature: flo
     """
     if attention_mask is None:
         return _decode_rows(logits_fn, idx, slice(None), max_new_tokens, temperature, top_k, generator, eos_id)
-    rows = [_decode_rows(logits_fn, idx[b:b + 1, :n], slice(b, b + 1), max_new_tokens, temperature, top_k,
-                         generator, eos_id)[:, n:]
-            for b, n in enumerate(attention_mask.sum(1).tolist())]
+    rows = [
+        _decode_rows(
+            logits_fn, idx[b : b + 1, :n], slice(b, b + 1), max_new_tokens, temperature, top_k, generator, eos_id
+        )[:, n:]
+        for b, n in enumerate(attention_mask.sum(1).tolist())
+    ]
     return torch.cat([idx, torch.cat(rows)], dim=1)  # (B, T + new)
 
 

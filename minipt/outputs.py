@@ -16,6 +16,7 @@ Every command names all its inputs and outputs first and calls `claim_outputs`:
 Each refusal happens before anything is read or written, so every existing file is byte-identical after it.
 Writes themselves are atomic (minipt.checkpoint.atomic_write), and replace a symbolic link, never its target.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,13 +34,17 @@ def run_stamp(command: str, settings: Mapping, inputs: Iterable = ()) -> str:
     """16 hex digits naming one run: its command, its settings (JSON-like values) and its input files' bytes.
 
     An input that is not a file (hf:NAME, stdin) enters by its name only."""
-    digest = hashlib.sha256(json.dumps({"command": command, "settings": dict(settings)}, sort_keys=True,
-                                       default=str).encode())
+    digest = hashlib.sha256(
+        json.dumps({"command": command, "settings": dict(settings)}, sort_keys=True, default=str).encode()
+    )
     for path in inputs:
         if path is not None and os.path.isfile(path):
             with open(path, "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest() if hasattr(hashlib, "file_digest")
-                              else hashlib.sha256(f.read()).digest())
+                digest.update(
+                    hashlib.file_digest(f, "sha256").digest()
+                    if hasattr(hashlib, "file_digest")
+                    else hashlib.sha256(f.read()).digest()
+                )
         else:
             digest.update(f"not a file: {path}".encode())
     return digest.hexdigest()[:16]
@@ -72,8 +77,14 @@ def _paths(value) -> list[Path]:
     return [Path(v) for v in value]
 
 
-def claim_outputs(inputs: Mapping, outputs: Mapping, *, stamp: str | None = None, overwrite: bool = False,
-                  may_exist: Iterable[str] = ()) -> None:
+def claim_outputs(
+    inputs: Mapping,
+    outputs: Mapping,
+    *,
+    stamp: str | None = None,
+    overwrite: bool = False,
+    may_exist: Iterable[str] = (),
+) -> None:
     """Apply the module's rule; ValueError naming the flags and the file otherwise. Nothing is changed.
 
     inputs, outputs: flag -> a path, a list of paths (a folder output's files), or None / "-" (none).
@@ -86,10 +97,12 @@ def claim_outputs(inputs: Mapping, outputs: Mapping, *, stamp: str | None = None
     for out_flag, out in outs:  # rule 1
         for in_flag, path in ins:
             if same_file(out, path):
-                raise ValueError(f"{out_flag} {out} is the same file as {in_flag} {path}: writing it would replace "
-                                 f"the input; nothing was changed, give another path")
+                raise ValueError(
+                    f"{out_flag} {out} is the same file as {in_flag} {path}: writing it would replace "
+                    f"the input; nothing was changed, give another path"
+                )
     for i, (flag_a, a) in enumerate(outs):  # rule 2
-        for flag_b, b in outs[i + 1:]:
+        for flag_b, b in outs[i + 1 :]:
             if same_file(a, b):
                 raise ValueError(f"{flag_a} and {flag_b} both write {a}; give two different paths")
     if overwrite:
@@ -103,6 +116,8 @@ def claim_outputs(inputs: Mapping, outputs: Mapping, *, stamp: str | None = None
             continue
         found = next((s for s in map(stamp_of, existing) if s is not None), None)
         if stamp is None or found != stamp:
-            raise ValueError(f"{flag} {existing[0]} exists and is not this run's earlier result (another run's "
-                             f"file, or not one minipt wrote); nothing was changed. Give another path, or add "
-                             f"--overwrite to replace it")
+            raise ValueError(
+                f"{flag} {existing[0]} exists and is not this run's earlier result (another run's "
+                f"file, or not one minipt wrote); nothing was changed. Give another path, or add "
+                f"--overwrite to replace it"
+            )

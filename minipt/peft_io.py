@@ -31,6 +31,7 @@ context; targets[:, t] is predicted from input position t), so it has no such te
 For the usual supervised data, where labels are -100 over the input and only the answer is scored, the two
 are the same number.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,12 +51,21 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TENSOR_NAME = "prompt_embeddings"
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_config", "adapter_type", "peft_loss", "read_peft",
-           "targets_from_labels", "write_adapter"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "adapter_config",
+    "adapter_type",
+    "peft_loss",
+    "read_peft",
+    "targets_from_labels",
+    "write_adapter",
+]
 
 
-def adapter_config(model: GPT, peft_type: str, num_virtual_tokens: int, base_model_name_or_path: str | None = None,
-                   **fields) -> dict:
+def adapter_config(
+    model: GPT, peft_type: str, num_virtual_tokens: int, base_model_name_or_path: str | None = None, **fields
+) -> dict:
     """The adapter_config.json of an adapter of `peft_type` on `model`, with the keys PEFT's config writes; each
     tuned class adds its own `fields` (PromptTuning.peft_config, PrefixTuning.peft_config)."""
     cfg = model.config
@@ -126,19 +136,27 @@ def read_peft(directory, peft_type: str = "PROMPT_TUNING") -> tuple[torch.Tensor
     config = _read_config(directory)
     if config.get("peft_type") != peft_type:
         what = "a soft prompt" if peft_type == "PROMPT_TUNING" else "a key/value prefix"
-        raise CheckpointError(f"{config_path}: peft_type is {config.get('peft_type')!r}; {what} comes from "
-                              f"{peft_type} adapters")
+        raise CheckpointError(
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; {what} comes from {peft_type} adapters"
+        )
     if peft_type == "PREFIX_TUNING" and config.get("prefix_projection"):
-        raise CheckpointError(f"{config_path}: prefix_projection is true; minipt reads the materialised prefix "
-                              f"(PEFT saves it so only with prefix_projection false, or in inference mode)")
+        raise CheckpointError(
+            f"{config_path}: prefix_projection is true; minipt reads the materialised prefix "
+            f"(PEFT saves it so only with prefix_projection false, or in inference mode)"
+        )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise CheckpointError(f"{config_path}: task_type is {config.get('task_type')!r}; minipt's GPT is a CAUSAL_LM")
     if config.get("num_transformer_submodules") not in (None, 1):
-        raise CheckpointError(f"{config_path}: num_transformer_submodules is "
-                              f"{config['num_transformer_submodules']}; a decoder-only GPT has 1")
+        raise CheckpointError(
+            f"{config_path}: num_transformer_submodules is "
+            f"{config['num_transformer_submodules']}; a decoder-only GPT has 1"
+        )
     if not weights_path.is_file():
-        old = " (adapter_model.bin is the old pickle format: re-save it with safe_serialization=True)" \
-            if (directory / "adapter_model.bin").is_file() else ""
+        old = (
+            " (adapter_model.bin is the old pickle format: re-save it with safe_serialization=True)"
+            if (directory / "adapter_model.bin").is_file()
+            else ""
+        )
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}{old}")
     try:
         tensors = load_file(str(weights_path))
@@ -147,19 +165,24 @@ def read_peft(directory, peft_type: str = "PROMPT_TUNING") -> tuple[torch.Tensor
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from e
     prompt = tensors.get(TENSOR_NAME)
     if prompt is None or prompt.dim() != 2:
-        raise CheckpointError(f"{weights_path}: no (num_virtual_tokens, token_dim) tensor named {TENSOR_NAME!r} "
-                              f"(found {sorted(tensors)})")
+        raise CheckpointError(
+            f"{weights_path}: no (num_virtual_tokens, token_dim) tensor named {TENSOR_NAME!r} (found {sorted(tensors)})"
+        )
     check_values({TENSOR_NAME: prompt}, weights_path)
     declared = (config.get("num_virtual_tokens"), config.get("token_dim"))
     if peft_type == "PREFIX_TUNING" and isinstance(config.get("num_layers"), int) and isinstance(declared[1], int):
         declared = (declared[0], config["num_layers"] * 2 * declared[1])  # (n_prefix, n_layer * 2 * D)
     if declared != tuple(prompt.shape):
-        raise CheckpointError(f"{directory}: the config declares (num_virtual_tokens, token_dim) = {declared} "
-                              f"but {TENSOR_NAME} has shape {tuple(prompt.shape)}")
+        raise CheckpointError(
+            f"{directory}: the config declares (num_virtual_tokens, token_dim) = {declared} "
+            f"but {TENSOR_NAME} has shape {tuple(prompt.shape)}"
+        )
     if HASH_KEY in meta:  # written by minipt: its proof covers the tensor, the metadata and the config
         if meta[HASH_KEY] != tensors_sha256(tensors, meta) or meta.get(CONFIG_HASH_KEY) != _config_sha256(config):
-            raise CheckpointError(f"{directory} is corrupted or was edited: its files do not match the hash minipt "
-                                  f"stored in {WEIGHTS_NAME}")
+            raise CheckpointError(
+                f"{directory} is corrupted or was edited: its files do not match the hash minipt "
+                f"stored in {WEIGHTS_NAME}"
+            )
     config["minipt"] = meta  # the weights file's metadata, for the classes' base-model check (from_peft)
     return prompt, config
 
@@ -193,5 +216,5 @@ def peft_loss(pt, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     """
     pt.check(input_ids, labels, name="input_ids")
     h = pt.hidden(input_ids)  # (B, n_p + n, D)
-    logits = pt.model.head(h[:, pt.n_prompt - 1: -1])  # (B, n, V): slot n_p-1 predicts labels[:, 0]
+    logits = pt.model.head(h[:, pt.n_prompt - 1 : -1])  # (B, n, V): slot n_p-1 predicts labels[:, 0]
     return lm_loss(logits, labels)

@@ -28,6 +28,7 @@ References: Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for G
 "P-Tuning: Prompt Tuning Can Be Comparable to Fine-tuning Across Scales and Tasks" (v2); Lester et al. 2021,
 section 4 (prompt tuning against prefix tuning).
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,17 @@ class PrefixTuning(TunedModule):
     kind, peft_type = "prefix", "PREFIX_TUNING"  # its files and PEFT folders (minipt.tuned)
     methods = {"ptuning-v2": None, "prefix": "mlp"}  # the training methods that make one, and their reparam
 
-    def __init__(self, model: GPT, n_prefix: int = 10, reparam: str | None = None, hidden: int | None = None,
-                 init: str = "vocab", seed: int = 0, special_ids=(), prefix: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model: GPT,
+        n_prefix: int = 10,
+        reparam: str | None = None,
+        hidden: int | None = None,
+        init: str = "vocab",
+        seed: int = 0,
+        special_ids=(),
+        prefix: torch.Tensor | None = None,
+    ):
         super().__init__()
         if not isinstance(model, GPT):
             raise TypeError(f"model must be a minipt GPT, got {type(model).__name__}")
@@ -85,8 +95,10 @@ class PrefixTuning(TunedModule):
         generator = torch.Generator().manual_seed(seed)
         if prefix is not None:  # from_tensor / load: a materialised prefix
             if prefix.shape != (n_prefix, width):
-                raise ValueError(f"prefix must have shape (n_prefix, n_layer * 2 * n_embd) = ({n_prefix}, {width}), "
-                                 f"got {tuple(prefix.shape)}")
+                raise ValueError(
+                    f"prefix must have shape (n_prefix, n_layer * 2 * n_embd) = ({n_prefix}, {width}), "
+                    f"got {tuple(prefix.shape)}"
+                )
             start = prefix.detach().float()
         elif init == "normal":
             start = torch.randn(n_prefix, width, generator=generator)
@@ -107,11 +119,13 @@ class PrefixTuning(TunedModule):
                 self.mlp = nn.Sequential(nn.Linear(c.n_embd, hidden), nn.Tanh(), nn.Linear(hidden, width)).to(device)
 
     @classmethod
-    def from_tensor(cls, model: GPT, prefix: torch.Tensor, **kwargs) -> "PrefixTuning":
+    def from_tensor(cls, model: GPT, prefix: torch.Tensor, **kwargs) -> PrefixTuning:
         """A P-tuning v2 module whose prefix starts as `prefix` (n_prefix, n_layer * 2 * n_embd), PEFT's layout."""
         if not isinstance(prefix, torch.Tensor) or prefix.dim() != 2:
-            raise ValueError(f"prefix must be a 2-D tensor (n_prefix, n_layer * 2 * n_embd), got "
-                             f"{tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__}")
+            raise ValueError(
+                f"prefix must be a 2-D tensor (n_prefix, n_layer * 2 * n_embd), got "
+                f"{tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__}"
+            )
         return cls(model, prefix=prefix, **kwargs)
 
     def _sample_ids(self, n: int, special_ids, generator) -> torch.Tensor:
@@ -147,8 +161,15 @@ class PrefixTuning(TunedModule):
 
     def check(self, idx, targets=None, attention_mask=None) -> int | None:
         c = self.model.config
-        return check_batch(idx, targets, attention_mask, vocab_size=c.vocab_size, block_size=c.block_size,
-                           n_prefix=self.n_prefix, prefix_name="n_prefix")
+        return check_batch(
+            idx,
+            targets,
+            attention_mask,
+            vocab_size=c.vocab_size,
+            block_size=c.block_size,
+            n_prefix=self.n_prefix,
+            prefix_name="n_prefix",
+        )
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Hidden states after ln_f of the input positions (B, n, D), after the prefix. Inputs unchecked."""
@@ -167,19 +188,43 @@ class PrefixTuning(TunedModule):
     def loss(self, idx, targets, attention_mask=None) -> torch.Tensor:
         """The training loss through the fused frozen head (minipt.loss.frozen_lm_loss)."""
         n_supervised = self.check(idx, targets, attention_mask)
-        return frozen_lm_loss(self.hidden(idx), self.model.lm_head.weight, mask_padding(targets, attention_mask),
-                              n_supervised)
+        return frozen_lm_loss(
+            self.hidden(idx), self.model.lm_head.weight, mask_padding(targets, attention_mask), n_supervised
+        )
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 use_cache: bool = True, generator=None, attention_mask=None, eos_id: int | None = None):
+    def generate(
+        self,
+        idx,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator=None,
+        attention_mask=None,
+        eos_id: int | None = None,
+    ):
         """Continue idx (B, n) after the prefix; returns (B, n + new). use_cache=False is the reference."""
         self.check(idx, attention_mask=attention_mask)
-        check_generation_length(self.n_prefix + idx.shape[1], max_new_tokens, self.model.config.block_size,
-                                "n_prefix + idx length", temperature, top_k)
+        check_generation_length(
+            self.n_prefix + idx.shape[1],
+            max_new_tokens,
+            self.model.config.block_size,
+            "n_prefix + idx length",
+            temperature,
+            top_k,
+        )
         if not use_cache:
-            return generate_without_cache(lambda ids, rows: self(ids)[0], idx, max_new_tokens, temperature, top_k,
-                                          generator, attention_mask, eos_id)
+            return generate_without_cache(
+                lambda ids, rows: self(ids)[0],
+                idx,
+                max_new_tokens,
+                temperature,
+                top_k,
+                generator,
+                attention_mask,
+                eos_id,
+            )
         B, n = idx.shape
         x = self.model.embed(idx, start_pos=self.n_prefix)  # (B, n, D)
         n_valid = torch.full((B,), n, device=idx.device) if attention_mask is None else attention_mask.sum(1)
@@ -191,19 +236,28 @@ class PrefixTuning(TunedModule):
 
     def save(self, path, extra_metadata: dict | None = None) -> None:
         """The materialised prefix alone (never the MLP), with the base model's identity (minipt.tuned)."""
-        save_tuned(self, path, {"prefix": self.prefix_embeddings().detach().float()}, extra_metadata,
-                   n_prefix=self.n_prefix, reparam=str(self.reparam), init=self.init)
+        save_tuned(
+            self,
+            path,
+            {"prefix": self.prefix_embeddings().detach().float()},
+            extra_metadata,
+            n_prefix=self.n_prefix,
+            reparam=str(self.reparam),
+            init=self.init,
+        )
 
     @classmethod
-    def load(cls, model: GPT, path) -> "PrefixTuning":
+    def load(cls, model: GPT, path) -> PrefixTuning:
         """A saved prefix on `model` (as P-tuning v2: the prefix trains further); refuses another base model."""
         tensors, meta = load_tensors(path, kind=cls.kind)
         prefix = tensors.get("prefix")
         width = model.config.n_layer * 2 * model.config.n_embd
         if prefix is None or prefix.dim() != 2 or prefix.shape[1] != width:
             got = tuple(prefix.shape) if prefix is not None else "nothing"
-            raise CheckpointError(f"{path}: expected a prefix (n_prefix, n_layer * 2 * n_embd = {width}), got {got}; "
-                                  f"it was made for another model")
+            raise CheckpointError(
+                f"{path}: expected a prefix (n_prefix, n_layer * 2 * n_embd = {width}), got {got}; "
+                f"it was made for another model"
+            )
         check_values(tensors, path)
         check_base(meta, model, f"{path}: the prefix")
         return cls.from_tensor(model, prefix, init=meta.get("init", "vocab"))
@@ -212,26 +266,39 @@ class PrefixTuning(TunedModule):
 
     def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
         """The adapter_config.json of this prefix: PEFT's PrefixTuningConfig, the prefix saved materialised."""
-        return adapter_config(self.model, self.peft_type, self.n_prefix, base_model_name_or_path,
-                              encoder_hidden_size=None, init_weights=None,
-                              prefix_projection=False)  # the MLP of reparam="mlp" is never saved: the prefix is
+        return adapter_config(
+            self.model,
+            self.peft_type,
+            self.n_prefix,
+            base_model_name_or_path,
+            encoder_hidden_size=None,
+            init_weights=None,
+            prefix_projection=False,
+        )  # the MLP of reparam="mlp" is never saved: the prefix is
 
-    def save_peft(self, directory, base_model_name_or_path: str | None = None,
-                  extra_metadata: dict | None = None) -> None:
+    def save_peft(
+        self, directory, base_model_name_or_path: str | None = None, extra_metadata: dict | None = None
+    ) -> None:
         """A PEFT PREFIX_TUNING adapter folder (see minipt.peft_io)."""
-        write_adapter(directory, self.prefix_embeddings(), self.peft_config(base_model_name_or_path),
-                      {**base_identity(self.model), **(extra_metadata or {})})
+        write_adapter(
+            directory,
+            self.prefix_embeddings(),
+            self.peft_config(base_model_name_or_path),
+            {**base_identity(self.model), **(extra_metadata or {})},
+        )
 
     @classmethod
-    def from_peft(cls, model: GPT, directory) -> "PrefixTuning":
+    def from_peft(cls, model: GPT, directory) -> PrefixTuning:
         """A trainable PrefixTuning (P-tuning v2) on `model` from a PEFT PREFIX_TUNING adapter folder."""
         prefix, config = read_peft(directory, cls.peft_type)
         c = model.config
         shape = (config.get("num_layers"), config.get("num_attention_heads"), config.get("token_dim"))
         if shape != (c.n_layer, c.n_head, c.n_embd):
-            raise CheckpointError(f"{directory}: the adapter is for (num_layers, num_attention_heads, token_dim) = "
-                                  f"{shape}, the model has ({c.n_layer}, {c.n_head}, {c.n_embd}); made for another "
-                                  f"model")
+            raise CheckpointError(
+                f"{directory}: the adapter is for (num_layers, num_attention_heads, token_dim) = "
+                f"{shape}, the model has ({c.n_layer}, {c.n_head}, {c.n_embd}); made for another "
+                f"model"
+            )
         if "base_fingerprint" in config["minipt"]:  # a folder minipt wrote knows its base model; PEFT's do not
             check_base(config["minipt"], model, f"{directory}: the prefix")
         return cls.from_tensor(model, prefix)

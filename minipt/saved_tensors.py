@@ -2,6 +2,7 @@
 
 References: PyTorch docs, "Hooks for saved tensors".
 """
+
 from __future__ import annotations
 
 import re
@@ -30,10 +31,14 @@ class SavedTensorReport:
         lines = [f"{'op (grad_fn)':<{width}}  {'storages':>8}  {'bytes':>15}  {'MiB':>9}"]
         for op, nbytes in rows:
             lines.append(f"{op:<{width}}  {self.tensors_by_op[op]:>8}  {nbytes:>15,}  {nbytes / 2**20:>9.2f}")
-        lines.append(f"{'activations, total':<{width}}  {'':>8}  {self.activation_bytes:>15,}  "
-                     f"{self.activation_bytes / 2**20:>9.2f}")
-        lines.append(f"{'parameters (not counted above)':<{width}}  {'':>8}  {self.parameter_bytes:>15,}  "
-                     f"{self.parameter_bytes / 2**20:>9.2f}")
+        lines.append(
+            f"{'activations, total':<{width}}  {'':>8}  {self.activation_bytes:>15,}  "
+            f"{self.activation_bytes / 2**20:>9.2f}"
+        )
+        lines.append(
+            f"{'parameters (not counted above)':<{width}}  {'':>8}  {self.parameter_bytes:>15,}  "
+            f"{self.parameter_bytes / 2**20:>9.2f}"
+        )
         return "\n".join(lines)
 
 
@@ -120,8 +125,10 @@ def saved_tensor_report(fn, *args, **kwargs) -> SavedTensorReport:
     if not callable(fn):
         raise TypeError(f"fn must be a function to run (e.g. lambda: model(x)), got {type(fn).__name__}")
     if not torch.is_grad_enabled():  # autograd would save nothing, and the report would say 0 bytes
-        raise RuntimeError("saved_tensor_report measures what autograd keeps for backward: call it with "
-                           "gradients enabled, not under torch.no_grad() or torch.inference_mode()")
+        raise RuntimeError(
+            "saved_tensor_report measures what autograd keeps for backward: call it with "
+            "gradients enabled, not under torch.no_grad() or torch.inference_mode()"
+        )
     records: list = []  # weak references: a record lives exactly as long as autograd keeps its tensor
 
     def pack(t):

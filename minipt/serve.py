@@ -28,6 +28,7 @@ The embeddings go through `minipt.kernels.prompt_concat` with a bank and `prompt
 length form one `PromptTuning` bank (K, P, D); with the prefix cache the prompt rows of its output are dropped
 (the wte + wpe rows of the tokens are what the prefill needs).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,12 +64,11 @@ def read_requests(source, known_tasks=None) -> list[tuple[str, str]]:
     out = []
     for where, record in read_objects(source, "requests"):
         if not isinstance(record, dict) or set(record) != {"task", "input"}:
-            raise DataError(f"{where}: expected {{\"task\": NAME, \"input\": TEXT}}, got {json.dumps(record)[:80]}")
+            raise DataError(f'{where}: expected {{"task": NAME, "input": TEXT}}, got {json.dumps(record)[:80]}')
         if not isinstance(record["task"], str) or not isinstance(record["input"], str):
             raise DataError(f"{where}: 'task' and 'input' must be strings")
         if known_tasks is not None and record["task"] not in known_tasks:
-            raise DataError(f"{where}: unknown task {record['task']!r}; the prompts given are "
-                            f"{sorted(known_tasks)}")
+            raise DataError(f"{where}: unknown task {record['task']!r}; the prompts given are {sorted(known_tasks)}")
         out.append((record["task"], record["input"]))
     return out
 
@@ -82,8 +82,13 @@ def check_max_batch(max_batch) -> int:
 class PromptBank:
     """Many named soft prompts for one frozen model; `generate` serves mixed batches of their requests."""
 
-    def __init__(self, model: GPT, prompts: Mapping[str, "PromptTuning | str | os.PathLike"],
-                 backend: str = "auto", max_batch: int = 64):
+    def __init__(
+        self,
+        model: GPT,
+        prompts: Mapping[str, PromptTuning | str | os.PathLike],
+        backend: str = "auto",
+        max_batch: int = 64,
+    ):
         if not isinstance(model, GPT):
             raise TypeError(f"model must be a minipt GPT, got {type(model).__name__}")
         if not prompts:
@@ -100,8 +105,10 @@ class PromptBank:
             group = groups.setdefault(p.shape[0], [])
             self.slot[name] = (p.shape[0], len(group))
             group.append(p)
-        self.banks = {P: PromptTuning.from_tensor(model, torch.stack(group), backend=backend).eval()
-                      for P, group in groups.items()}  # P -> a bank of the prompts of length P
+        self.banks = {
+            P: PromptTuning.from_tensor(model, torch.stack(group), backend=backend).eval()
+            for P, group in groups.items()
+        }  # P -> a bank of the prompts of length P
         self._prefix = {}  # name -> (k, v), each (n_layer, n_head, P, head_dim): filled on first use
 
     def _prompt(self, name, p, fingerprint: str) -> torch.Tensor:
@@ -168,8 +175,9 @@ class PromptBank:
                 if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
                     raise RequestError(i, "token ids must be a 1-D integer tensor or a list of ints")
                 ids = ids.tolist()
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                             for t in ids):
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
                 raise RequestError(i, "token ids must be a list of ints")
             if len(ids) == 0:
                 raise RequestError(i, "empty request (no token ids)")
@@ -180,15 +188,27 @@ class PromptBank:
                 raise RequestError(i, f"max_new_tokens must be an int >= 0, got {budget!r}")
             P = self.prompts[name].shape[0]
             if P + len(ids) + budget > c.block_size:
-                raise RequestError(i, f"prompt {name!r} ({P}) + {len(ids)} tokens + max_new_tokens "
-                                   f"{budget} = {P + len(ids) + budget} exceeds block_size {c.block_size}")
+                raise RequestError(
+                    i,
+                    f"prompt {name!r} ({P}) + {len(ids)} tokens + max_new_tokens "
+                    f"{budget} = {P + len(ids) + budget} exceeds block_size {c.block_size}",
+                )
             ids_out.append(list(ids))
         return ids_out, budgets
 
     @torch.no_grad()
-    def generate(self, requests, max_new_tokens, temperature: float = 0.0, top_k: int | None = None,
-                 eos_id: int | None = None, prefix_cache: bool = True, generator: torch.Generator | None = None,
-                 max_batch: int | None = None, progress=None) -> list[list[int]]:
+    def generate(
+        self,
+        requests,
+        max_new_tokens,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        prefix_cache: bool = True,
+        generator: torch.Generator | None = None,
+        max_batch: int | None = None,
+        progress=None,
+    ) -> list[list[int]]:
         """Answer requests [(name, token ids), ...] of any tasks and lengths; the new tokens, in request order.
 
         max_new_tokens: an int, or one per request. A row stops at its first eos_id (included). Requests are
@@ -204,10 +224,17 @@ class PromptBank:
         order = sorted(range(len(ids)), key=lambda i: total[i])  # similar lengths together: less padding
         answers = [None] * len(ids)
         for s in range(0, len(order), max_batch):
-            chunk = order[s: s + max_batch]
-            new = self._generate_batch([names[i] for i in chunk], [ids[i] for i in chunk],
-                                       [budgets[i] for i in chunk], temperature, top_k, eos_id, prefix_cache,
-                                       generator)
+            chunk = order[s : s + max_batch]
+            new = self._generate_batch(
+                [names[i] for i in chunk],
+                [ids[i] for i in chunk],
+                [budgets[i] for i in chunk],
+                temperature,
+                top_k,
+                eos_id,
+                prefix_cache,
+                generator,
+            )
             for i, answer in zip(chunk, new):
                 answers[i] = answer
             if progress is not None:
@@ -246,8 +273,18 @@ class PromptBank:
         if prefix_cache:
             for b, name in enumerate(names):
                 cache.set_prefix(b, *self.prefix_kv(name))  # positions [0, P_b) of row b: eq. 1
-        new = decode(self.model, x, cache, n_valid, max_new, temperature, top_k, generator, eos_id,
-                     budgets=torch.tensor(budgets, device=x.device)).tolist()  # (B, max_new)
+        new = decode(
+            self.model,
+            x,
+            cache,
+            n_valid,
+            max_new,
+            temperature,
+            top_k,
+            generator,
+            eos_id,
+            budgets=torch.tensor(budgets, device=x.device),
+        ).tolist()  # (B, max_new)
         answers = []
         for row, budget in zip(new, budgets):
             row = row[:budget]

@@ -34,9 +34,23 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Task", "Example", "Domain", "SPLITS", "HELD_OUT_TASK", "TASKS", "get_task", "get_domain", "split_of",
-           "make_split", "pretraining_mixture", "POSITIVE_WORDS", "NEGATIVE_WORDS", "NEUTRAL_WORDS",
-           "UNSEEN_NEUTRAL_WORDS"]
+__all__ = [
+    "Task",
+    "Example",
+    "Domain",
+    "SPLITS",
+    "HELD_OUT_TASK",
+    "TASKS",
+    "get_task",
+    "get_domain",
+    "split_of",
+    "make_split",
+    "pretraining_mixture",
+    "POSITIVE_WORDS",
+    "NEGATIVE_WORDS",
+    "NEUTRAL_WORDS",
+    "UNSEEN_NEUTRAL_WORDS",
+]
 
 SPLITS = ("train", "val", "test")
 HELD_OUT_TASK = "palindrome"
@@ -208,8 +222,21 @@ def get_task(name: str) -> Task:
 # the pretraining data altogether.
 
 UNSEEN_NEUTRAL_WORDS = (
-    "lamp", "door", "pencil", "garden", "bottle", "carpet", "ladder", "basket",
-    "mirror", "wheel", "forest", "button", "candle", "bridge", "tower",
+    "lamp",
+    "door",
+    "pencil",
+    "garden",
+    "bottle",
+    "carpet",
+    "ladder",
+    "basket",
+    "mirror",
+    "wheel",
+    "forest",
+    "button",
+    "candle",
+    "bridge",
+    "tower",
 )  # fmt: skip  (disjoint from the word lists above: no pretraining sentence holds one)
 
 # The sentence shapes with at least one neutral word, so every shifted sentence holds an unseen word.
@@ -218,9 +245,11 @@ _SENTIMENT_COUNTS_WITH_NEUTRAL = tuple(c for c in _SENTIMENT_COUNTS if c[2] > 0)
 
 def _number_of_digits(lo: int, hi: int) -> Callable[[random.Random], str]:
     """A sampler of numbers with lo..hi digits (the digit count drawn first, uniformly)."""
+
     def sample(rng: random.Random) -> str:
         n_digits = rng.randint(lo, hi)
         return str(rng.randint(10 ** (n_digits - 1), 10**n_digits - 1))
+
     return sample
 
 
@@ -288,8 +317,9 @@ def _rng(*parts: object) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
 
 
-def make_split(task_name: str, split: str, n: int, seed: int = 0, unique: bool = True,
-               domain: str | None = None) -> list[Example]:
+def make_split(
+    task_name: str, split: str, n: int, seed: int = 0, unique: bool = True, domain: str | None = None
+) -> list[Example]:
     """Draw ``n`` examples of ``task_name`` whose inputs belong to ``split``.
 
     Inputs are rejection-sampled: draw one, keep it only if ``split_of(input) == split`` (and, with

@@ -21,13 +21,14 @@ n_prompt, init), the training config and the trainable tensors' names and shapes
 and names the field. `steps` is part of the identity: the learning-rate schedule (warmup, then cosine decay to
 the last step) depends on it, so resuming with other steps would give a run that equals no uninterrupted one.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -114,10 +115,17 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     raise ValueError(f"optimizer must be 'adamw' or 'adafactor', got {cfg.optimizer!r}")
 
 
-def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig,
-          evaluate: Callable[[], float] | None = None, checkpoint_path=None, resume: bool = False,
-          callbacks: list[Callable[[int, float], None]] = (), run_id: dict | None = None,
-          write_checkpoint: bool = True) -> TrainResult:
+def train(
+    module: nn.Module,
+    get_batch: Callable[[int], tuple],
+    cfg: TrainConfig,
+    evaluate: Callable[[], float] | None = None,
+    checkpoint_path=None,
+    resume: bool = False,
+    callbacks: list[Callable[[int, float], None]] = (),
+    run_id: dict | None = None,
+    write_checkpoint: bool = True,
+) -> TrainResult:
     """Train the parameters of `module` that require grad; see the module docstring.
 
     get_batch(step) -> (idx, targets) or (idx, targets, attention_mask); module.loss(*batch) -> the loss
@@ -155,8 +163,9 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
 
     t0 = time.perf_counter() - result.seconds
     module.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
-               desc="train", leave=False)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="train", leave=False
+    )
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -175,8 +184,11 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
         # The loss and "every trainable tensor is finite after the step", in one host read.
         loss_value, params_finite = torch.stack([loss.detach().float(), _all_finite(params)]).tolist()
         if not params_finite:
-            _stop("a trainable tensor became NaN or inf after the optimizer step (learning rate too large?)",
-                  step, last_checkpoint)
+            _stop(
+                "a trainable tensor became NaN or inf after the optimizer step (learning rate too large?)",
+                step,
+                last_checkpoint,
+            )
         result.losses.append(loss_value)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
@@ -191,17 +203,20 @@ def train(module: nn.Module, get_batch: Callable[[int], tuple], cfg: TrainConfig
                 best_state = {name: p.detach().clone() for name, p in named}
         if checkpoint_path is not None and at_eval and write_checkpoint:
             result.seconds = time.perf_counter() - t0
-            save_train_state(checkpoint_path, {
-                "step": done,
-                "trainable": {name: p.detach().clone() for name, p in named},
-                "optimizer": optimizer.state_dict(),
-                "result": asdict(result),
-                "best": best_state,
-                "config": asdict(cfg),
-                "run": identity,
-                "rng": torch.get_rng_state(),
-                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
-            })
+            save_train_state(
+                checkpoint_path,
+                {
+                    "step": done,
+                    "trainable": {name: p.detach().clone() for name, p in named},
+                    "optimizer": optimizer.state_dict(),
+                    "result": asdict(result),
+                    "best": best_state,
+                    "config": asdict(cfg),
+                    "run": identity,
+                    "rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+                },
+            )
         if checkpoint_path is not None and at_eval:
             last_checkpoint = checkpoint_path
         for cb in callbacks:
@@ -222,6 +237,7 @@ def _all_finite(params) -> torch.Tensor:
 
 
 def _stop(what: str, step: int, last_checkpoint) -> None:
-    kept = f"; the last good checkpoint ({last_checkpoint}) is kept" if last_checkpoint else \
-        "; no checkpoint was written"
+    kept = (
+        f"; the last good checkpoint ({last_checkpoint}) is kept" if last_checkpoint else "; no checkpoint was written"
+    )
     raise FloatingPointError(f"{what} at step {step}: training stopped{kept}")

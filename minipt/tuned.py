@@ -20,6 +20,7 @@ A class registers itself when it is defined (`__init_subclass__`), so this modul
 `minipt.tuned` runs `minipt/__init__.py` first, which defines both, so the registry is never empty when it is read.
 Each class owns its own conversions (`save` / `load`, `save_peft` / `from_peft`), written with the helpers here.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,17 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, file_kind, model_fingerprint, model_tensors, save_tensors
 from .peft_io import adapter_type
 
-__all__ = ["TunedModule", "base_identity", "check_base", "load_tuned", "method_class", "model_sketch",
-           "module_class", "same_base", "save_tuned"]
+__all__ = [
+    "TunedModule",
+    "base_identity",
+    "check_base",
+    "load_tuned",
+    "method_class",
+    "model_sketch",
+    "module_class",
+    "same_base",
+    "save_tuned",
+]
 
 _CLASSES: dict[str, type] = {}  # kind -> class, filled as the classes are defined
 
@@ -75,9 +85,12 @@ def model_sketch(model) -> list[list[float]]:
 
 def base_identity(model) -> dict[str, str]:
     """What a tuned file stores about its base model (metadata strings): fingerprint, config, dtype, sketch."""
-    return {"base_fingerprint": model_fingerprint(model), "base_config": json.dumps(model.config.to_dict()),
-            "base_dtype": str(model.transformer.wte.weight.dtype).removeprefix("torch."),
-            "base_sketch": json.dumps(model_sketch(model))}
+    return {
+        "base_fingerprint": model_fingerprint(model),
+        "base_config": json.dumps(model.config.to_dict()),
+        "base_dtype": str(model.transformer.wte.weight.dtype).removeprefix("torch."),
+        "base_sketch": json.dumps(model_sketch(model)),
+    }
 
 
 def same_base(meta: dict, model) -> bool:
@@ -94,22 +107,31 @@ def same_base(meta: dict, model) -> bool:
     except (KeyError, ValueError, TypeError):
         return False
     sketch = json.loads(here["base_sketch"])
-    return same_config and len(saved) == len(sketch) and all(
-        abs(a - b) <= SKETCH_TOLERANCE * abs(n) + 1e-12 for (n, p), (m, q) in zip(saved, sketch)
-        for a, b in ((n, m), (p, q)))
+    return (
+        same_config
+        and len(saved) == len(sketch)
+        and all(
+            abs(a - b) <= SKETCH_TOLERANCE * abs(n) + 1e-12
+            for (n, p), (m, q) in zip(saved, sketch)
+            for a, b in ((n, m), (p, q))
+        )
+    )
 
 
 def check_base(meta: dict, model, subject: str) -> None:
     """CheckpointError unless the file whose metadata is `meta` was made for `model` (`same_base`); `subject`
     starts the message ("FILE: the prompt")."""
     if not same_base(meta, model):
-        raise CheckpointError(f"{subject} was made for another base model (fingerprint "
-                              f"{meta.get('base_fingerprint')}, this model is {model_fingerprint(model)}); load the "
-                              f"base model it was tuned on")
+        raise CheckpointError(
+            f"{subject} was made for another base model (fingerprint "
+            f"{meta.get('base_fingerprint')}, this model is {model_fingerprint(model)}); load the "
+            f"base model it was tuned on"
+        )
 
 
-def save_tuned(module: TunedModule, path, tensors: dict[str, torch.Tensor], extra_metadata: dict | None = None,
-               **metadata) -> Path:
+def save_tuned(
+    module: TunedModule, path, tensors: dict[str, torch.Tensor], extra_metadata: dict | None = None, **metadata
+) -> Path:
     """A tuned module's file: its tensors, its kind, its own metadata and its base model's identity, atomically."""
     meta = {**metadata, **base_identity(module.model), **(extra_metadata or {})}
     return save_tensors(path, tensors, kind=module.kind, metadata=meta)
@@ -126,15 +148,19 @@ def module_class(path) -> type:
         for cls in _CLASSES.values():
             if cls.peft_type == found:
                 return cls
-        raise CheckpointError(f"{path}: a PEFT adapter of type {found!r}; minipt reads "
-                              f"{' and '.join(sorted(c.peft_type for c in _CLASSES.values()))} adapters")
+        raise CheckpointError(
+            f"{path}: a PEFT adapter of type {found!r}; minipt reads "
+            f"{' and '.join(sorted(c.peft_type for c in _CLASSES.values()))} adapters"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     kind = file_kind(path)
     if kind not in _CLASSES:
         held = "no minipt kind (not a minipt file, or unreadable)" if kind is None else f"a minipt {kind!r} file"
-        raise CheckpointError(f"{path} holds {held}; a tuned module is a minipt "
-                              f"{' or '.join(repr(k) for k in sorted(_CLASSES))} file or a PEFT adapter folder")
+        raise CheckpointError(
+            f"{path} holds {held}; a tuned module is a minipt "
+            f"{' or '.join(repr(k) for k in sorted(_CLASSES))} file or a PEFT adapter folder"
+        )
     return _CLASSES[kind]
 
 

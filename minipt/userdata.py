@@ -15,6 +15,7 @@ likely than an intended gap); blank lines at the very end of the file hold no re
 Validation: `--val-data FILE.jsonl`, or else a deterministic `val_fraction` of the records (a shuffle seeded
 by `seed`, the same split on every run and machine).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,16 @@ from pathlib import Path
 from .data import encode_example
 from .tasks import Example
 
-__all__ = ["DataError", "KEYS", "check_fits", "read_jsonl", "read_objects", "select_task", "split_validation",
-           "training_data"]
+__all__ = [
+    "DataError",
+    "KEYS",
+    "check_fits",
+    "read_jsonl",
+    "read_objects",
+    "select_task",
+    "split_validation",
+    "training_data",
+]
 
 KEYS = ("input", "output", "task")
 
@@ -77,8 +86,9 @@ def _utf8_lines(raw: bytes, name) -> list[str]:
         try:
             lines.append(line.decode("utf-8").removesuffix("\r"))
         except UnicodeDecodeError as e:
-            raise DataError(f"{name}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); save the file "
-                            f"as UTF-8") from None
+            raise DataError(
+                f"{name}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8"
+            ) from None
     if lines and lines[0].startswith("\ufeff"):
         lines[0] = lines[0][1:]  # a byte-order mark some editors write
     return lines
@@ -86,8 +96,9 @@ def _utf8_lines(raw: bytes, name) -> list[str]:
 
 def _example(record, where: str, default_task: str) -> Example:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object like {{\"input\": ..., \"output\": ...}}, "
-                        f"got {type(record).__name__}")
+        raise DataError(
+            f'{where}: expected a JSON object like {{"input": ..., "output": ...}}, got {type(record).__name__}'
+        )
     unknown = sorted(set(record) - set(KEYS))
     if unknown:
         raise DataError(f"{where}: unknown key(s) {unknown}; a record has 'input', 'output' and optionally 'task'")
@@ -110,8 +121,9 @@ def select_task(examples: list[Example], task: str | None) -> list[Example]:
     tasks = sorted({ex.task for ex in examples})
     if task is None:
         if len(tasks) > 1:
-            raise DataError(f"the data holds {len(tasks)} tasks {tasks}; one prompt is tuned per task: "
-                            f"pick one with --task")
+            raise DataError(
+                f"the data holds {len(tasks)} tasks {tasks}; one prompt is tuned per task: pick one with --task"
+            )
         return examples
     chosen = [ex for ex in examples if ex.task == task]
     if not chosen:
@@ -124,8 +136,9 @@ def split_validation(examples: list[Example], val_fraction: float = 0.1, seed: i
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if len(examples) < 2:
-        raise DataError(f"{len(examples)} record(s): need at least 2 to hold one out for validation, "
-                        f"or pass --val-data")
+        raise DataError(
+            f"{len(examples)} record(s): need at least 2 to hold one out for validation, or pass --val-data"
+        )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples))))
@@ -143,12 +156,22 @@ def check_fits(examples: list[Example], tokenizer, n_prompt: int, block_size: in
     for i, ex in enumerate(examples):
         n = len(encode_example(ex, tokenizer, instruction=False)[0])
         if n_prompt + n > block_size:
-            raise DataError(f"{where}:{i + 1}: the record encodes to {n} tokens; with the {n_prompt} prompt vectors "
-                            f"that is more than the model's block_size {block_size} (nothing is cut silently)")
+            raise DataError(
+                f"{where}:{i + 1}: the record encodes to {n} tokens; with the {n_prompt} prompt vectors "
+                f"that is more than the model's block_size {block_size} (nothing is cut silently)"
+            )
 
 
-def training_data(path, tokenizer, n_prompt: int, block_size: int, task: str | None = None, val_path=None,
-                  val_fraction: float = 0.1, seed: int = 0) -> tuple[list[Example], list[Example]]:
+def training_data(
+    path,
+    tokenizer,
+    n_prompt: int,
+    block_size: int,
+    task: str | None = None,
+    val_path=None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[list[Example], list[Example]]:
     """(train, val) examples of `minipt tune --data FILE`: the records of `task` (needed when the file holds
     several tasks), every one checked to fit block_size after the prompt; validation from `val_path`, else a
     `val_fraction` of the records (split_validation)."""

@@ -4,6 +4,7 @@ This module is imported before any test module, so the environment variables it 
 place before anything imports triton (@triton.jit reads TRITON_INTERPRET when it decorates a
 kernel, that is, when `minipt.kernels` is imported).
 """
+
 import os
 import random
 

@@ -1,4 +1,5 @@
 """Small shared helpers for the tests (imported as `helpers`: pytest puts tests/ on sys.path)."""
+
 import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,7 +54,8 @@ class _SyncCounter(TorchDispatchMode):
         if name in SYNCING_OPS:
             self.syncs.by_op[name] += 1
         elif name in ("index", "index_put", "index_put_") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        ):
             # t[mask]: the op runs nonzero on the mask inside its kernel, which the mode does not see
             self.syncs.by_op["boolean index"] += 1
         return func(*args, **(kwargs or {}))

@@ -7,6 +7,7 @@ point, and why the whole table runs in a few seconds.
 
 API cases call the library and assert the exception type and that the message names the argument.
 """
+
 import json
 import os
 import re
@@ -17,8 +18,15 @@ import torch
 from helpers import random_gpt
 from minipt import PromptTuning
 from minipt.apps.cli import main
-from minipt.checkpoint import (CheckpointError, check_output_dir, check_output_path, load_tensors,
-                               load_train_state, save_model, save_train_state)
+from minipt.checkpoint import (
+    CheckpointError,
+    check_output_dir,
+    check_output_path,
+    load_tensors,
+    load_train_state,
+    save_model,
+    save_train_state,
+)
 from minipt.train import TrainConfig
 from minipt.userdata import DataError, read_jsonl
 
@@ -87,8 +95,11 @@ CLI_CASES = [
     ("tune-data-missing", ["tune", "--data", "{tmp}/none.jsonl", "--out", "{tmp}/p.safetensors"], "none.jsonl"),
     ("tune-data-is-folder", ["tune", "--data", "{tmp}/dir", "--out", "{tmp}/p.safetensors"], "dir"),
     ("tune-data-not-utf8", ["tune", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/p.safetensors"], "bad.jsonl:2"),
-    ("tune-data-not-json", ["tune", "--data", "{tmp}/notjson.jsonl", "--out", "{tmp}/p.safetensors"],
-     "notjson.jsonl:1"),
+    (
+        "tune-data-not-json",
+        ["tune", "--data", "{tmp}/notjson.jsonl", "--out", "{tmp}/p.safetensors"],
+        "notjson.jsonl:1",
+    ),
     ("tune-base-missing", TUNE + ["--base", "{tmp}/none.safetensors"], "none.safetensors"),
     ("tune-base-not-a-model", TUNE + ["--base", "{tmp}/file"], "file"),
     # pretrain
@@ -97,8 +108,11 @@ CLI_CASES = [
     ("pretrain-steps-0", ["pretrain", "--steps", "0", "--out", "{tmp}/m.safetensors"], "--steps"),
     ("pretrain-lr-inf", ["pretrain", "--lr", "inf", "--out", "{tmp}/m.safetensors"], "--lr"),
     ("pretrain-out-is-folder", ["pretrain", "--out", "{tmp}/dir"], "--out"),
-    ("pretrain-checkpoint-is-folder", ["pretrain", "--out", "{tmp}/m.safetensors", "--checkpoint", "{tmp}/dir"],
-     "--checkpoint"),
+    (
+        "pretrain-checkpoint-is-folder",
+        ["pretrain", "--out", "{tmp}/m.safetensors", "--checkpoint", "{tmp}/dir"],
+        "--checkpoint",
+    ),
     # eval
     ("eval-n-0", ["eval", "--task", "copy", "-n", "0"], "-n"),
     ("eval-task-unknown", ["eval", "--task", "sorting"], "--task"),
@@ -208,40 +222,81 @@ API_CASES = [
     ("prompt-n-0", lambda tmp: PromptTuning(_model(), n_prompt=0), ValueError, r"n_prompt"),
     ("prompt-n-block", lambda tmp: PromptTuning(_model(), n_prompt=24), ValueError, r"n_prompt"),
     ("prompt-init-unknown", lambda tmp: PromptTuning(_model(), init="zeros"), ValueError, r"init"),
-    ("prompt-text-without-text", lambda tmp: PromptTuning(_model(), n_prompt=2, init="text"), ValueError,
-     r"init_text"),
+    ("prompt-text-without-text", lambda tmp: PromptTuning(_model(), n_prompt=2, init="text"), ValueError, r"init_text"),
     ("prompt-not-a-model", lambda tmp: PromptTuning(torch.nn.Linear(2, 2)), TypeError, r"model"),
     ("forward-float-ids", lambda tmp: _pt()(torch.zeros(1, 3)), TypeError, r"idx"),
     ("forward-1d-ids", lambda tmp: _pt()(torch.zeros(3, dtype=torch.long)), ValueError, r"idx"),
     ("forward-id-out-of-range", lambda tmp: _pt()(torch.full((1, 3), 32)), ValueError, r"idx.*vocab_size"),
-    ("forward-too-long", lambda tmp: _pt()(torch.zeros(1, 23, dtype=torch.long)), ValueError,
-     r"n_prompt.*block_size"),
-    ("loss-targets-shape", lambda tmp: _pt().loss(torch.zeros(1, 3, dtype=torch.long),
-                                                 torch.zeros(1, 4, dtype=torch.long)), ValueError, r"targets"),
-    ("loss-nothing-supervised", lambda tmp: _pt().loss(torch.zeros(1, 3, dtype=torch.long),
-                                                      torch.full((1, 3), -100)), ValueError, r"targets"),
-    ("prompt-file-is-model", lambda tmp: (save_model(_model(), tmp / "m.safetensors"),
-                                          PromptTuning.load(_model(), tmp / "m.safetensors")),
-     CheckpointError, r"expected a minipt 'prompt' file"),
-    ("garbage-safetensors", lambda tmp: ((tmp / "g").write_bytes(b"\x00" * 64), load_tensors(tmp / "g", "gpt")),
-     CheckpointError, r"not a readable safetensors file"),
-    ("model-does-not-fit-config", lambda tmp: __import__("minipt").GPT.from_checkpoint(
-        _model_file_that_does_not_fit(tmp)), CheckpointError, r"the config says n_embd=16 but the weights have 8"),
-    ("train-state-other-torch-file", lambda tmp: load_train_state(_torch_file(tmp)), CheckpointError,
-     r"not a minipt training checkpoint"),
+    ("forward-too-long", lambda tmp: _pt()(torch.zeros(1, 23, dtype=torch.long)), ValueError, r"n_prompt.*block_size"),
+    (
+        "loss-targets-shape",
+        lambda tmp: _pt().loss(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)),
+        ValueError,
+        r"targets",
+    ),
+    (
+        "loss-nothing-supervised",
+        lambda tmp: _pt().loss(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3), -100)),
+        ValueError,
+        r"targets",
+    ),
+    (
+        "prompt-file-is-model",
+        lambda tmp: (save_model(_model(), tmp / "m.safetensors"), PromptTuning.load(_model(), tmp / "m.safetensors")),
+        CheckpointError,
+        r"expected a minipt 'prompt' file",
+    ),
+    (
+        "garbage-safetensors",
+        lambda tmp: ((tmp / "g").write_bytes(b"\x00" * 64), load_tensors(tmp / "g", "gpt")),
+        CheckpointError,
+        r"not a readable safetensors file",
+    ),
+    (
+        "model-does-not-fit-config",
+        lambda tmp: __import__("minipt").GPT.from_checkpoint(_model_file_that_does_not_fit(tmp)),
+        CheckpointError,
+        r"the config says n_embd=16 but the weights have 8",
+    ),
+    (
+        "train-state-other-torch-file",
+        lambda tmp: load_train_state(_torch_file(tmp)),
+        CheckpointError,
+        r"not a minipt training checkpoint",
+    ),
     ("train-state-folder", lambda tmp: load_train_state(tmp), CheckpointError, r"not a file"),
-    ("train-state-non-finite", lambda tmp: save_train_state(tmp / "s.pt", {"trainable": {
-        "prompt": torch.tensor([1.0, float("inf")])}}), FloatingPointError, r"'prompt' holds NaN or inf"),
-    ("jsonl-not-utf8", lambda tmp: ((tmp / "d.jsonl").write_bytes(b'{"input": "\xe9", "output": "x"}\n'),
-                                    read_jsonl(tmp / "d.jsonl")), DataError, r"d\.jsonl:1: not UTF-8"),
-    ("peft-config-a-list", lambda tmp: PromptTuning.from_peft(_model(), _peft_folder(tmp, b"[1, 2]")), CheckpointError,
-     r"adapter_config\.json must hold a JSON object"),
-    ("peft-config-not-utf8", lambda tmp: PromptTuning.from_peft(_model(), _peft_folder(tmp, b'{"a": "\xff"}')), CheckpointError,
-     r"adapter_config\.json is not UTF-8"),
+    (
+        "train-state-non-finite",
+        lambda tmp: save_train_state(tmp / "s.pt", {"trainable": {"prompt": torch.tensor([1.0, float("inf")])}}),
+        FloatingPointError,
+        r"'prompt' holds NaN or inf",
+    ),
+    (
+        "jsonl-not-utf8",
+        lambda tmp: ((tmp / "d.jsonl").write_bytes(b'{"input": "\xe9", "output": "x"}\n'), read_jsonl(tmp / "d.jsonl")),
+        DataError,
+        r"d\.jsonl:1: not UTF-8",
+    ),
+    (
+        "peft-config-a-list",
+        lambda tmp: PromptTuning.from_peft(_model(), _peft_folder(tmp, b"[1, 2]")),
+        CheckpointError,
+        r"adapter_config\.json must hold a JSON object",
+    ),
+    (
+        "peft-config-not-utf8",
+        lambda tmp: PromptTuning.from_peft(_model(), _peft_folder(tmp, b'{"a": "\xff"}')),
+        CheckpointError,
+        r"adapter_config\.json is not UTF-8",
+    ),
     ("output-is-folder", lambda tmp: check_output_path(tmp, "--out"), ValueError, r"--out .* is a folder"),
     ("output-is-device", lambda tmp: check_output_path(os.devnull, "--out"), ValueError, r"not a regular file"),
-    ("output-dir-is-file", lambda tmp: ((tmp / "f").write_text("x"), check_output_dir(tmp / "f", "--peft-out")),
-     ValueError, r"--peft-out .* existing file"),
+    (
+        "output-dir-is-file",
+        lambda tmp: ((tmp / "f").write_text("x"), check_output_dir(tmp / "f", "--peft-out")),
+        ValueError,
+        r"--peft-out .* existing file",
+    ),
 ]
 
 

@@ -4,6 +4,7 @@ Their figures are not checked (speed claims come from the scripts' own runs, nev
 is that each script runs, writes the CSV the notebooks and the README read, and that the PEFT comparison scores
 the same positions as minipt (the same first-step loss with the same weights).
 """
+
 import csv
 import importlib.util
 import os
@@ -19,8 +20,9 @@ BENCH = ROOT / "benchmarks"
 
 def run_script(name, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU providers need no Triton
-    done = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / name), *args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -48,7 +50,8 @@ def test_bench_prompt_concat_smoke(tmp_path):
     assert list(rows[0]) == list(bench.COLUMNS)
     # one shape, fp32, three modes, the CPU providers without torch.compile
     assert [(r["mode"], r["provider"]) for r in rows] == [
-        (m, p) for m in ("fwd", "bwd", "fwd+bwd") for p in ("eager", "reference", "copy")]
+        (m, p) for m in ("fwd", "bwd", "fwd+bwd") for p in ("eager", "reference", "copy")
+    ]
     for r in rows:
         assert r["device"] == "cpu" and r["device_name"] and r["torch"] and r["date"]
         assert (r["B"], r["n"], r["n_p"], r["D"], r["dtype"]) == ("2", "16", "4", "64", "float32")
@@ -102,7 +105,8 @@ def test_bench_train_step_peft_scores_the_same_positions(train_step_rows):
     assert float(peft_row["loss_diff"]) <= 1e-4
     assert float(peft_row["ratio_to_peft"]) == pytest.approx(1.0)
     assert float(ours["ratio_to_peft"]) == pytest.approx(
-        float(ours["tokens_per_s"]) / float(peft_row["tokens_per_s"]), rel=1e-2)
+        float(ours["tokens_per_s"]) / float(peft_row["tokens_per_s"]), rel=1e-2
+    )
     assert "(ok, tolerance 1e-4)" in stdout
 
 
@@ -150,7 +154,8 @@ def test_bench_prompt_concat_gpu_bookkeeping_with_a_fake_timer(monkeypatch):
     by = {(r["provider"], r["mode"]): r for r in rows}
     graph_rows = {key for key in by if key[0].endswith("(graph)")}
     assert graph_rows == {(p + " (graph)", m) for p in ("triton", "copy") for m in bench.MODES} | {
-        ("eager (graph)", "fwd")}  # never the op (its id check syncs) nor autograd's backward
+        ("eager (graph)", "fwd")
+    }  # never the op (its id check syncs) nor autograd's backward
     assert all(by[key]["timer"] == "do_bench_cudagraph" for key in graph_rows)
     assert by[("triton", "fwd")]["timer"] == "do_bench"
     for (p, m), r in by.items():
@@ -164,14 +169,33 @@ def test_bench_prompt_concat_gpu_bookkeeping_with_a_fake_timer(monkeypatch):
 def test_bench_memory_smallest_setting(tmp_path):
     out = tmp_path / "memory.csv"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(BENCH / "bench_memory.py"), "--preset", "nano", "--batch-size", "1",
-           "--seq-len", "8", "--n-prompt", "2", "--steps", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(BENCH / "bench_memory.py"),
+        "--preset",
+        "nano",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "8",
+        "--n-prompt",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(line for line in out.read_text().splitlines() if not line.startswith("#")))
     configs = [r["config"] for r in rows]
-    assert configs == ["full fine-tuning", "naive prompt tuning", "minipt prompt tuning", "minipt prompt tuning, recompute",
-                       "minipt P-tuning v2 (deep prefix)"]
+    assert configs == [
+        "full fine-tuning",
+        "naive prompt tuning",
+        "minipt prompt tuning",
+        "minipt prompt tuning, recompute",
+        "minipt P-tuning v2 (deep prefix)",
+    ]
     by = {r["config"]: r for r in rows}
     # Only the prompt trains in both prompt-tuning rows; only minipt's frees the weight gradients.
     assert int(by["naive prompt tuning"]["trainable_params"]) == int(by["minipt prompt tuning"]["trainable_params"])

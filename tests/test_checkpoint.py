@@ -71,8 +71,13 @@ def test_train_state_round_trip(tmp_path):
     opt = torch.optim.AdamW([p], lr=0.1)
     p.grad = torch.ones_like(p)
     opt.step()
-    state = {"step": 7, "trainable": {"prompt": p.detach().clone()}, "optimizer": opt.state_dict(),
-             "result": {"losses": [1.5, 1.25], "best_metric": None}, "best": None}
+    state = {
+        "step": 7,
+        "trainable": {"prompt": p.detach().clone()},
+        "optimizer": opt.state_dict(),
+        "result": {"losses": [1.5, 1.25], "best_metric": None},
+        "best": None,
+    }
     path = tmp_path / "state.pt"
     save_train_state(path, state)
     loaded = load_train_state(path)

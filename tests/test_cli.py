@@ -1,4 +1,5 @@
 """The `minipt` command, end to end, as a user runs it (a subprocess, the plain reference path)."""
+
 import json
 import os
 import subprocess
@@ -22,8 +23,9 @@ def run_minipt(*args, cwd):
     # The CLI runs without TRITON_INTERPRET, as a user's shell would: CPU tensors take the reference path.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-m", "minipt", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "minipt", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -58,25 +60,28 @@ def test_demo_writes_its_table_plot_and_prompt(tmp_path):
 
 def test_tune_eval_generate_round_trip(tmp_path):
     prompt = tmp_path / "copy.safetensors"
-    proc = run_minipt("tune", "--task", "copy", "--steps", "3", "--n-prompt", "4", "--out", str(prompt),
-                      "--no-progress", cwd=tmp_path)
+    proc = run_minipt(
+        "tune", "--task", "copy", "--steps", "3", "--n-prompt", "4", "--out", str(prompt), "--no-progress", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert "test exact match" in proc.stdout
     model = GPT.from_checkpoint(shipped_base_path())
     pt = PromptTuning.load(model, prompt)  # the file is a prompt for the shipped model, and it was trained
     assert pt.prompt.shape == (4, model.config.n_embd)
-    untrained = PromptTuning(model, n_prompt=4, init="vocab", tokenizer=ByteTokenizer(),
-                             token_counts=pretraining_token_counts(), seed=0).prompt
+    untrained = PromptTuning(
+        model, n_prompt=4, init="vocab", tokenizer=ByteTokenizer(), token_counts=pretraining_token_counts(), seed=0
+    ).prompt
     assert not torch.equal(pt.prompt, untrained)
     proc = run_minipt("eval", "--task", "copy", "--prompt", str(prompt), "-n", "20", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     expected = exact_match_accuracy(pt, make_split("copy", "test", 20), ByteTokenizer())
     assert f"copy (test, n=20): exact match {expected:.1%}" in proc.stdout  # the number eval prints is the score
-    proc = run_minipt("generate", "abc", "--prompt", str(prompt), "--task-format", "--max-new-tokens", "4",
-                      cwd=tmp_path)
+    proc = run_minipt(
+        "generate", "abc", "--prompt", str(prompt), "--task-format", "--max-new-tokens", "4", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     ids = ByteTokenizer().encode("abc") + [ByteTokenizer().sep_id]
-    out = pt.generate(torch.tensor([ids]), 4, temperature=0.0)[0, len(ids):].tolist()
+    out = pt.generate(torch.tensor([ids]), 4, temperature=0.0)[0, len(ids) :].tolist()
     if ByteTokenizer().eos_id in out:
         out = out[: out.index(ByteTokenizer().eos_id)]
     assert proc.stdout.rstrip("\n") == ByteTokenizer().decode(out)  # generate prints the greedy continuation

@@ -4,7 +4,7 @@ the same verdict as real greedy decoding with `generate`."""
 import pytest
 import torch
 
-from minipt import ByteTokenizer, GPT, GPTConfig, PromptTuning
+from minipt import GPT, ByteTokenizer, GPTConfig, PromptTuning
 from minipt.data import batch_fn, exact_match_accuracy, query_ids
 from minipt.tasks import Example, get_task, make_split
 from minipt.train import TrainConfig, train
@@ -59,7 +59,7 @@ def model():
 def greedy_answer(module, example, instruction, max_new_tokens=12):
     """Decode greedily with `generate` until <|eos|>; None if it never stops."""
     ids = torch.tensor([query_ids(example, tok, instruction)])
-    new = module.generate(ids, max_new_tokens, temperature=0)[0, ids.shape[1]:].tolist()
+    new = module.generate(ids, max_new_tokens, temperature=0)[0, ids.shape[1] :].tolist()
     if tok.eos_id not in new:
         return None
     return tok.decode(new[: new.index(tok.eos_id)], skip_special=False)  # special tokens stay visible
@@ -103,8 +103,9 @@ def test_exact_match_equals_greedy_decoding_for_a_gpt_with_instruction(model):
 
 def test_exact_match_equals_greedy_decoding_for_a_prompt_without_instruction(model):
     # the instruction's text as the prompt, nudged so that it is a soft prompt and not the instruction itself
-    pt = PromptTuning(model, n_prompt=len(INSTRUCTION), init="text", init_text=INSTRUCTION, tokenizer=tok,
-                      backend="reference").eval()
+    pt = PromptTuning(
+        model, n_prompt=len(INSTRUCTION), init="text", init_text=INSTRUCTION, tokenizer=tok, backend="reference"
+    ).eval()
     with torch.no_grad():
         pt.prompt.add_(0.05 * torch.randn(pt.prompt.shape, generator=torch.Generator().manual_seed(0)))
     check_teacher_forcing_equals_greedy(pt, instruction=False)

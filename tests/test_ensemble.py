@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from helpers import random_gpt
-
 from minipt import ByteTokenizer, PromptTuning
 from minipt.ensemble import bank_logits, ensemble_accuracy, majority_vote
 from minipt.tasks import make_split
@@ -15,8 +14,9 @@ tok = ByteTokenizer()
 
 
 def prompts_for(model, K=3, n_prompt=4):
-    return [PromptTuning(model, n_prompt=n_prompt, init="uniform", seed=k, backend="reference").eval()
-            for k in range(K)]
+    return [
+        PromptTuning(model, n_prompt=n_prompt, init="uniform", seed=k, backend="reference").eval() for k in range(K)
+    ]
 
 
 def test_one_pass_through_the_bank_equals_each_prompt_alone():
@@ -53,8 +53,7 @@ def test_ensemble_accuracy_matches_a_by_hand_count():
     bank = torch.stack([pt.prompt.detach() for pt in pts])
     examples = make_split("parity", "test", 40)
     got = ensemble_accuracy(model, bank, examples, tok, batch_size=16)  # several batches
-    from minipt.data import exact_match_accuracy
-    from minipt.data import collate
+    from minipt.data import collate, exact_match_accuracy
 
     for k, pt in enumerate(pts):
         assert got["single"][k] == pytest.approx(exact_match_accuracy(pt, examples, tok))

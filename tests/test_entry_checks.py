@@ -1,5 +1,6 @@
 """Arguments and tensors are checked at every public entry point, before any work, with a message that names
 the argument; and one JSONL reader serves `--data` and serve's `--requests` alike."""
+
 import io
 import json
 
@@ -63,13 +64,22 @@ def test_prompt_bank_arguments_are_checked_before_any_work(modules):
     assert bank.generate(requests, 2, max_batch=1, temperature=0.0) == bank.generate(requests, 2, temperature=0.0)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["serve", "--prompt", "t=a.safetensors", "--requests", "r.jsonl", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["serve", "--prompt", "t=a.safetensors", "--requests", "r.jsonl", "--max-new-tokens", "-3"], "--max-new-tokens"),
-    (["serve", "--prompt", "t=a.safetensors", "--requests", "r.jsonl", "--max-batch", "0"], "--max-batch"),
-    (["experiment", "lester", "--threads", "-1"], "--threads"),
-    (["experiment", "lester", "--threads", "0"], "--threads"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (
+            ["serve", "--prompt", "t=a.safetensors", "--requests", "r.jsonl", "--max-new-tokens", "0"],
+            "--max-new-tokens",
+        ),
+        (
+            ["serve", "--prompt", "t=a.safetensors", "--requests", "r.jsonl", "--max-new-tokens", "-3"],
+            "--max-new-tokens",
+        ),
+        (["serve", "--prompt", "t=a.safetensors", "--requests", "r.jsonl", "--max-batch", "0"], "--max-batch"),
+        (["experiment", "lester", "--threads", "-1"], "--threads"),
+        (["experiment", "lester", "--threads", "0"], "--threads"),
+    ],
+)
 def test_command_line_counts_are_refused_while_parsing(argv, flag, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)
@@ -78,8 +88,15 @@ def test_command_line_counts_are_refused_while_parsing(argv, flag, capsys):
 
 def test_a_serve_name_given_twice_is_refused(tmp_path, capsys):
     (tmp_path / "r.jsonl").write_text('{"task": "t", "input": "a"}\n')
-    argv = ["serve", "--prompt", "t=a.safetensors", "--prompt", "t=b.safetensors", "--requests",
-            str(tmp_path / "r.jsonl")]
+    argv = [
+        "serve",
+        "--prompt",
+        "t=a.safetensors",
+        "--prompt",
+        "t=b.safetensors",
+        "--requests",
+        str(tmp_path / "r.jsonl"),
+    ]
     assert main(argv) == 2
     assert "--prompt t= is given twice" in capsys.readouterr().err
 
@@ -133,9 +150,12 @@ def test_ensemble_and_saved_tensor_report_check_their_arguments(modules):
 
     model, _ = modules
     idx = torch.tensor([[5, 6]])
-    for prompts, words in [(torch.ones(2, 3, 32, dtype=torch.long), "floating-point"),
-                           (torch.full((2, 3, 32), float("nan")), "NaN or inf"),
-                           (torch.zeros(2, 3, 16), "n_embd=32"), (torch.zeros(0, 3, 32), "K, n_prompt >= 1")]:
+    for prompts, words in [
+        (torch.ones(2, 3, 32, dtype=torch.long), "floating-point"),
+        (torch.full((2, 3, 32), float("nan")), "NaN or inf"),
+        (torch.zeros(2, 3, 16), "n_embd=32"),
+        (torch.zeros(0, 3, 32), "K, n_prompt >= 1"),
+    ]:
         with pytest.raises((TypeError, ValueError), match=words):
             bank_logits(model, prompts, idx)
     with pytest.raises(ValueError, match="batch_size"):

@@ -4,11 +4,11 @@ with a message that names the problem. The wrong answers here are beyond those o
 Also: a patched torch.allclose (or isclose, or equal) cannot turn a wrong answer into a pass, and the kernel
 checkers give the same verdicts whether or not TRITON_INTERPRET was set before Triton was imported.
 """
+
 import math
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -41,6 +41,7 @@ def rejects(exercise_id, answer, *phrases):
 
 # ---- concat ----------------------------------------------------------------------------------------------
 
+
 def concat_loop(P, wte, idx, wpe):
     B, n = idx.shape
     n_p, D = P.shape
@@ -61,7 +62,7 @@ def concat_fill(P, wte, idx, wpe):
     n_p, n = len(P), idx.shape[1]
     x = torch.empty(len(idx), n_p + n, wte.shape[1], dtype=wte.dtype)
     x[:, :n_p] = P + wpe[:n_p]
-    x[:, n_p:] = wte[idx] + wpe[n_p: n_p + n]
+    x[:, n_p:] = wte[idx] + wpe[n_p : n_p + n]
     return x
 
 
@@ -80,35 +81,48 @@ def test_concat_answers():
     rejects("concat", refuses_full_context, "fills wpe: n_p + n = n_ctx", "raised ValueError")
     rejects("concat", float32_math, "x: dtype: expected float64, got float32")
     rejects("concat", lambda P, wte, idx, wpe: concat_fill(P, wte, idx, wpe[1:]), "positions start at 1")
-    rejects("concat", lambda P, wte, idx, wpe: concat_fill(P[:1].expand(len(P), -1), wte, idx, wpe),
-            "every prompt row is P[0]")
+    rejects(
+        "concat",
+        lambda P, wte, idx, wpe: concat_fill(P[:1].expand(len(P), -1), wte, idx, wpe),
+        "every prompt row is P[0]",
+    )
+
     def time_major_tokens(P, wte, idx, wpe):
         B, n = idx.shape
         tokens = wte[idx.reshape(-1)].view(n, B, -1).transpose(0, 1)  # (B, n, D), but with the rows of (n, B)
         return torch.cat([P.expand(B, -1, -1), tokens], 1) + wpe[: len(P) + n]
 
     rejects("concat", time_major_tokens, "reshaped in the wrong order")
-    rejects("concat", lambda P, wte, idx, wpe: torch.cat([(P + wpe[: len(P)]).expand(len(idx), -1, -1),
-                                                          wte[idx] + wpe[len(P):]], 1), "raised RuntimeError")
+    rejects(
+        "concat",
+        lambda P, wte, idx, wpe: torch.cat([(P + wpe[: len(P)]).expand(len(idx), -1, -1), wte[idx] + wpe[len(P) :]], 1),
+        "raised RuntimeError",
+    )
 
 
 # ---- concat_backward -------------------------------------------------------------------------------------
+
 
 def test_concat_backward_answers():
     accepts("concat_backward", lambda dx, n_p: torch.einsum("btd->td", dx[:, :n_p]))
     accepts("concat_backward", lambda dx, n_p: sum(dx[b, :n_p] for b in range(len(dx))))
     accepts("concat_backward", lambda dx, n_p: dx.narrow(1, 0, n_p).sum(dim=0).contiguous())
 
-    rejects("concat_backward", lambda dx, n_p: dx[:, :n_p].float().sum(0), "(fp64)",
-            "dP: dtype: expected float64, got float32")
+    rejects(
+        "concat_backward",
+        lambda dx, n_p: dx[:, :n_p].float().sum(0),
+        "(fp64)",
+        "dP: dtype: expected float64, got float32",
+    )
     rejects("concat_backward", lambda dx, n_p: dx[:, :n_p].reshape(n_p, len(dx), -1).sum(1), "reshaped as (n_p, B)")
-    rejects("concat_backward", lambda dx, n_p: dx[:, 1: n_p + 1].sum(0), "off by one")
-    rejects("concat_backward", lambda dx, n_p: dx[:, n_p: 2 * n_p].sum(0), "the token rows are summed")
+    rejects("concat_backward", lambda dx, n_p: dx[:, 1 : n_p + 1].sum(0), "off by one")
+    rejects("concat_backward", lambda dx, n_p: dx[:, n_p : 2 * n_p].sum(0), "the token rows are summed")
     rejects("concat_backward", lambda dx, n_p: dx[:, :n_p].sum(0, keepdim=True), "dP: shape: expected (n_p, D)")
     rejects("concat_backward", lambda dx, n_p: dx[:, :n_p].sum(0) / dx.shape[1], "dP: first difference")
 
 
 # ---- frozen_head_backward --------------------------------------------------------------------------------
+
 
 def test_frozen_head_backward_answers():
     def by_logsumexp(h, W, y):
@@ -132,28 +146,42 @@ def test_frozen_head_backward_answers():
         accepts("frozen_head_backward", answer)
 
     onehot = lambda y, W, h: F.one_hot(y, len(W)).to(h.dtype)  # noqa: E731
-    rejects("frozen_head_backward", lambda h, W, y: ((h @ W.T).float().softmax(-1).double() - onehot(y, W, h))
-            @ W / len(h), "computed in float32")
-    rejects("frozen_head_backward", lambda h, W, y: ((h @ W.T).softmax(-1) - onehot(y, W, h)) @ W / len(W),
-            "divided by V")
-    rejects("frozen_head_backward", lambda h, W, y: ((h @ W.T).log_softmax(-1) - onehot(y, W, h)) @ W / len(h),
-            "log_softmax is used")
+    rejects(
+        "frozen_head_backward",
+        lambda h, W, y: ((h @ W.T).float().softmax(-1).double() - onehot(y, W, h)) @ W / len(h),
+        "computed in float32",
+    )
+    rejects(
+        "frozen_head_backward", lambda h, W, y: ((h @ W.T).softmax(-1) - onehot(y, W, h)) @ W / len(W), "divided by V"
+    )
+    rejects(
+        "frozen_head_backward",
+        lambda h, W, y: ((h @ W.T).log_softmax(-1) - onehot(y, W, h)) @ W / len(h),
+        "log_softmax is used",
+    )
     rejects("frozen_head_backward", lambda h, W, y: -W[y] / len(h), "the softmax term is forgotten")
-    rejects("frozen_head_backward", lambda h, W, y: ((h @ W.T).softmax(-1) - onehot(y, W, h)) @ W / h.shape[1],
-            "divided by D instead of N")
-    rejects("frozen_head_backward", lambda h, W, y: ((h @ W.T).softmax(-1) - onehot(y, W, h)) / len(h),
-            "dL/dh: shape: expected (N, D)")  # dL/dz, not dL/dh
+    rejects(
+        "frozen_head_backward",
+        lambda h, W, y: ((h @ W.T).softmax(-1) - onehot(y, W, h)) @ W / h.shape[1],
+        "divided by D instead of N",
+    )
+    rejects(
+        "frozen_head_backward",
+        lambda h, W, y: ((h @ W.T).softmax(-1) - onehot(y, W, h)) / len(h),
+        "dL/dh: shape: expected (N, D)",
+    )  # dL/dz, not dL/dh
 
 
 # ---- causal_attention ------------------------------------------------------------------------------------
+
 
 def test_causal_attention_answers():
     def by_loop(q, k, v):
         T, hd = q.shape[-2:]
         y = torch.empty_like(q)
         for t in range(T):
-            w = (q[..., t:t + 1, :] @ k[..., : t + 1, :].transpose(-2, -1) / math.sqrt(hd)).softmax(-1)
-            y[..., t:t + 1, :] = w @ v[..., : t + 1, :]
+            w = (q[..., t : t + 1, :] @ k[..., : t + 1, :].transpose(-2, -1) / math.sqrt(hd)).softmax(-1)
+            y[..., t : t + 1, :] = w @ v[..., : t + 1, :]
         return y
 
     def by_finfo_min(q, k, v):
@@ -171,25 +199,40 @@ def test_causal_attention_answers():
     tril = lambda q, d=0: torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril(d)  # noqa: E731
     rejects("causal_attention", lambda q, k, v: (scores(q, k) * tril(q)).softmax(-1) @ v, "set to 0 instead of -inf")
     rejects("causal_attention", lambda q, k, v: (scores(q, k).softmax(-1) * tril(q)) @ v, "after the softmax")
-    rejects("causal_attention", lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-2])).masked_fill(
-        ~tril(q), float("-inf")).softmax(-1) @ v, "sqrt(T)")
-    rejects("causal_attention", lambda q, k, v: scores(q, k).masked_fill(~tril(q, 1), float("-inf")).softmax(-1) @ v,
-            "one step ahead")
-    rejects("causal_attention", lambda q, k, v: scores(q, k).masked_fill(~tril(q), float("-inf")).softmax(-1).float()
-            @ v.float(), "y: dtype: expected float64, got float32")
+    rejects(
+        "causal_attention",
+        lambda q, k, v: (
+            (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-2])).masked_fill(~tril(q), float("-inf")).softmax(-1) @ v
+        ),
+        "sqrt(T)",
+    )
+    rejects(
+        "causal_attention",
+        lambda q, k, v: scores(q, k).masked_fill(~tril(q, 1), float("-inf")).softmax(-1) @ v,
+        "one step ahead",
+    )
+    rejects(
+        "causal_attention",
+        lambda q, k, v: scores(q, k).masked_fill(~tril(q), float("-inf")).softmax(-1).float() @ v.float(),
+        "y: dtype: expected float64, got float32",
+    )
 
 
 # ---- label_init ------------------------------------------------------------------------------------------
 
+
 def test_label_init_answers():
     accepts("label_init", lambda wte, labels: torch.stack([sum(wte[i] for i in ids) / len(ids) for ids in labels]))
-    accepts("label_init", lambda wte, labels: torch.stack([wte.index_select(0, torch.tensor(ids)).mean(0)
-                                                           for ids in labels]))
+    accepts(
+        "label_init",
+        lambda wte, labels: torch.stack([wte.index_select(0, torch.tensor(ids)).mean(0) for ids in labels]),
+    )
 
     def by_index_add(wte, labels):
         rows = torch.tensor([k for k, ids in enumerate(labels) for _ in ids])
         sums = torch.zeros(len(labels), wte.shape[1], dtype=wte.dtype).index_add_(
-            0, rows, wte[torch.tensor(sum(labels, []))])
+            0, rows, wte[torch.tensor(sum(labels, []))]
+        )
         return sums / torch.tensor([len(ids) for ids in labels], dtype=wte.dtype)[:, None]
 
     accepts("label_init", by_index_add)
@@ -199,19 +242,34 @@ def test_label_init_answers():
         return wte[torch.tensor([ids + [0] * (longest - len(ids)) for ids in labels])].mean(1)
 
     rejects("label_init", padded, "padded to one length")
-    rejects("label_init", lambda wte, labels: torch.stack([wte[sorted(set(ids))].mean(0) for ids in labels]),
-            "counted once")
-    rejects("label_init", lambda wte, labels: torch.stack([wte[ids].mean(0) for ids in labels]).T,
-            "P: shape: expected (K, D)")
-    rejects("label_init", lambda wte, labels: torch.stack([wte[ids].median(0).values for ids in labels]),
-            "P: first difference")
-    rejects("label_init", lambda wte, labels: torch.stack([wte[ids].float().mean(0) for ids in labels]),
-            "(fp64", "P: dtype: expected float64, got float32")
-    rejects("label_init", lambda wte, labels: wte[labels[0]].mean(0).expand(len(labels), -1),
-            "every row is the first label's mean")
+    rejects(
+        "label_init", lambda wte, labels: torch.stack([wte[sorted(set(ids))].mean(0) for ids in labels]), "counted once"
+    )
+    rejects(
+        "label_init",
+        lambda wte, labels: torch.stack([wte[ids].mean(0) for ids in labels]).T,
+        "P: shape: expected (K, D)",
+    )
+    rejects(
+        "label_init",
+        lambda wte, labels: torch.stack([wte[ids].median(0).values for ids in labels]),
+        "P: first difference",
+    )
+    rejects(
+        "label_init",
+        lambda wte, labels: torch.stack([wte[ids].float().mean(0) for ids in labels]),
+        "(fp64",
+        "P: dtype: expected float64, got float32",
+    )
+    rejects(
+        "label_init",
+        lambda wte, labels: wte[labels[0]].mean(0).expand(len(labels), -1),
+        "every row is the first label's mean",
+    )
 
 
 # ---- ensemble_vote ---------------------------------------------------------------------------------------
+
 
 def votes_of(p):
     return F.one_hot(p.argmax(-1), p.shape[-1]).sum(0)  # (N, C)
@@ -238,8 +296,7 @@ def test_ensemble_vote_answers():
         accepts("ensemble_vote", answer)
 
     top = lambda p: votes_of(p) == votes_of(p).amax(-1, keepdim=True)  # noqa: E731
-    rejects("ensemble_vote", lambda p: p.log().mean(0).masked_fill(~top(p), -float("inf")).argmax(-1),
-            "geometric mean")
+    rejects("ensemble_vote", lambda p: p.log().mean(0).masked_fill(~top(p), -float("inf")).argmax(-1), "geometric mean")
 
     def top_two(p):
         two = votes_of(p).topk(min(2, p.shape[-1]), dim=-1).indices
@@ -247,21 +304,35 @@ def test_ensemble_vote_answers():
 
     def first_prompt(p):
         first = p[0].argmax(-1)
-        return torch.where(top(p).gather(-1, first[:, None])[:, 0] & (top(p).sum(-1) > 1), first,
-                           p.mean(0).masked_fill(~top(p), -1).argmax(-1))
+        return torch.where(
+            top(p).gather(-1, first[:, None])[:, 0] & (top(p).sum(-1) > 1),
+            first,
+            p.mean(0).masked_fill(~top(p), -1).argmax(-1),
+        )
 
     rejects("ensemble_vote", top_two, "only the two most voted classes")
     rejects("ensemble_vote", first_prompt, "the class the first prompt voted for")
     rejects("ensemble_vote", lambda p: p.shape[-1] - 1 - votes_of(p).flip(-1).argmax(-1), "the highest class id")
     rejects("ensemble_vote", lambda p: p.median(0).values.masked_fill(~top(p), -1).argmax(-1), "first difference")
-    rejects("ensemble_vote", lambda p: p.mean(0).masked_fill(~top(p), -1).argmax(-1).float(),
-            "dtype: expected int64, got float32")
+    rejects(
+        "ensemble_vote",
+        lambda p: p.mean(0).masked_fill(~top(p), -1).argmax(-1).float(),
+        "dtype: expected int64, got float32",
+    )
 
 
 # ---- fix_snippet -----------------------------------------------------------------------------------------
 
-def snippet(optimizer_cls=torch.optim.Adam, lr=0.1, zero_grad="before", new_optimizer=False, steps_per_step=1,
-            item=True, **opt_kwargs):
+
+def snippet(
+    optimizer_cls=torch.optim.Adam,
+    lr=0.1,
+    zero_grad="before",
+    new_optimizer=False,
+    steps_per_step=1,
+    item=True,
+    **opt_kwargs,
+):
     def tune(model, idx, targets, steps):
         pt = PromptTuning(model, n_prompt=4, init="uniform", seed=0, backend="reference")
         optimizer = optimizer_cls([pt.prompt], lr=lr, **opt_kwargs)
@@ -279,6 +350,7 @@ def snippet(optimizer_cls=torch.optim.Adam, lr=0.1, zero_grad="before", new_opti
                 optimizer.zero_grad(set_to_none=False)
             losses.append(loss.item() if item else loss)
         return optimizer, losses
+
     return tune
 
 
@@ -306,8 +378,17 @@ def test_fix_snippet_answers():
 
 # ---- training_loop ---------------------------------------------------------------------------------------
 
-def loop(clip="library", schedule="groups", zero_grad="before", optimizer_cls=torch.optim.AdamW, batch_at=0,
-         loss_after=False, lr_cap=True, clip_norm=None):
+
+def loop(
+    clip="library",
+    schedule="groups",
+    zero_grad="before",
+    optimizer_cls=torch.optim.AdamW,
+    batch_at=0,
+    loss_after=False,
+    lr_cap=True,
+    clip_norm=None,
+):
     def train(pt, get_batch, steps, lr, warmup, max_norm):
         max_norm = clip_norm or max_norm
         optimizer = optimizer_cls([pt.prompt], lr=lr, weight_decay=0.0)
@@ -341,6 +422,7 @@ def loop(clip="library", schedule="groups", zero_grad="before", optimizer_cls=to
                 scheduler.step()
             losses.append(pt(idx, targets)[1].item() if loss_after else loss.item())
         return losses
+
     return train
 
 
@@ -359,6 +441,7 @@ def test_training_loop_answers():
 
 
 # ---- vocab_init ------------------------------------------------------------------------------------------
+
 
 def candidates_of(counts, top_k):
     return torch.argsort(counts, descending=True, stable=True)[: min(top_k, int((counts > 0).sum()))]
@@ -416,6 +499,7 @@ def test_vocab_init_answers():
 
 # ---- predict_measure --------------------------------------------------------------------------------------
 
+
 def predictions(**changed):
     return lambda: {"step_ratio_10": 1.6, "step_ratio_108": 0.95, "adamw_state_bytes": 2 * 20 * 768 * 4, **changed}
 
@@ -439,23 +523,38 @@ def test_predict_measure_answers():
 
 # ---- capstone: one broken piece is named ----------------------------------------------------------------
 
+
 def capstone_pieces(**broken):
-    return {"concat": concat_fill, "concat_backward": lambda dx, n_p: dx[:, :n_p].sum(0),
-            "vocab_init": lambda wte, n_p, counts, top_k, g: wte[candidates_of(counts, top_k)[
-                torch.randperm(min(top_k, int((counts > 0).sum())), generator=g)[:n_p]]].clone(),
-            "train": loop(), **broken}
+    return {
+        "concat": concat_fill,
+        "concat_backward": lambda dx, n_p: dx[:, :n_p].sum(0),
+        "vocab_init": lambda wte, n_p, counts, top_k, g: wte[
+            candidates_of(counts, top_k)[torch.randperm(min(top_k, int((counts > 0).sum())), generator=g)[:n_p]]
+        ].clone(),
+        "train": loop(),
+        **broken,
+    }
 
 
 def test_capstone_fails_with_one_broken_piece():
-    rejects("capstone", capstone_pieces(concat_backward=lambda dx, n_p: dx[:, :n_p].mean(0)),
-            "the piece `concat_backward` does not pass its own exercise", "a mean over b")
+    rejects(
+        "capstone",
+        capstone_pieces(concat_backward=lambda dx, n_p: dx[:, :n_p].mean(0)),
+        "the piece `concat_backward` does not pass its own exercise",
+        "a mean over b",
+    )
     rejects("capstone", capstone_pieces(train=loop(zero_grad="between")), "the piece `train`", "training_loop")
-    rejects("capstone", capstone_pieces(concat=lambda P, wte, idx, wpe: torch.cat(
-        [P.expand(len(idx), -1, -1), wte[idx]], 1)), "the piece `concat`", "position embeddings are forgotten")
+    rejects(
+        "capstone",
+        capstone_pieces(concat=lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1), wte[idx]], 1)),
+        "the piece `concat`",
+        "position embeddings are forgotten",
+    )
     rejects("capstone", {"concat": concat_fill}, "hand over a dict of the four pieces")
 
 
 # ---- the judge is out of the answer's reach --------------------------------------------------------------
+
 
 def test_patched_comparisons_do_not_pass_a_wrong_answer(monkeypatch):
     def always(*args, **kwargs):
@@ -476,14 +575,19 @@ def test_patched_comparisons_do_not_pass_a_wrong_answer(monkeypatch):
     monkeypatch.setattr(torch, "isclose", lambda a, b, **kw: torch.ones_like(a, dtype=torch.bool))
     rejects("concat_backward", lambda dx, n_p: dx[:, :n_p].mean(0), "a mean over b")
     rejects("training_loop", loop(clip="per_element"), "differs from the reference")
-    rejects("vocab_init", lambda wte, n_p, counts, top_k, g: wte[candidates_of(counts, top_k)[
-        torch.randperm(min(top_k, 8))[:n_p]]].clone(), "not the global random state")
+    rejects(
+        "vocab_init",
+        lambda wte, n_p, counts, top_k, g: wte[
+            candidates_of(counts, top_k)[torch.randperm(min(top_k, 8))[:n_p]]
+        ].clone(),
+        "not the global random state",
+    )
     rejects("fix_snippet", snippet(zero_grad="never"), "zero_grad() is never called")
 
 
 # ---- kernels: correct variants, wrong answers, and TRITON_INTERPRET --------------------------------------
 
-KERNELS = '''
+KERNELS = """
 import triton
 import triton.language as tl
 
@@ -658,9 +762,9 @@ def sum_half(DX, DP, B, T, D, BLOCK_D: tl.constexpr):
     for b in range(B):
         acc += tl.load(DX + (b * T + t) * D + offs, mask=offs < D).to(tl.float16)
     tl.store(DP + t * D + offs, acc.to(tl.float32), mask=offs < D)
-'''
+"""
 
-KERNEL_VERDICTS = '''
+KERNEL_VERDICTS = """
 import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("answer_kernels", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
@@ -673,7 +777,7 @@ for exercise_id, name in [("concat_kernel", "concat_where"), ("concat_kernel", "
     result = exercises.check(exercise_id, getattr(module, name))
     rows.append([name, result.passed, result.message])
 print(json.dumps(rows))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -715,10 +819,12 @@ def test_kernel_verdicts_do_not_depend_on_triton_interpret(kernels):
     tests/conftest.py sets it before Triton is imported, on a machine without a GPU)."""
     path, namespace = kernels
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", KERNEL_VERDICTS, str(path)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", KERNEL_VERDICTS, str(path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     import json
+
     without = json.loads(out.stdout.strip().splitlines()[-1])
     for name, passed, message in without:
         exercise_id = "concat_kernel" if name.startswith("concat") else "batch_sum_kernel"
@@ -727,8 +833,15 @@ def test_kernel_verdicts_do_not_depend_on_triton_interpret(kernels):
     assert [row[1] for row in without] == [True, False, False, True, False, False]
 
 
-def launcher(check=("ids", "length", "widths"), strict_length=False, dtype=None, block=None, grid=None,
-             error=ValueError, alloc="empty"):
+def launcher(
+    check=("ids", "length", "widths"),
+    strict_length=False,
+    dtype=None,
+    block=None,
+    grid=None,
+    error=ValueError,
+    alloc="empty",
+):
     def launch(kernel, prompt, wte, idx, wpe):
         B, n = idx.shape
         n_p, D = prompt.shape
@@ -740,11 +853,11 @@ def launcher(check=("ids", "length", "widths"), strict_length=False, dtype=None,
             raise error("widths differ")
         if "prompt width" in check and D != wte.shape[1]:
             raise error("widths differ")
-        x = (wte.new_empty((B, n_p + n, D)) if alloc == "empty" else
-             torch.zeros(B, n_p + n, D, dtype=dtype or wte.dtype))
+        x = wte.new_empty((B, n_p + n, D)) if alloc == "empty" else torch.zeros(B, n_p + n, D, dtype=dtype or wte.dtype)
         g = grid(B, n_p, n) if grid else (lambda meta: (B, n_p + n))
         kernel[g](x, prompt, wte, wpe, idx, n_p, n, D, BLOCK_D=block(D) if block else triton.next_power_of_2(D))
         return x
+
     return launch
 
 
@@ -766,6 +879,7 @@ def test_concat_launcher_answers():
 
 
 # ---- PromptTuning's concat hook ----------------------------------------------------------------------------
+
 
 def test_prompt_tuning_concat_hook():
     from minipt.exercises.equations import concat_reference

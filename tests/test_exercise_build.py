@@ -1,5 +1,6 @@
 """`minipt exercises build` never replaces a student's work: a filled notebook is kept and named, `--check` does
 not call it stale, and `--force` is the only way to replace it."""
+
 import shutil
 
 import nbformat
@@ -17,8 +18,9 @@ def _copy(tmp_path):
 def _fill(path, answer="    return prompt  # my answer"):
     nb = nbformat.read(path, as_version=4)
     cell = next(c for c in nb.cells if c.cell_type == "code" and "YOUR CODE HERE" in c.source)
-    cell.source = cell.source.replace('raise NotImplementedError("fill in the lines marked YOUR CODE HERE")',
-                                      answer.strip())
+    cell.source = cell.source.replace(
+        'raise NotImplementedError("fill in the lines marked YOUR CODE HERE")', answer.strip()
+    )
     cell.outputs, cell.execution_count = [], 3
     nbformat.write(nb, path)
     return path.read_bytes()

@@ -5,6 +5,7 @@ The solutions are not repeated here: they are read out of the solution notebooks
 BEGIN SOLUTION block) and executed in this process, so the code a student is shown is the code tested.
 The kernel tests need Triton (Linux); the checker runs kernels under Triton's CPU interpreter itself.
 """
+
 import functools
 import linecache
 import math
@@ -33,8 +34,9 @@ FOLDER = default_folder()
 NOTEBOOKS = ["01_math", "02_kernel", "03_training", "04_capstone", "05_kernel_track", "06_predict_measure"]
 needs_triton = pytest.mark.skipif(triton is None, reason="Triton is not installed (Linux only)")
 ROOT_FOLDERS = ("home", "Users", "root", "tmp", "work", "private", "var/folders", "opt", "usr")  # as test_notebooks
-ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(" + "|".join(f"/{name}/" for name in ROOT_FOLDERS)
-                           + r"|site-packages|[A-Za-z]:\\)")
+ABSOLUTE_PATH = re.compile(
+    r"(?<![\w.~])(" + "|".join(f"/{name}/" for name in ROOT_FOLDERS) + r"|site-packages|[A-Za-z]:\\)"
+)
 
 
 def solution_namespace(stem: str) -> dict:
@@ -43,8 +45,14 @@ def solution_namespace(stem: str) -> dict:
     tests/conftest.py sets TRITON_INTERPRET=1 on a machine without a GPU, where PromptTuning's backend="auto"
     would run the prompt-concat kernel in the interpreter (slow): here the solutions get backend="reference".
     """
-    namespace = {"torch": torch, "F": F, "math": math, "triton": triton, "tl": tl,
-                 "PromptTuning": functools.partial(PromptTuning, backend="reference")}
+    namespace = {
+        "torch": torch,
+        "F": F,
+        "math": math,
+        "triton": triton,
+        "tl": tl,
+        "PromptTuning": functools.partial(PromptTuning, backend="reference"),
+    }
     nb = nbformat.read(FOLDER / "solutions" / f"{stem}.ipynb", as_version=4)
     for number, cell in enumerate(nb.cells):
         if cell.cell_type == "code" and BEGIN in cell.source:
@@ -64,15 +72,25 @@ def solutions() -> dict:
     return ns
 
 
-SOLUTION_NAMES = {"concat": "concat", "concat_backward": "concat_backward",
-                  "frozen_head_backward": "frozen_head_backward", "causal_attention": "causal_attention",
-                  "concat_kernel": "concat_kernel", "concat_launcher": "launch_concat",
-                  "batch_sum_kernel": "batch_sum_kernel", "fix_snippet": "tune", "training_loop": "train",
-                  "vocab_init": "vocab_init", "label_init": "label_init", "ensemble_vote": "ensemble_vote",
-                  "capstone": "capstone", "head_ce_kernel": "head_ce_kernel",
-                  "decode_attention_kernel": "decode_attention_kernel", "predict_measure": "predict"}  # the capstone's answer is a dict of pieces: see capstone_pieces
-KERNEL_EXERCISES = {"concat_kernel", "concat_launcher", "batch_sum_kernel", "head_ce_kernel",
-                    "decode_attention_kernel"}
+SOLUTION_NAMES = {
+    "concat": "concat",
+    "concat_backward": "concat_backward",
+    "frozen_head_backward": "frozen_head_backward",
+    "causal_attention": "causal_attention",
+    "concat_kernel": "concat_kernel",
+    "concat_launcher": "launch_concat",
+    "batch_sum_kernel": "batch_sum_kernel",
+    "fix_snippet": "tune",
+    "training_loop": "train",
+    "vocab_init": "vocab_init",
+    "label_init": "label_init",
+    "ensemble_vote": "ensemble_vote",
+    "capstone": "capstone",
+    "head_ce_kernel": "head_ce_kernel",
+    "decode_attention_kernel": "decode_attention_kernel",
+    "predict_measure": "predict",
+}  # the capstone's answer is a dict of pieces: see capstone_pieces
+KERNEL_EXERCISES = {"concat_kernel", "concat_launcher", "batch_sum_kernel", "head_ce_kernel", "decode_attention_kernel"}
 
 
 def rejects(exercise_id, answer, *phrases) -> CheckResult:
@@ -86,6 +104,7 @@ def rejects(exercise_id, answer, *phrases) -> CheckResult:
 
 
 # ---- the list and the API -------------------------------------------------------------------------------
+
 
 def test_exercise_list():
     assert len(EXERCISES) >= 8
@@ -119,8 +138,11 @@ def test_message_names_index_values_and_inputs():
         return torch.cat([(prompt + wpe[:n_p]).expand(B, -1, -1), wte[idx] + wpe[:n]], dim=1)
 
     result = rejects("concat", positions_restart, "wpe[0:n] instead of wpe[n_p:n_p + n]")
-    assert re.search(r"Case B=2, n_p=3, n=4, D=8: x: first difference at \(b=0, t=3, d=0\): expected -?[\d.]+, "
-                     r"got -?[\d.]+ \(\d+ of 112 entries differ\)", result.message), result.message
+    assert re.search(
+        r"Case B=2, n_p=3, n=4, D=8: x: first difference at \(b=0, t=3, d=0\): expected -?[\d.]+, "
+        r"got -?[\d.]+ \(\d+ of 112 entries differ\)",
+        result.message,
+    ), result.message
     assert "B=1, n_p=1, n=1, D=5" in "; ".join(result.tried)
 
 
@@ -156,23 +178,41 @@ def test_check_leaves_the_global_rng_alone():
 
 # ---- wrong answers, 01_math -----------------------------------------------------------------------------
 
+
 def test_concat_wrong_answers():
-    rejects("concat", lambda P, wte, idx, wpe: torch.cat([wte[idx], P.expand(len(idx), -1, -1)], 1)
-            + wpe[: len(P) + idx.shape[1]], "the prompt is put after the tokens")
-    rejects("concat", lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1), wte[idx]], 1),
-            "the position embeddings are forgotten")
-    rejects("concat", lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1),
-                                                          wte[idx] + wpe[len(P): len(P) + idx.shape[1]]], 1),
-            "only the token rows get positions")
-    rejects("concat", lambda P, wte, idx, wpe: torch.cat([P[None], wte[idx]], 1) + wpe[: len(P) + idx.shape[1]],
-            "raised RuntimeError", "passes every case with B = 1 and fails when B > 1")  # right for B = 1 only
-    rejects("concat", lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1), wte[idx]], 1) + wpe,
-            "raised RuntimeError")  # all of wpe, not its first n_p + n rows
+    rejects(
+        "concat",
+        lambda P, wte, idx, wpe: torch.cat([wte[idx], P.expand(len(idx), -1, -1)], 1) + wpe[: len(P) + idx.shape[1]],
+        "the prompt is put after the tokens",
+    )
+    rejects(
+        "concat",
+        lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1), wte[idx]], 1),
+        "the position embeddings are forgotten",
+    )
+    rejects(
+        "concat",
+        lambda P, wte, idx, wpe: torch.cat(
+            [P.expand(len(idx), -1, -1), wte[idx] + wpe[len(P) : len(P) + idx.shape[1]]], 1
+        ),
+        "only the token rows get positions",
+    )
+    rejects(
+        "concat",
+        lambda P, wte, idx, wpe: torch.cat([P[None], wte[idx]], 1) + wpe[: len(P) + idx.shape[1]],
+        "raised RuntimeError",
+        "passes every case with B = 1 and fails when B > 1",
+    )  # right for B = 1 only
+    rejects(
+        "concat",
+        lambda P, wte, idx, wpe: torch.cat([P.expand(len(idx), -1, -1), wte[idx]], 1) + wpe,
+        "raised RuntimeError",
+    )  # all of wpe, not its first n_p + n rows
 
     def float32_always(P, wte, idx, wpe):
         x = torch.zeros(idx.shape[0], len(P) + idx.shape[1], wte.shape[1])
         x[:, : len(P)] = P
-        x[:, len(P):] = wte[idx]
+        x[:, len(P) :] = wte[idx]
         return x + wpe[: x.shape[1]].float()
 
     rejects("concat", float32_always, "(fp64)", "dtype: expected float64, got float32")
@@ -181,10 +221,15 @@ def test_concat_wrong_answers():
 def test_concat_backward_wrong_answers():
     rejects("concat_backward", lambda dx, n_p: dx[:, :n_p].mean(0), "a mean over b")
     rejects("concat_backward", lambda dx, n_p: dx[:, -n_p:].sum(0), "the last n_p rows are taken")
-    rejects("concat_backward", lambda dx, n_p: dx[0, :n_p], "only the first example is used",
-            "passes every case with B = 1")
-    rejects("concat_backward", lambda dx, n_p: dx[:, :n_p].sum(1), "shape: expected (n_p, D) = (3, 8), got (2, 8)",
-            "over the positions (dim=1)")
+    rejects(
+        "concat_backward", lambda dx, n_p: dx[0, :n_p], "only the first example is used", "passes every case with B = 1"
+    )
+    rejects(
+        "concat_backward",
+        lambda dx, n_p: dx[:, :n_p].sum(1),
+        "shape: expected (n_p, D) = (3, 8), got (2, 8)",
+        "over the positions (dim=1)",
+    )
 
     rejects("concat_backward", lambda dx, n_p: dx.sum(0), "got (7, 8)", "every position is kept")
 
@@ -198,18 +243,27 @@ def test_concat_backward_wrong_answers():
 def test_frozen_head_backward_wrong_answers():
     onehot = lambda y, W, h: F.one_hot(y, len(W)).to(h.dtype)  # noqa: E731
     rejects("frozen_head_backward", lambda h, W, y: (h @ W.T).softmax(-1) @ W / len(h), "the onehot is forgotten")
-    rejects("frozen_head_backward", lambda h, W, y: ((h @ W.T).softmax(-1) - onehot(y, W, h)) @ W,
-            "the 1/N of the mean is forgotten")
+    rejects(
+        "frozen_head_backward",
+        lambda h, W, y: ((h @ W.T).softmax(-1) - onehot(y, W, h)) @ W,
+        "the 1/N of the mean is forgotten",
+    )
 
     def naive_softmax(h, W, y):
         z = (h @ W.T).exp()
         return (z / z.sum(-1, keepdim=True) - onehot(y, W, h)) @ W / len(h)
 
     rejects("frozen_head_backward", naive_softmax, "logits up to", "without subtracting max(z)")
-    rejects("frozen_head_backward", lambda h, W, y: (onehot(y, W, h) - (h @ W.T).softmax(-1)) @ W / len(h),
-            "the sign is flipped")
-    rejects("frozen_head_backward", lambda h, W, y: ((h @ W.T).softmax(0) - onehot(y, W, h)) @ W / len(h),
-            "over the rows (dim=0)")
+    rejects(
+        "frozen_head_backward",
+        lambda h, W, y: (onehot(y, W, h) - (h @ W.T).softmax(-1)) @ W / len(h),
+        "the sign is flipped",
+    )
+    rejects(
+        "frozen_head_backward",
+        lambda h, W, y: ((h @ W.T).softmax(0) - onehot(y, W, h)) @ W / len(h),
+        "over the rows (dim=0)",
+    )
 
 
 def attention(q, k, v, mask, scale):
@@ -219,21 +273,37 @@ def attention(q, k, v, mask, scale):
 
 def test_causal_attention_wrong_answers():
     tril = lambda q: torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril()  # noqa: E731
-    rejects("causal_attention", lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v,
-            "there is no causal mask")
-    rejects("causal_attention", lambda q, k, v: attention(q, k, v, tril(q).T, 1 / math.sqrt(q.shape[-1])),
-            "the mask is transposed", "dL/dP would be exactly zero")
+    rejects(
+        "causal_attention",
+        lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v,
+        "there is no causal mask",
+    )
+    rejects(
+        "causal_attention",
+        lambda q, k, v: attention(q, k, v, tril(q).T, 1 / math.sqrt(q.shape[-1])),
+        "the mask is transposed",
+        "dL/dP would be exactly zero",
+    )
     rejects("causal_attention", lambda q, k, v: attention(q, k, v, tril(q), 1.0), "not divided by sqrt(hd)")
-    rejects("causal_attention", lambda q, k, v: attention(q, k, v, tril(q).tril(-1), 1 / math.sqrt(q.shape[-1])),
-            "the diagonal is masked too")
+    rejects(
+        "causal_attention",
+        lambda q, k, v: attention(q, k, v, tril(q).tril(-1), 1 / math.sqrt(q.shape[-1])),
+        "the diagonal is masked too",
+    )
     rejects("causal_attention", lambda q, k, v: attention(q, k, v, tril(q), 1 / q.shape[-1]), "divided by hd instead")
-    rejects("causal_attention", lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(
-        ~tril(q), float("-inf")).softmax(-2) @ v, "over the queries (dim=-2)")
+    rejects(
+        "causal_attention",
+        lambda q, k, v: (
+            (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~tril(q), float("-inf")).softmax(-2) @ v
+        ),
+        "over the queries (dim=-2)",
+    )
 
 
 # ---- wrong answers, 02_kernel ---------------------------------------------------------------------------
 
 if triton is not None:
+
     @triton.jit
     def concat_unmasked(X, P, WTE, WPE, IDX, n_p, n, D, BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
@@ -336,9 +406,11 @@ if triton is not None:
         tl.store(DP + t * D + offs, acc)
 
 
-def launcher(check_ids=True, upper=lambda V: V, check_negative=True, check_length=True, block=None, grid=None,
-             error=ValueError):
+def launcher(
+    check_ids=True, upper=lambda V: V, check_negative=True, check_length=True, block=None, grid=None, error=ValueError
+):
     """A launcher with one of its parts left out or wrong."""
+
     def launch(kernel, prompt, wte, idx, wpe):
         B, n = idx.shape
         n_p, D = prompt.shape
@@ -349,19 +421,29 @@ def launcher(check_ids=True, upper=lambda V: V, check_negative=True, check_lengt
         if wte.shape[1] != D or wpe.shape[1] != D:
             raise error("widths differ")
         x = torch.empty(B, n_p + n, D, dtype=wte.dtype)
-        kernel[grid(B, n_p, n) if grid else (B, n_p + n)](x, prompt, wte, wpe, idx, n_p, n, D,
-                                                           BLOCK_D=block(D) if block else triton.next_power_of_2(D))
+        kernel[grid(B, n_p, n) if grid else (B, n_p + n)](
+            x, prompt, wte, wpe, idx, n_p, n, D, BLOCK_D=block(D) if block else triton.next_power_of_2(D)
+        )
         return x
+
     return launch
 
 
 @needs_triton
 def test_concat_kernel_wrong_answers():
-    rejects("concat_kernel", concat_unmasked, "a tl.store at lane 5 reached 1 element(s) past the end of x",
-            "mask every tl.store")
+    rejects(
+        "concat_kernel",
+        concat_unmasked,
+        "a tl.store at lane 5 reached 1 element(s) past the end of x",
+        "mask every tl.store",
+    )
     rejects("concat_kernel", concat_loads_unmasked, "a tl.load", "past the end of", "an out-of-bounds read")
-    rejects("concat_kernel", concat_positions_restart, "first difference at (b=0, t=2, d=0)",
-            "wpe[0:n] instead of wpe[n_p:n_p + n]")
+    rejects(
+        "concat_kernel",
+        concat_positions_restart,
+        "first difference at (b=0, t=2, d=0)",
+        "wpe[0:n] instead of wpe[n_p:n_p + n]",
+    )
     rejects("concat_kernel", concat_token_index, "past the end of idx (2, 3)", "idx[b, t - n_p]")
     rejects("concat_kernel", concat_prompt_rows_only, "x[b=0, t=2, d=0] was never written")
 
@@ -377,8 +459,12 @@ def test_batch_sum_kernel_wrong_answers():
 
 @needs_triton
 def test_concat_launcher_wrong_answers():
-    rejects("concat_launcher", launcher(check_ids=False), "token id equal to V = 7",
-            "launched with token id 7, outside [0, V) = [0, 7)")
+    rejects(
+        "concat_launcher",
+        launcher(check_ids=False),
+        "token id equal to V = 7",
+        "launched with token id 7, outside [0, V) = [0, 7)",
+    )
     rejects("concat_launcher", launcher(upper=lambda V: V + 1), "launched with token id 7")  # idx.max() > V
     rejects("concat_launcher", launcher(check_negative=False), "a token id of -1", "launched with token id -1")
     rejects("concat_launcher", launcher(check_length=False), "wpe has only n_ctx = 4 rows")
@@ -407,13 +493,18 @@ def test_kernel_checks_without_triton(monkeypatch):
 
 # ---- wrong answers, 03_training -------------------------------------------------------------------------
 
+
 def tuner(lr=0.1, optimizer_over="prompt", unfreeze=False):
     def tune(model, idx, targets, steps):
         pt = PromptTuning(model, n_prompt=4, init="uniform", seed=0, backend="reference")
         if unfreeze:
             model.requires_grad_(True)
-        params = {"prompt": [pt.prompt], "model": model.parameters(), "pt": pt.parameters(),
-                  "copy": [pt.prompt.detach().clone().requires_grad_()]}[optimizer_over]
+        params = {
+            "prompt": [pt.prompt],
+            "model": model.parameters(),
+            "pt": pt.parameters(),
+            "copy": [pt.prompt.detach().clone().requires_grad_()],
+        }[optimizer_over]
         optimizer = torch.optim.Adam(params, lr=lr)
         losses = []
         for _ in range(steps):
@@ -423,12 +514,17 @@ def tuner(lr=0.1, optimizer_over="prompt", unfreeze=False):
             optimizer.step()
             losses.append(loss.item())
         return optimizer, losses
+
     return tune
 
 
 def test_fix_snippet_wrong_answers():
-    rejects("fix_snippet", tuner(lr=5e-5, optimizer_over="model", unfreeze=True),  # the snippet as it circulates
-            "the base model changed", "full fine-tuning")
+    rejects(
+        "fix_snippet",
+        tuner(lr=5e-5, optimizer_over="model", unfreeze=True),  # the snippet as it circulates
+        "the base model changed",
+        "full fine-tuning",
+    )
     rejects("fix_snippet", tuner(optimizer_over="pt"), "the optimizer holds 29 tensors", "pass [pt.prompt]")
     rejects("fix_snippet", tuner(lr=5e-5), "a far larger learning rate")
     rejects("fix_snippet", tuner(optimizer_over="copy"), "the loss never changed", "not the prompt the model uses")
@@ -440,7 +536,8 @@ def test_training_loop_wrong_answers():
 
     def with_slip(**slip):
         return lambda pt, get_batch, steps, lr, warmup, max_norm: reference_loop(
-            pt, get_batch, steps, lr, warmup, max_norm, **slip)
+            pt, get_batch, steps, lr, warmup, max_norm, **slip
+        )
 
     rejects("training_loop", with_slip(zero_grad=False), "as step 2 starts", "zero_grad() is never called")
     rejects("training_loop", with_slip(warmup_from=0), "as step 1 starts", "the warmup starts at 0")
@@ -448,54 +545,96 @@ def test_training_loop_wrong_answers():
     rejects("training_loop", with_slip(clip="never"), "not clipped before optimizer.step()")
     rejects("training_loop", with_slip(weight_decay=0.01), "default weight_decay=0.01")
     rejects("training_loop", with_slip(same_batch=True), "get_batch(0) is used at every step")
-    rejects("training_loop", lambda pt, get_batch, steps, *a: reference_loop(pt, get_batch, steps - 1, *a),
-            "7 losses for 8 steps")
+    rejects(
+        "training_loop",
+        lambda pt, get_batch, steps, *a: reference_loop(pt, get_batch, steps - 1, *a),
+        "7 losses for 8 steps",
+    )
 
 
 def test_vocab_init_wrong_answers():
     def top(counts, top_k):
         return torch.argsort(counts, descending=True, stable=True)[:top_k]
 
-    rejects("vocab_init", lambda wte, n_p, counts, top_k, g: wte[top(counts, top_k)[
-        torch.randint(0, top_k, (n_p,), generator=g)]].clone(), "was picked twice", "without replacement")
-    rejects("vocab_init", lambda wte, n_p, counts, top_k, g: wte[torch.randperm(len(wte), generator=g)[:n_p]].clone(),
-            "Sample among the top_k most frequent tokens that occur at all")  # the counts ignored
-    rejects("vocab_init", lambda wte, n_p, counts, top_k, g: wte[torch.argsort(counts)[:top_k][
-        torch.randperm(top_k, generator=g)[:n_p]]].clone(), "never occurs in the corpus")  # least frequent first
-    rejects("vocab_init", lambda wte, n_p, counts, top_k, g: wte[top(counts, top_k)[:n_p]].clone(),
-            "every seed picks the same tokens")
-    rejects("vocab_init", lambda wte, n_p, counts, top_k, g: wte[top(counts, top_k)[torch.randperm(
-        min(top_k, 8))[:n_p]]].clone(), "not the global random state")  # the generator ignored
+    rejects(
+        "vocab_init",
+        lambda wte, n_p, counts, top_k, g: wte[
+            top(counts, top_k)[torch.randint(0, top_k, (n_p,), generator=g)]
+        ].clone(),
+        "was picked twice",
+        "without replacement",
+    )
+    rejects(
+        "vocab_init",
+        lambda wte, n_p, counts, top_k, g: wte[torch.randperm(len(wte), generator=g)[:n_p]].clone(),
+        "Sample among the top_k most frequent tokens that occur at all",
+    )  # the counts ignored
+    rejects(
+        "vocab_init",
+        lambda wte, n_p, counts, top_k, g: wte[
+            torch.argsort(counts)[:top_k][torch.randperm(top_k, generator=g)[:n_p]]
+        ].clone(),
+        "never occurs in the corpus",
+    )  # least frequent first
+    rejects(
+        "vocab_init",
+        lambda wte, n_p, counts, top_k, g: wte[top(counts, top_k)[:n_p]].clone(),
+        "every seed picks the same tokens",
+    )
+    rejects(
+        "vocab_init",
+        lambda wte, n_p, counts, top_k, g: wte[top(counts, top_k)[torch.randperm(min(top_k, 8))[:n_p]]].clone(),
+        "not the global random state",
+    )  # the generator ignored
     rejects("vocab_init", lambda wte, n_p, counts, top_k, g: wte[:n_p], "shares memory with wte")
 
 
 def test_label_init_wrong_answers():
-    rejects("label_init", lambda wte, labels: torch.stack([wte[torch.tensor(ids)].sum(0) for ids in labels]),
-            "summed instead of averaged")
-    rejects("label_init", lambda wte, labels: torch.stack([wte[ids[0]] for ids in labels]),
-            "only the first token of each label")
-    rejects("label_init", lambda wte, labels: wte[torch.tensor(sum(labels, []))].mean(0).expand(len(labels), -1),
-            "pooled into one mean")
+    rejects(
+        "label_init",
+        lambda wte, labels: torch.stack([wte[torch.tensor(ids)].sum(0) for ids in labels]),
+        "summed instead of averaged",
+    )
+    rejects(
+        "label_init",
+        lambda wte, labels: torch.stack([wte[ids[0]] for ids in labels]),
+        "only the first token of each label",
+    )
+    rejects(
+        "label_init",
+        lambda wte, labels: wte[torch.tensor(sum(labels, []))].mean(0).expand(len(labels), -1),
+        "pooled into one mean",
+    )
     rejects("label_init", lambda wte, labels: torch.stack([wte[ids[-1]] for ids in labels]), "only the last token")
 
 
 def test_ensemble_vote_wrong_answers():
     votes = lambda p: F.one_hot(p.argmax(-1), p.shape[-1]).sum(0)  # noqa: E731
-    rejects("ensemble_vote", lambda p: p.mean(0).argmax(-1), "a majority against the mean",
-            "the mean probability decides alone")
+    rejects(
+        "ensemble_vote",
+        lambda p: p.mean(0).argmax(-1),
+        "a majority against the mean",
+        "the mean probability decides alone",
+    )
     rejects("ensemble_vote", lambda p: votes(p).argmax(-1), "a tie goes to the lowest class id")
-    rejects("ensemble_vote", lambda p: p.amax(0).masked_fill(votes(p) != votes(p).amax(-1, keepdim=True), -1)
-            .argmax(-1), "the largest single probability")
+    rejects(
+        "ensemble_vote",
+        lambda p: p.amax(0).masked_fill(votes(p) != votes(p).amax(-1, keepdim=True), -1).argmax(-1),
+        "the largest single probability",
+    )
     rejects("ensemble_vote", lambda p: (votes(p) + p.sum(0)).argmax(-1), "not only the tied ones")
     rejects("ensemble_vote", lambda p: p[0].argmax(-1), "only the first prompt's prediction")  # the first prompt only
 
 
 # ---- student notebooks: generated, fresh, without solutions ---------------------------------------------
 
+
 def test_strip_solutions():
     source = "def f(x):\n    y = 1\n    ### BEGIN SOLUTION\n    return x + y\n    ### END SOLUTION\n"
-    assert strip_solutions(source) == ("def f(x):\n    y = 1\n    # YOUR CODE HERE\n"
-                                       "    raise NotImplementedError(\"fill in the lines marked YOUR CODE HERE\")\n")
+    assert strip_solutions(source) == (
+        "def f(x):\n    y = 1\n    # YOUR CODE HERE\n"
+        '    raise NotImplementedError("fill in the lines marked YOUR CODE HERE")\n'
+    )
     for broken in (f"{BEGIN}\nx = 1\n", f"x = 1\n{END}\n", f"{BEGIN}\n{BEGIN}\n{END}\n"):
         with pytest.raises(ValueError):
             strip_solutions(broken)
@@ -563,6 +702,7 @@ def test_committed_solution_notebook(stem):
 
 
 # ---- the notebooks run: solutions pass, student versions report "not yet" -------------------------------
+
 
 @pytest.mark.parametrize("stem", NOTEBOOKS)
 def test_notebooks_run_and_grade(stem, monkeypatch, capsys):

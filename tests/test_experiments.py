@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from helpers import random_gpt
-
 from minipt import GPT
 from minipt.apps.experiments import EXPERIMENTS, QUICK, SIZES, LesterSetup, planned_runs, pretrain_bases, run_lester
+from minipt.apps.recipes import PRETRAIN_DEFAULTS
 from minipt.apps.runs import RunRecorder, spread
 from minipt.assets import base_path, load_bases
-from minipt.apps.recipes import PRETRAIN_DEFAULTS
 from minipt.checkpoint import model_fingerprint
 from minipt.model import PRESETS
 
@@ -57,8 +56,19 @@ def test_quick_run_through_the_cli_then_resume(tmp_path):
     """`minipt experiment lester --quick` as a user runs it; then the same call again trains nothing."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     results, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "-m", "minipt", "experiment", "lester", "--quick", "--results", str(results),
-           "--work", str(work), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "minipt",
+        "experiment",
+        "lester",
+        "--quick",
+        "--results",
+        str(results),
+        "--work",
+        str(work),
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "27 runs planned, 27 to train" in done.stdout

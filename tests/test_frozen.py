@@ -107,20 +107,22 @@ def head_inputs(N, D=6, V=13, dtype=torch.float64, n_ignored=0, seed=0):
     return h, W, y
 
 
-@pytest.mark.parametrize("N, chunk, n_ignored", [
-    (1, None, 0),  # one row
-    (7, 3, 0),  # 3 chunks, the last one short
-    (10, 4, 3),  # ignored rows, and a chunk boundary inside them
-    (5, 1, 2),  # one row per chunk
-    (6, 100, 5),  # one chunk larger than N, a single supervised row
-])
+@pytest.mark.parametrize(
+    "N, chunk, n_ignored",
+    [
+        (1, None, 0),  # one row
+        (7, 3, 0),  # 3 chunks, the last one short
+        (10, 4, 3),  # ignored rows, and a chunk boundary inside them
+        (5, 1, 2),  # one row per chunk
+        (6, 100, 5),  # one chunk larger than N, a single supervised row
+    ],
+)
 def test_frozen_head_gradcheck(N, chunk, n_ignored):
     h, W, y = head_inputs(N, n_ignored=n_ignored)
     loss = frozen_head_cross_entropy(h, W, y, chunk_size=chunk)
     ref = F.cross_entropy(F.linear(h, W), y, ignore_index=-100)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(loss, h)[0], torch.autograd.grad(ref, h)[0],
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(loss, h)[0], torch.autograd.grad(ref, h)[0], rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda h: frozen_head_cross_entropy(h, W, y, chunk_size=chunk), (h,))
 
 
@@ -132,7 +134,9 @@ def test_frozen_head_loss_fp32_and_no_grad_path():
         with torch.no_grad():  # no dh to compute: same loss
             torch.testing.assert_close(frozen_head_cross_entropy(h, W, y, chunk), ref, rtol=1e-6, atol=1e-6)
     all_ignored = torch.full_like(y, -100)  # 0 / 0, as F.cross_entropy
-    assert torch.isnan(frozen_head_cross_entropy(h, W, all_ignored)) and torch.isnan(F.cross_entropy(h @ W.t(), all_ignored))
+    assert torch.isnan(frozen_head_cross_entropy(h, W, all_ignored)) and torch.isnan(
+        F.cross_entropy(h @ W.t(), all_ignored)
+    )
     with pytest.raises(ValueError, match="frozen head"):
         FrozenHeadCrossEntropy.apply(h, W.requires_grad_(True), y)
 
@@ -169,6 +173,7 @@ def test_frozen_head_holds_one_chunk_of_logits_at_a_time(need_grad):
 
     class LiveLogits(TorchDispatchMode):
         """At each new (C, V) block of logits (a matmul output V wide), counts the earlier ones still alive."""
+
         blocks, alive_at_new = [], []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -192,8 +197,9 @@ def test_frozen_lm_loss_equals_lm_loss():
     loss = frozen_lm_loss(h3, W, targets, chunk_size=4)
     ref = lm_loss(F.linear(h3, W), targets)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(loss, h3)[0], torch.autograd.grad(ref, h3)[0],
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(loss, h3)[0], torch.autograd.grad(ref, h3)[0], rtol=1e-12, atol=1e-12
+    )
     with pytest.raises(ValueError, match="no supervised position"):
         frozen_lm_loss(h3, W, torch.full_like(targets, -100))
     with pytest.raises(ValueError, match="targets must have the shape of idx"):
@@ -241,6 +247,7 @@ def test_prompt_tuning_step_gives_no_frozen_tensor_a_gradient_and_makes_no_vocab
 
     class NewTensorShapes(TorchDispatchMode):
         """Records the shape of every op output that is a new storage (not a view of a parameter)."""
+
         shapes = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -296,8 +303,10 @@ def test_recomputing_the_frozen_blocks_gives_the_same_gradient_and_keeps_only_bl
         grads.append((loss.detach(), pt.prompt.grad.clone()))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=tol, atol=0)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=tol, atol=tol * grads[0][1].abs().max().item())
-    kept = {name: saved_tensor_report(lambda pt=pt: pt.loss(idx, targets)).activation_bytes
-            for name, pt in (("plain", plain), ("recompute", again))}
+    kept = {
+        name: saved_tensor_report(lambda pt=pt: pt.loss(idx, targets)).activation_bytes
+        for name, pt in (("plain", plain), ("recompute", again))
+    }
     row = 3 * (4 + 12) * CFG["n_embd"] * dtype.itemsize  # one (B, T, D) activation
     dh = 3 * 12 * CFG["n_embd"] * dtype.itemsize  # the fused head's dL/dh, (B * n, D)
     assert kept["recompute"] < 0.5 * kept["plain"]

@@ -5,6 +5,7 @@ checked here: every step's command line must parse (the dry run: `pytest --colle
 `SCRIPT ARGS --parse-only` for each benchmark), the working tree must import without being installed, and the
 goals table must read the CSVs the steps write and tell PASS, FAIL and NOT RUN apart.
 """
+
 import csv
 import datetime
 import importlib
@@ -37,8 +38,13 @@ STEPS = [
 
 
 def run_check(*args, **env):
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHON": sys.executable, **env})
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+    )
 
 
 def results_files():
@@ -70,8 +76,11 @@ def test_dry_run_every_step_parses():
 
     assert results_files() == before, "the dry run wrote to benchmarks/results"
     assert f"minipt.kernels: {ROOT}/kernels/__init__.py (import shim)" in done.stdout
-    goals = [line for line in done.stdout.splitlines() if line.rstrip().endswith(("NOT RUN", "PASS", "FAIL"))
-             and not line.startswith(("dry-run", "goals:"))]
+    goals = [
+        line
+        for line in done.stdout.splitlines()
+        if line.rstrip().endswith(("NOT RUN", "PASS", "FAIL")) and not line.startswith(("dry-run", "goals:"))
+    ]
     assert len(goals) == 12 and all(line.rstrip().endswith("NOT RUN") for line in goals), done.stdout
     assert "goals: 0 PASS, 0 FAIL, 12 NOT RUN" in done.stdout
 
@@ -105,8 +114,9 @@ assert minipt.__file__ == os.path.join({str(ROOT)!r}, "minipt", "__init__.py"), 
 print("ok")
 """
     env = {**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{other}", "MINIPT_WORKING_TREE": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
@@ -124,30 +134,50 @@ def test_goals_table_reads_this_runs_csvs(tmp_path):
     old = "2020-01-01T00:00:00Z"  # a row from an earlier run: ignored
 
     def kernel(mode, dtype, nbytes, frac, speedup, date=now, provider="triton"):
-        return dict(provider=provider, mode=mode, dtype=dtype, B=32, n=2048, n_p=100, D=4096, bytes=nbytes,
-                    frac_of_copy=frac, speedup_vs_eager=speedup, date=date)
+        return dict(
+            provider=provider,
+            mode=mode,
+            dtype=dtype,
+            B=32,
+            n=2048,
+            n_p=100,
+            D=4096,
+            bytes=nbytes,
+            frac_of_copy=frac,
+            speedup_vs_eager=speedup,
+            date=date,
+        )
 
-    write_csv(tmp_path / "prompt_concat-nvidia-h200.csv", [
-        kernel("fwd", "float32", 10, "0.10", "0.5"),  # a smaller shape: not the one judged
-        kernel("fwd", "float32", 99, "0.85", "2.4"),
-        kernel("fwd", "float32", 999, "0.99", "9.9", date=old),
-        kernel("fwd", "float32", 999, "0.99", "9.9", provider="triton op"),
-        kernel("bwd", "float32", 50, "0.65", ""),
-        kernel("fwd", "bfloat16", 99, "0.79", "2.0"),
-        kernel("bwd", "bfloat16", 50, "0.71", ""),
-    ])
+    write_csv(
+        tmp_path / "prompt_concat-nvidia-h200.csv",
+        [
+            kernel("fwd", "float32", 10, "0.10", "0.5"),  # a smaller shape: not the one judged
+            kernel("fwd", "float32", 99, "0.85", "2.4"),
+            kernel("fwd", "float32", 999, "0.99", "9.9", date=old),
+            kernel("fwd", "float32", 999, "0.99", "9.9", provider="triton op"),
+            kernel("bwd", "float32", 50, "0.65", ""),
+            kernel("fwd", "bfloat16", 99, "0.79", "2.0"),
+            kernel("bwd", "bfloat16", 50, "0.71", ""),
+        ],
+    )
     step = dict(preset="tiny", config="", ratio_to_peft="", date=now)
-    write_csv(tmp_path / "train_step-cuda.csv", [
-        {**step, "config": "minipt prompt tuning (reference concat)", "ratio_to_peft": "0.9"},
-        {**step, "config": "minipt prompt tuning (fused kernel)", "ratio_to_peft": "1.3"},
-        {**step, "config": "HF GPT-2 + PEFT prompt tuning", "ratio_to_peft": "1.000"},
-        {**step, "preset": "gpt2", "config": "minipt prompt tuning (fused kernel)", "ratio_to_peft": "0.95"},
-    ])
-    write_csv(tmp_path / "memory-cuda.csv", [
-        dict(preset="gpt2", config="full fine-tuning", peak_bytes_ratio="1.0000"),
-        dict(preset="gpt2", config="minipt prompt tuning", peak_bytes_ratio="0.3500"),
-        dict(preset="gpt2", config="minipt prompt tuning, recompute", peak_bytes_ratio="0.4100"),
-    ])
+    write_csv(
+        tmp_path / "train_step-cuda.csv",
+        [
+            {**step, "config": "minipt prompt tuning (reference concat)", "ratio_to_peft": "0.9"},
+            {**step, "config": "minipt prompt tuning (fused kernel)", "ratio_to_peft": "1.3"},
+            {**step, "config": "HF GPT-2 + PEFT prompt tuning", "ratio_to_peft": "1.000"},
+            {**step, "preset": "gpt2", "config": "minipt prompt tuning (fused kernel)", "ratio_to_peft": "0.95"},
+        ],
+    )
+    write_csv(
+        tmp_path / "memory-cuda.csv",
+        [
+            dict(preset="gpt2", config="full fine-tuning", peak_bytes_ratio="1.0000"),
+            dict(preset="gpt2", config="minipt prompt tuning", peak_bytes_ratio="0.3500"),
+            dict(preset="gpt2", config="minipt prompt tuning, recompute", peak_bytes_ratio="0.4100"),
+        ],
+    )
     done = run_check("--summary", str(tmp_path), str(since))
     assert done.returncode == 3, done.stdout + done.stderr  # a goal missed
     verdicts = {}
@@ -199,14 +229,22 @@ def test_config_sweep_bookkeeping_with_a_fake_timer():
     assert [(r["mode"], r["config"]) for r in rows] == [(m, c) for m in ("fwd", "bwd") for c in ["copy", *names[m]]]
     assert len(ran) == len(rows)
     chosen = {m: [r["config"] for r in rows if r["mode"] == m and r["autotuned"] == "yes"] for m in ("fwd", "bwd")}
-    assert chosen == {"fwd": [pc.config_name(pc.FWD_CONFIGS[pc.FWD_INTERPRETER_CONFIG])],
-                      "bwd": [pc.config_name(pc.BWD_CONFIGS[pc.BWD_INTERPRETER_CONFIG])]}
+    assert chosen == {
+        "fwd": [pc.config_name(pc.FWD_CONFIGS[pc.FWD_INTERPRETER_CONFIG])],
+        "bwd": [pc.config_name(pc.BWD_CONFIGS[pc.BWD_INTERPRETER_CONFIG])],
+    }
     B, n, n_p, D = 2, 5, 3, 40
     for r in rows:
         assert set(bench.SWEEP_COLUMNS) >= set(r)
-        expected = (2 * 4 * B * (n_p + n) * D if r["mode"] == "fwd" else 2 * 4 * B * n_p * D) if r["config"] == "copy" \
-            else (B * n * D * 4 + B * (n + n_p) * D * 4 + n_p * D * 4 + (n + n_p) * D * 4 + B * n * 8
-                  if r["mode"] == "fwd" else B * n_p * D * 4 + n_p * D * 4)
+        expected = (
+            (2 * 4 * B * (n_p + n) * D if r["mode"] == "fwd" else 2 * 4 * B * n_p * D)
+            if r["config"] == "copy"
+            else (
+                B * n * D * 4 + B * (n + n_p) * D * 4 + n_p * D * 4 + (n + n_p) * D * 4 + B * n * 8
+                if r["mode"] == "fwd"
+                else B * n_p * D * 4 + n_p * D * 4
+            )
+        )
         assert int(r["bytes"]) == expected, r
         assert float(r["gbps"]) == pytest.approx(expected / 2e-6 / 1e9, rel=1e-3)
         assert float(r["frac_of_copy"]) == pytest.approx(float(r["gbps"]) / float(r["copy_gbps"]), abs=1e-3)

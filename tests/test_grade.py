@@ -1,6 +1,7 @@
 """`minipt exercises check` on notebooks that go wrong: a kernel that dies, a cell that runs too long, a file
 that is not a notebook, Ctrl-C. Each gives a grade or one line, never a traceback; the kernel talks over
 Unix sockets, so ipykernel's warning about unencrypted TCP is never printed."""
+
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ pytest.importorskip("ipykernel")
 
 from minipt.exercises.__main__ import main  # noqa: E402
 
-CHECK_CONCAT = '''
+CHECK_CONCAT = """
 import torch
 from minipt import exercises
 
@@ -25,7 +26,7 @@ def concat(prompt, wte, idx, wpe):
     return x + wpe[: x.shape[1]]
 
 print(exercises.check("concat", concat))
-'''
+"""
 
 
 def notebook(folder, name, *sources):
@@ -62,8 +63,9 @@ def test_a_cell_past_the_timeout_is_named_and_the_rest_still_runs(tmp_path, caps
     assert "Traceback" not in captured.out + captured.err and "TCP" not in captured.err
 
 
-@pytest.mark.parametrize("content, reason", [("{}", "not a Jupyter notebook"), ("print('hi')\n", "not a Jupyter"),
-                                             (None, "no such file")])
+@pytest.mark.parametrize(
+    "content, reason", [("{}", "not a Jupyter notebook"), ("print('hi')\n", "not a Jupyter"), (None, "no such file")]
+)
 def test_not_a_notebook_gives_one_line(tmp_path, capsys, content, reason):
     path = tmp_path / "homework.ipynb"
     if content is not None:
@@ -79,8 +81,14 @@ def test_ctrl_c_gives_one_line_and_exit_130(tmp_path):
     started = tmp_path / "started"
     path = notebook(tmp_path, "01_math.ipynb", f"open({str(started)!r}, 'w').close()\nimport time\ntime.sleep(120)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "minipt.exercises", "check", str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minipt.exercises", "check", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not started.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

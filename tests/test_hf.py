@@ -2,6 +2,7 @@
 
 Everything is built locally (random tiny GPT-2, a BPE tokenizer trained on a few sentences): nothing is downloaded.
 """
+
 import os
 
 import pytest
@@ -13,18 +14,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from minipt import GPT, PromptTuning  # noqa: E402
 from minipt.assets import load_hf_base  # noqa: E402
-from minipt.hf import HFTokenizer, config_from_hf  # noqa: E402
 from minipt.data import collate  # noqa: E402
+from minipt.hf import HFTokenizer, config_from_hf  # noqa: E402
 from minipt.tasks import Example  # noqa: E402
 
-TEXTS = ["the cat sat on the mat", "a dog ran to the park", "hello world", "reverse these words please",
-         "one two three four five six seven eight nine ten"] * 4
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran to the park",
+    "hello world",
+    "reverse these words please",
+    "one two three four five six seven eight nine ten",
+] * 4
 
 
 def tiny_hf_gpt2(vocab_size=97, seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0, **overrides)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=vocab_size,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        **overrides,
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
@@ -35,8 +49,9 @@ def tiny_hf_tokenizer():
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator(TEXTS, trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
 
@@ -71,12 +86,15 @@ def test_from_hf_state_dict_needs_a_config():
     torch.testing.assert_close(model.transformer.wpe.weight, hf.transformer.wpe.weight)
 
 
-@pytest.mark.parametrize("override, message", [
-    (dict(activation_function="relu"), "activation_function"),
-    (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
-    (dict(n_inner=64), "n_inner"),
-    (dict(scale_attn_by_inverse_layer_idx=True), "scaling"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(activation_function="relu"), "activation_function"),
+        (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
+        (dict(n_inner=64), "n_inner"),
+        (dict(scale_attn_by_inverse_layer_idx=True), "scaling"),
+    ],
+)
 def test_unsupported_configurations_are_refused(override, message):
     cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50, n_positions=16, **override)
     with pytest.raises(ValueError, match=message):
@@ -139,13 +157,36 @@ def test_cli_tune_and_generate_with_an_hf_base(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"input": t, "output": t.split()[0]}) + "\n" for t in TEXTS[:5]))
     base, out = f"hf:{tmp_path / 'm'}", tmp_path / "p.safetensors"
-    assert main(["tune", "--data", str(data), "--base", base, "--steps", "2", "--batch-size", "2", "--n-prompt", "3",
-                 "--out", str(out), "--peft-out", str(tmp_path / "peft"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--data",
+                str(data),
+                "--base",
+                base,
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--n-prompt",
+                "3",
+                "--out",
+                str(out),
+                "--peft-out",
+                str(tmp_path / "peft"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "4 training / 1 validation examples" in capsys.readouterr().out
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "m")
-    assert main(["generate", "the cat", "--base", base, "--prompt", str(out), "--task-format",
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(["generate", "the cat", "--base", base, "--prompt", str(out), "--task-format", "--max-new-tokens", "3"])
+        == 0
+    )
     capsys.readouterr()
     for prompt in (out, tmp_path / "peft"):  # eval loads the base as tune does, and whatever the prompt path holds
         assert main(["eval", "--task", "copy", "--base", base, "--prompt", str(prompt), "-n", "4"]) == 0

@@ -5,6 +5,7 @@ build prints no warning of ours, and every `--help` shows its defaults as values
 check that the running environment equals the lock is off in `make test-latest` (MINIPT_UNLOCKED=1), whose point
 is to run with newer versions.
 """
+
 import argparse
 import importlib.metadata
 import os
@@ -26,8 +27,10 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+; CI runs 3.11
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 # The platforms the lock must hold for: Linux (x86_64, aarch64) and macOS (arm64), each Python the project allows.
-PLATFORMS = [dict(sys_platform=sp, platform_system=ps, platform_machine=m)
-             for sp, ps, m in (("linux", "Linux", "x86_64"), ("linux", "Linux", "aarch64"), ("darwin", "Darwin", "arm64"))]
+PLATFORMS = [
+    dict(sys_platform=sp, platform_system=ps, platform_machine=m)
+    for sp, ps, m in (("linux", "Linux", "x86_64"), ("linux", "Linux", "aarch64"), ("darwin", "Darwin", "arm64"))
+]
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
 
@@ -97,8 +100,23 @@ def test_the_running_environment_is_the_lock():
 
 def test_the_build_prints_no_warning_of_ours(tmp_path):
     # The warnings a newcomer read as breakage: a deprecated `license` table, a data folder missing from `packages`.
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", str(ROOT),
-                           "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-v",
+            str(ROOT),
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     output = done.stdout + done.stderr
     for sign in ("Deprecat", "BuildBackendWarning", "is absent from the `packages`"):
@@ -113,8 +131,11 @@ def test_the_build_prints_no_warning_of_ours(tmp_path):
 
 def test_every_package_folder_is_installed():
     packages = set(PYPROJECT["tool"]["setuptools"]["packages"])
-    folders = {"minipt." + str(p.relative_to(ROOT / "minipt")).replace(os.sep, ".")
-               for p in (ROOT / "minipt").rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    folders = {
+        "minipt." + str(p.relative_to(ROOT / "minipt")).replace(os.sep, ".")
+        for p in (ROOT / "minipt").rglob("*")
+        if p.is_dir() and p.name != "__pycache__"
+    }
     assert folders | {"minipt", "minipt.kernels"} == packages
 
 
@@ -132,5 +153,6 @@ def test_every_help_default_is_shown_as_its_value():
         text = parser._get_formatter()._expand_help(action) if action.help else ""
         assert "None" not in text, f"{command} {action.option_strings}: {text!r}"
         if action.default not in (None, False, argparse.SUPPRESS):
-            assert "default" in text and str(action.default) in text.replace(",", ""), \
+            assert "default" in text and str(action.default) in text.replace(",", ""), (
                 f"{command} {action.option_strings} (default {action.default!r}): {text!r}"
+            )

@@ -12,6 +12,7 @@ Under TRITON_INTERPRET=1 (every run without a GPU) Triton's own `@jit` helpers s
 are interpreter objects that the compiler cannot call, so the compilation runs in a child
 process without that variable: this file doubles as the child's script.
 """
+
 import importlib
 import json
 import os
@@ -55,8 +56,12 @@ def forward_case(table, prompt="fp32", ids="i64", bank=True, wpe=True, align=16,
     }
     constexprs = {"IS_BANK": bank, "HAS_WPE": wpe, "ALIGN": align, "BLOCK_T": block_t, "BLOCK_D": block_d}
     constexprs.update({name: 1 for name in ones})  # the JIT turns integer arguments equal to 1 into constants
-    return {"kernel": "_prompt_concat_fwd_kernel", "signature": signature, "constexprs": constexprs,
-            "num_warps": num_warps}
+    return {
+        "kernel": "_prompt_concat_fwd_kernel",
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": num_warps,
+    }
 
 
 def backward_case(grad, out="fp32", ids="i64", bank=True, align=16, config=(16, 256, 4), ones=()):
@@ -65,8 +70,12 @@ def backward_case(grad, out="fp32", ids="i64", bank=True, align=16, config=(16, 
     signature = {"OUT": f"*{out}", "DX": f"*{grad}", "PIDX": f"*{ids}", "B": "i32", "T": "i32", "R": "i32", "D": "i32"}
     constexprs = {"IS_BANK": bank, "ACC_DTYPE": "fp32", "ALIGN": align, "BLOCK_B": block_b, "BLOCK_D": block_d}
     constexprs.update({name: 1 for name in ones})
-    return {"kernel": "_prompt_concat_bwd_kernel", "signature": signature, "constexprs": constexprs,
-            "num_warps": num_warps}
+    return {
+        "kernel": "_prompt_concat_bwd_kernel",
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": num_warps,
+    }
 
 
 def compile_case(case, target):

@@ -5,6 +5,7 @@ that reads P with stride D instead of its row stride would read the wrong number
 gradient must equal the plain PyTorch reference bit for bit. Tiny grids: under the interpreter each program
 instance costs about a millisecond.
 """
+
 import pytest
 import torch
 

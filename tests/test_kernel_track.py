@@ -1,6 +1,7 @@
 """The kernel track (notebook 05_kernel_track): correct kernels written differently from the solutions pass,
 plausible wrong ones fail with a message that names the problem, the checks draw who touched what, and the
 verdicts do not depend on TRITON_INTERPRET being set before Triton was imported."""
+
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from minipt import exercises
 
 pytest.importorskip("triton", reason="Triton is not installed (Linux only)")
 
-KERNELS = '''
+KERNELS = """
 import triton
 import triton.language as tl
 
@@ -138,7 +139,8 @@ def decode_two_pass(Q, K, V, O, LENS, T, hd, scale, BLOCK_T: tl.constexpr, BLOCK
     m = -float("inf")
     for t0 in range(0, n, BLOCK_T):  # pass 1: the max, over the row's own positions only
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        k = tl.load(K + (r * T + offs_t)[:, None] * hd + offs_e[None, :], mask=(offs_t < n)[:, None] & e_mask[None, :], other=0.0)
+        rows = (r * T + offs_t)[:, None] * hd + offs_e[None, :]
+        k = tl.load(K + rows, mask=(offs_t < n)[:, None] & e_mask[None, :], other=0.0)
         m = tl.maximum(m, tl.max(tl.where(offs_t < n, tl.sum(k * q[None, :], axis=1), -float("inf")), axis=0))
     s = 0.0
     acc = tl.zeros((BLOCK_HD,), dtype=tl.float32)
@@ -156,7 +158,8 @@ def decode_two_pass(Q, K, V, O, LENS, T, hd, scale, BLOCK_T: tl.constexpr, BLOCK
 @triton.jit
 def decode_variant(Q, K, V, O, LENS, T, hd, scale, BLOCK_T: tl.constexpr, BLOCK_HD: tl.constexpr,
                    NO_LENGTH: tl.constexpr = False, ONE_MORE: tl.constexpr = False, NO_SCALE: tl.constexpr = False,
-                   FIRST_CHUNK: tl.constexpr = False, NO_RESCALE: tl.constexpr = False, ROW_STRIDE: tl.constexpr = False):
+                   FIRST_CHUNK: tl.constexpr = False, NO_RESCALE: tl.constexpr = False,
+                   ROW_STRIDE: tl.constexpr = False):
     r = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_HD)
     e_mask = offs_e < hd
@@ -182,7 +185,7 @@ def decode_variant(Q, K, V, O, LENS, T, hd, scale, BLOCK_T: tl.constexpr, BLOCK_
         s = s * alpha + tl.sum(p, axis=0)
         m = m_new
     tl.store(O + r * hd + offs_e, acc / s, mask=e_mask)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +240,9 @@ def test_head_ce_kernel_answers(k):
     result = accepts("head_ce_kernel", k["ce_one_pass"])
     assert "W rows x programs 0..3" in result.message and "dh rows x programs" in result.message
     picture = result.message.split("W rows x programs")[1].split("dh rows")[0]
-    assert "R" in picture and any(line.split()[1:] and all(c == "." for c in line.split()[1:]) is False
-                                  for line in picture.splitlines()[1:])
+    assert "R" in picture and any(
+        line.split()[1:] and all(c == "." for c in line.split()[1:]) is False for line in picture.splitlines()[1:]
+    )
     accepts("head_ce_kernel", k["ce_two_pass_row_y"])
     ce = k["ce_variant"]
     accepts("head_ce_kernel", ce)  # all flags off: the solution's algorithm
@@ -246,8 +250,9 @@ def test_head_ce_kernel_answers(k):
     rejects("head_ce_kernel", _with_flags(ce, {"NO_MAX": True}), "without subtracting the running max")
     rejects("head_ce_kernel", _with_flags(ce, {"FIRST_CHUNK": True}), "only the first chunk of the vocabulary")
     rejects("head_ce_kernel", _with_flags(ce, {"NO_SKIP": True}), "target -100 are not skipped")
-    rejects("head_ce_kernel", _with_flags(ce, {"NO_TAIL_MASK": True}), "a tl.load", "past the end of W",
-            "mask those >= V")
+    rejects(
+        "head_ce_kernel", _with_flags(ce, {"NO_TAIL_MASK": True}), "a tl.load", "past the end of W", "mask those >= V"
+    )
     rejects("head_ce_kernel", _with_flags(ce, {"NO_ONEHOT": True}), "the onehot is forgotten")
 
 
@@ -264,7 +269,7 @@ def test_decode_attention_kernel_answers(k):
     rejects("decode_attention_kernel", _with_flags(dv, {"ROW_STRIDE": True}), "o")
 
 
-VERDICTS = '''
+VERDICTS = """
 import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("track_kernels", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
@@ -276,13 +281,14 @@ for exercise_id, name in [("head_ce_kernel", "ce_one_pass"), ("head_ce_kernel", 
     result = exercises.check(exercise_id, getattr(module, name))
     rows.append([exercise_id, name, result.passed, result.message])
 print(json.dumps(rows))
-'''
+"""
 
 
 def test_track_verdicts_do_not_depend_on_triton_interpret(k):
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", VERDICTS, str(k["__path__"])], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", VERDICTS, str(k["__path__"])], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     for exercise_id, name, passed, message in json.loads(out.stdout.strip().splitlines()[-1]):
         here = exercises.check(exercise_id, k[name])

@@ -4,6 +4,7 @@ transformers (>= 5.25) imports Hugging Face's `kernels`. With the repository roo
 pytest`, `python -m minipt`, a script saved in the root) Python finds our folder first; it must step aside. Each
 case runs in a fresh interpreter started in the repository root, so sys.path[0] is the root, as for a user.
 """
+
 import os
 import subprocess
 import sys
@@ -19,8 +20,9 @@ def run_in_root(code, pythonpath=None):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -39,7 +41,8 @@ def stand_in_site(tmp_path):
 
 
 def test_import_kernels_from_the_root_gives_the_installed_package(stand_in_site):
-    out = run_in_root("""
+    out = run_in_root(
+        """
         import os, sys
         assert os.path.abspath(sys.path[0] or os.curdir) == os.getcwd()   # the root is first
         import kernels
@@ -50,7 +53,9 @@ def test_import_kernels_from_the_root_gives_the_installed_package(stand_in_site)
         assert callable(prompt_concat) and hasattr(torch.ops.minipt, "prompt_concat")
         assert "kernels.prompt_concat" not in sys.modules   # our op file never runs under the other name
         print(minipt.kernels.__name__, sys.modules["kernels"] is kernels)
-    """, pythonpath=stand_in_site)
+    """,
+        pythonpath=stand_in_site,
+    )
     assert f"stand-in stand-in layers {stand_in_site / 'kernels' / '__init__.py'}" in out
     assert "minipt.kernels True" in out
 
@@ -75,14 +80,17 @@ def test_without_an_installed_kernels_the_name_holds_nothing_of_ours():
 def test_minipt_first_then_kernels_registers_the_custom_ops_once(stand_in_site):
     # minipt.kernels already imported (its ops registered); importing `kernels` must not run our op file again,
     # which would fail registering minipt::prompt_concat a second time.
-    out = run_in_root("""
+    out = run_in_root(
+        """
         import sys
         import minipt
         import kernels
         import minipt.kernels.prompt_concat
         op_file = sys.modules["minipt.kernels.prompt_concat"]
         print(kernels.OWNER, op_file.__name__, [m for m in sys.modules if m.startswith("kernels")])
-    """, pythonpath=stand_in_site)
+    """,
+        pythonpath=stand_in_site,
+    )
     assert out.strip() == "stand-in minipt.kernels.prompt_concat ['kernels']"
 
 

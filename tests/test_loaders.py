@@ -1,6 +1,7 @@
 """Every loader proves what it loads before it builds anything: a flipped byte anywhere (the config
 included) is refused, tuned tensors must be finite floating-point numbers, and a base model's identity
 survives a dtype cast while another model is still refused."""
+
 import json
 import time
 
@@ -25,9 +26,9 @@ def flip_in_header(path, old: bytes, new: bytes):
     """Replace bytes of the JSON header in place, same length: what a flipped byte on disk does."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = data[8: 8 + n]
+    header = data[8 : 8 + n]
     assert len(old) == len(new) and header.count(old) >= 1, (old, header[:200])
-    path.write_bytes(data[:8] + header.replace(old, new, 1) + data[8 + n:])
+    path.write_bytes(data[:8] + header.replace(old, new, 1) + data[8 + n :])
 
 
 # (what, write the file, load it, bytes of its header to flip)
@@ -86,32 +87,45 @@ def test_a_prompt_tuned_on_a_bf16_base_loads_on_its_float32_original(tmp_path):
         PromptTuning.load(base(1), tmp_path / "p.safetensors")
 
 
-BAD_VALUES = {"nan": torch.full((3, 32), float("nan")), "inf": torch.full((3, 32), float("inf")),
-              "int": torch.ones(3, 32, dtype=torch.int64), "bool": torch.ones(3, 32, dtype=torch.bool)}
+BAD_VALUES = {
+    "nan": torch.full((3, 32), float("nan")),
+    "inf": torch.full((3, 32), float("inf")),
+    "int": torch.ones(3, 32, dtype=torch.int64),
+    "bool": torch.ones(3, 32, dtype=torch.bool),
+}
 
 
 @pytest.mark.parametrize("bad", BAD_VALUES)
 def test_non_finite_and_non_float_tuned_tensors_are_refused(tmp_path, bad):
     """Files whose hash is right (written through save_tensors / save_peft) but whose numbers are not."""
-    from minipt.tuned import base_identity
     from minipt.peft_io import WEIGHTS_NAME
+    from minipt.tuned import base_identity
 
     model = base()
     t = BAD_VALUES[bad]
-    save_tensors(tmp_path / "p.safetensors", {"prompt": t}, "prompt",
-                 {"n_prompt": 3, "n_embd": 32, "init": "uniform", **base_identity(model)})
+    save_tensors(
+        tmp_path / "p.safetensors",
+        {"prompt": t},
+        "prompt",
+        {"n_prompt": 3, "n_embd": 32, "init": "uniform", **base_identity(model)},
+    )
     with pytest.raises(CheckpointError, match="NaN or inf|floating point"):
         PromptTuning.load(model, tmp_path / "p.safetensors")
     with pytest.raises(CheckpointError, match="NaN or inf|floating point"):
         PromptBank(model, {"t": tmp_path / "p.safetensors"})
     width = SMALL["n_layer"] * 2 * SMALL["n_embd"]
-    save_tensors(tmp_path / "x.safetensors", {"prefix": torch.zeros(3, width, dtype=t.dtype).fill_(t.flatten()[0])},
-                 "prefix", {"n_prefix": 3, "reparam": "None", "init": "vocab", **base_identity(model)})
+    save_tensors(
+        tmp_path / "x.safetensors",
+        {"prefix": torch.zeros(3, width, dtype=t.dtype).fill_(t.flatten()[0])},
+        "prefix",
+        {"n_prefix": 3, "reparam": "None", "init": "vocab", **base_identity(model)},
+    )
     with pytest.raises(CheckpointError, match="NaN or inf|floating point"):
         PrefixTuning.load(model, tmp_path / "x.safetensors")
     pt = PromptTuning(model, n_prompt=3, init="uniform")
     pt.save_peft(tmp_path / "pdir")
     from safetensors.torch import save_file
+
     save_file({"prompt_embeddings": t}, str(tmp_path / "pdir" / WEIGHTS_NAME))  # as PEFT would write it
     with pytest.raises(CheckpointError, match="NaN or inf|floating point"):
         PromptTuning.from_peft(model, tmp_path / "pdir")
@@ -134,12 +148,18 @@ def test_a_model_whose_fingerprint_does_not_match_is_refused(tmp_path):
     (config and weights) still tells it is not the model that was saved."""
     model = base()
     model.save(tmp_path / "m.safetensors")
-    from minipt.checkpoint import _read_metadata
     from safetensors.torch import load_file
+
+    from minipt.checkpoint import _read_metadata
+
     meta = _read_metadata(tmp_path / "m.safetensors")
     config = {**json.loads(meta["config"]), "n_head": 4}
-    save_tensors(tmp_path / "m.safetensors", load_file(str(tmp_path / "m.safetensors")), "gpt",
-                 {"config": json.dumps(config), "fingerprint": meta["fingerprint"]})
+    save_tensors(
+        tmp_path / "m.safetensors",
+        load_file(str(tmp_path / "m.safetensors")),
+        "gpt",
+        {"config": json.dumps(config), "fingerprint": meta["fingerprint"]},
+    )
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_model(tmp_path / "m.safetensors")
 

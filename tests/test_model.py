@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from helpers import random_gpt
-
 from minipt.model import GPT, PRESETS, GPTConfig
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=260, block_size=64)
@@ -101,8 +100,7 @@ def test_embed_body_head_compose_to_forward():
     idx = random_idx(2, 11)
     x = model.embed(idx)
     assert x.shape == (2, 11, 32)
-    torch.testing.assert_close(x, model.transformer.wte.weight[idx] + model.transformer.wpe.weight[:11],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(x, model.transformer.wte.weight[idx] + model.transformer.wpe.weight[:11], rtol=0, atol=0)
     h = model.body(x)
     assert h.shape == (2, 11, 32)
     assert torch.equal(model.head(h), model(idx)[0])
@@ -175,8 +173,7 @@ def test_sampling_with_top_k_stays_in_the_top_k():
     top3 = logits[:, 2:].topk(3, dim=-1).indices  # (B, 10, 3)
     assert bool((top3 == out[:, 3:, None]).any(-1).all())
     # top_k=1 is greedy whatever the temperature
-    assert torch.equal(model.generate(idx, 10, temperature=2.0, top_k=1),
-                       model.generate(idx, 10, temperature=0))
+    assert torch.equal(model.generate(idx, 10, temperature=2.0, top_k=1), model.generate(idx, 10, temperature=0))
     # the same generator seed gives the same sample; plain sampling stays in the vocabulary
     a = model.generate(idx, 10, temperature=1.0, generator=torch.Generator().manual_seed(1))
     b = model.generate(idx, 10, temperature=1.0, generator=torch.Generator().manual_seed(1))
@@ -252,14 +249,17 @@ def test_targets_of_the_wrong_shape_or_kind():
         model(idx, targets=torch.full((2, 5), -100))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
-    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0"),
-    (dict(max_new_tokens=2, temperature=float("nan")), "temperature must be a finite number >= 0"),
-    (dict(max_new_tokens=2, temperature=float("inf")), "temperature must be a finite number >= 0"),
-    (dict(max_new_tokens=2, temperature=-1.0), "temperature must be a finite number >= 0"),
-    (dict(max_new_tokens=2, temperature=1.0, top_k=0), "top_k must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0"),
+        (dict(max_new_tokens=2, temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (dict(max_new_tokens=2, temperature=float("inf")), "temperature must be a finite number >= 0"),
+        (dict(max_new_tokens=2, temperature=-1.0), "temperature must be a finite number >= 0"),
+        (dict(max_new_tokens=2, temperature=1.0, top_k=0), "top_k must be >= 1"),
+    ],
+)
 def test_generation_arguments_are_checked_in_the_api(kwargs, match):
     from minipt import PromptTuning
 

@@ -1,5 +1,6 @@
 """Behaviour that mutation testing (`make mutate MODULE=...`, README "Mutation testing") found unchecked: each
 test here fails on a bug the rest of the suite let through. Grouped by the module the bug was planted in."""
+
 import json
 import os
 import stat
@@ -13,11 +14,19 @@ from helpers import random_gpt
 from minipt import GPT, ByteTokenizer, GPTConfig, PromptBank, PromptTuning
 from minipt.apps.recipes import tune_prompt
 from minipt.assets import load_base
-from minipt.checkpoint import (CheckpointError, atomic_write, check_same_run, file_kind, load_model, load_train_state,
-                               model_fingerprint, save_tensors, save_train_state)
-from minipt.ensemble import majority_vote
-from minipt.model import sample_next
+from minipt.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    check_same_run,
+    file_kind,
+    load_train_state,
+    model_fingerprint,
+    save_tensors,
+    save_train_state,
+)
 from minipt.data import encode_example
+from minipt.ensemble import majority_vote
+from minipt.model import load_model, sample_next
 from minipt.tasks import Example, make_split
 from minipt.train import TrainConfig
 from minipt.userdata import DataError, check_fits, read_jsonl, split_validation
@@ -76,8 +85,10 @@ def test_prompts_of_equal_length_each_serve_their_own_rows(prefix_cache):
     answered as its own prompt alone would answer it, and the two prompts answer differently."""
     model = random_gpt(CFG, seed=0, std=0.5).double().eval()
     g = torch.Generator().manual_seed(0)
-    prompts = {name: PromptTuning.from_tensor(model, 3 * torch.randn(4, 32, generator=g), backend="reference")
-               for name in ("x", "y")}
+    prompts = {
+        name: PromptTuning.from_tensor(model, 3 * torch.randn(4, 32, generator=g), backend="reference")
+        for name in ("x", "y")
+    }
     requests = [(name, [5, 9, 2 + i]) for i in range(3) for name in ("x", "y")]
     answers = PromptBank(model, prompts).generate(requests, max_new_tokens=5, prefix_cache=prefix_cache)
     alone = [prompts[n].generate(torch.tensor([ids]), 5, temperature=0)[0, 3:].tolist() for n, ids in requests]
@@ -101,8 +112,17 @@ def test_resume_refuses_the_same_task_on_other_training_data(tmp_path):
         model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=260, block_size=64))
         data = (make_split("parity", "train", 16, seed=seed), make_split("parity", "val", 4))
         cfg = TrainConfig(steps=2, batch_size=4, lr=0.05, warmup_steps=1, eval_every=2, progress=False)
-        return tune_prompt(model, "parity", 3, "uniform", cfg, data=data, backend="reference",
-                           checkpoint_path=tmp_path / "state.pt", resume=resume)
+        return tune_prompt(
+            model,
+            "parity",
+            3,
+            "uniform",
+            cfg,
+            data=data,
+            backend="reference",
+            checkpoint_path=tmp_path / "state.pt",
+            resume=resume,
+        )
 
     tune(seed=0)
     with pytest.raises(CheckpointError, match=r"another run: data_sha256 is "):
@@ -145,10 +165,14 @@ def test_windows_line_ends_and_a_byte_order_mark_are_read_as_text(tmp_path):
     assert read_jsonl(write(tmp_path, data)) == [Example("user", "a", "b"), Example("user", "c", "d\r")]
 
 
-@pytest.mark.parametrize("line, says", [
-    (b'[1, 2]', "got list"), (b'{"input": 3, "output": "b"}', "'input' must be a string, got int"),
-    (b'{"input": "a", "output": "b", "task": ""}', "'task' is empty"),
-])
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        (b"[1, 2]", "got list"),
+        (b'{"input": 3, "output": "b"}', "'input' must be a string, got int"),
+        (b'{"input": "a", "output": "b", "task": ""}', "'task' is empty"),
+    ],
+)
 def test_a_bad_record_says_what_it_got(tmp_path, line, says):
     with pytest.raises(DataError, match=rf"d\.jsonl:1: .*{says}"):
         read_jsonl(write(tmp_path, line + b"\n"))
@@ -201,8 +225,11 @@ def test_a_training_checkpoint_is_proven_before_it_is_used(tmp_path):
 
 
 def test_the_message_of_another_run_shows_both_values_of_each_field(tmp_path):
-    with pytest.raises(CheckpointError, match=r"another run: a is 1 there, 2 in this run; b is None there, 3 in "
-                                              r"this run\. Use another"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"another run: a is 1 there, 2 in this run; b is None there, 3 in "
+        r"this run\. Use another",
+    ):
         check_same_run({"a": 1}, {"a": 2, "b": 3}, tmp_path / "c.pt")
 
 
@@ -217,7 +244,7 @@ def test_a_safetensors_header_is_read_only_when_its_length_is_true(tmp_path):
     assert file_kind(path) == "gpt"
     path.write_bytes(safetensors_bytes(header, claimed=len(header) + 1))  # a length one byte past the end
     assert file_kind(path) is None
-    path.write_bytes(safetensors_bytes(b'[1, 2]'))  # a header that is not a JSON object
+    path.write_bytes(safetensors_bytes(b"[1, 2]"))  # a header that is not a JSON object
     assert file_kind(path) is None
 
 
@@ -234,7 +261,11 @@ def test_weights_that_do_not_fit_name_the_mismatch(tmp_path):
     model = random_gpt(dict(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=32), seed=0)
     tensors = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"][:16]
-    save_tensors(tmp_path / "m.safetensors", tensors, kind="gpt", metadata={"config": json.dumps(model.config.to_dict())})
-    with pytest.raises(CheckpointError, match=r"do not fit the model config in the file \(size mismatch for "
-                                              r"transformer\.wpe\.weight"):
+    save_tensors(
+        tmp_path / "m.safetensors", tensors, kind="gpt", metadata={"config": json.dumps(model.config.to_dict())}
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"the config says block_size=32 but the weights have 16",
+    ):
         load_model(tmp_path / "m.safetensors")

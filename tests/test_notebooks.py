@@ -12,6 +12,7 @@ in the outputs), no error output, no absolute path of the machine that ran them,
 
 One test per notebook: `pytest -n 2` runs two notebooks at once, each kernel then on one thread.
 """
+
 import ast
 import os
 import re
@@ -39,8 +40,9 @@ TIME_LIMIT_S = 180
 MIN_ASSERTS = 5
 # Absolute paths of a machine: POSIX home, temp and work folders, macOS and Windows ones.
 ROOT_FOLDERS = ("home", "Users", "root", "tmp", "work", "private", "var/folders", "opt", "usr")
-ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(" + "|".join(f"/{name}/" for name in ROOT_FOLDERS)
-                           + r"|site-packages|[A-Za-z]:\\)")
+ABSOLUTE_PATH = re.compile(
+    r"(?<![\w.~])(" + "|".join(f"/{name}/" for name in ROOT_FOLDERS) + r"|site-packages|[A-Za-z]:\\)"
+)
 
 
 def code_cells(nb):
@@ -99,8 +101,13 @@ def test_notebook_runs(name):
         pytest.importorskip("triton", reason="notebook 2 runs and compiles the Triton kernel (Linux only)")
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.executable)"))
-    client = nbclient.NotebookClient(nb, timeout=TIME_LIMIT_S, kernel_name="python3", record_timing=False,
-                                     resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=TIME_LIMIT_S,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
     start = time.perf_counter()
     client.execute(env=kernel_env())  # raises CellExecutionError at the first failing cell
     seconds = time.perf_counter() - start
@@ -108,7 +115,8 @@ def test_notebook_runs(name):
 
     kernel_python = output_text(nb.cells.pop()).strip()
     assert os.path.samefile(kernel_python, sys.executable), (
-        f"the notebook ran in {kernel_python}, not in {sys.executable}: install ipykernel in this environment")
+        f"the notebook ran in {kernel_python}, not in {sys.executable}: install ipykernel in this environment"
+    )
     assert seconds <= TIME_LIMIT_S, f"{name} took {seconds:.0f} s, more than {TIME_LIMIT_S} s"
     for cell in code_cells(nb):
         assert not any(out.output_type == "error" for out in cell.outputs)

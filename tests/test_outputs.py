@@ -1,11 +1,9 @@
 """One rule for every command's files (minipt.outputs): an output is never an input, no two outputs are one
 file, and an existing file is replaced only when it is this run's earlier result or with --overwrite. Each
 refusal comes before any work and leaves every file byte-identical."""
+
 import json
 import os
-import signal
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -57,10 +55,25 @@ def snapshot(root: Path) -> dict:
     return out
 
 
-TUNE = ["tune", "--data", "d.jsonl", "--base", "base.safetensors", "--n-prompt", "3", "--init", "uniform",
-        "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--no-progress"]
-SERVE = ["serve", "--base", "base.safetensors", "--prompt", "t=p.safetensors", "--requests", "r.jsonl",
-         "--no-progress"]
+TUNE = [
+    "tune",
+    "--data",
+    "d.jsonl",
+    "--base",
+    "base.safetensors",
+    "--n-prompt",
+    "3",
+    "--init",
+    "uniform",
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "4",
+    "--no-progress",
+]
+SERVE = ["serve", "--base", "base.safetensors", "--prompt", "t=p.safetensors", "--requests", "r.jsonl", "--no-progress"]
 
 # (argv, the flags the message names): each must be refused before any model is loaded or file written.
 COLLISIONS = [
@@ -72,8 +85,10 @@ COLLISIONS = [
     (TUNE + ["--out", "hardlink-to-data.jsonl"], ["--out", "--data"]),
     (TUNE + ["--val-data", "v.jsonl", "--out", "v.jsonl"], ["--out", "--val-data"]),
     (TUNE + ["--out", "new.safetensors", "--checkpoint", "d.jsonl", "--overwrite"], ["--checkpoint", "--data"]),
-    (TUNE + ["--out", "new.safetensors", "--peft-out", "pdir", "--base", "pdir/adapter_model.safetensors"],
-     ["--peft-out", "--base"]),
+    (
+        TUNE + ["--out", "new.safetensors", "--peft-out", "pdir", "--base", "pdir/adapter_model.safetensors"],
+        ["--peft-out", "--base"],
+    ),
     (["tune", "--base", "hf:hfdir", "--task", "parity", "--out", "hfdir/model.safetensors"], ["--out", "--base"]),
     # tune: two outputs that are one file
     (TUNE + ["--out", "pdir/adapter_model.safetensors", "--peft-out", "pdir", "--overwrite"], ["--out", "--peft-out"]),
@@ -85,8 +100,10 @@ COLLISIONS = [
     (TUNE + ["--out", "new.safetensors", "--checkpoint", "ck.pt"], ["--checkpoint", "--resume", "--overwrite"]),
     # pretrain
     (["pretrain", "--preset", "pico", "--out", "base.safetensors"], ["--out", "--overwrite"]),
-    (["pretrain", "--preset", "pico", "--out", "m.safetensors", "--checkpoint", "m.safetensors"],
-     ["--checkpoint", "--out"]),
+    (
+        ["pretrain", "--preset", "pico", "--out", "m.safetensors", "--checkpoint", "m.safetensors"],
+        ["--checkpoint", "--out"],
+    ),
     # serve
     (SERVE + ["--out", "r.jsonl"], ["--out", "--requests"]),
     (SERVE + ["--out", "p.safetensors"], ["--out", "--prompt t="]),
@@ -104,8 +121,12 @@ def test_a_collision_is_refused_before_any_work_and_changes_nothing(folder, caps
     def no_work(*args, **kwargs):
         raise AssertionError("work began before the files were claimed")
 
-    for name in ("minipt.assets.load_base_and_tokenizer", "minipt.assets.load_base",
-                 "minipt.apps.recipes.pretrain", "minipt.apps.demo.run_demo"):
+    for name in (
+        "minipt.assets.load_base_and_tokenizer",
+        "minipt.assets.load_base",
+        "minipt.apps.recipes.pretrain",
+        "minipt.apps.demo.run_demo",
+    ):
         monkeypatch.setattr(name, no_work)
     before = snapshot(folder)
     assert main(argv) == 2
@@ -123,7 +144,7 @@ def test_the_same_run_may_replace_its_own_output_another_may_not(folder, capsys)
     assert main(argv) == 0  # the same run again: its own outputs
     assert stamp_of("mine.safetensors") == first
     before = snapshot(folder)
-    assert main([*argv[:argv.index("--steps") + 1], "3", *argv[argv.index("--steps") + 2:]]) == 2
+    assert main([*argv[: argv.index("--steps") + 1], "3", *argv[argv.index("--steps") + 2 :]]) == 2
     assert "--overwrite" in capsys.readouterr().err and snapshot(folder) == before
     Path("d.jsonl").write_text(Path("d.jsonl").read_text() + json.dumps({"input": "q", "output": "q"}) + "\n")
     assert main(argv) == 2  # the same flags on other data: another run

@@ -2,6 +2,7 @@
 
 The base is a random tiny GPT-2 built here; nothing is downloaded.
 """
+
 import json
 import os
 
@@ -23,8 +24,9 @@ V, N_PROMPT = 97, 5
 
 def tiny_hf_gpt2(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=V, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
@@ -43,8 +45,11 @@ def peft_model_loss(peft_model, input_ids, labels):
 def trained_minipt_prompt(model, steps=3):
     pt = PromptTuning(model, n_prompt=N_PROMPT, init="uniform", seed=3)
     input_ids, labels = batch(seed=7)
-    train(pt, lambda step: (input_ids, targets_from_labels(labels)),
-          TrainConfig(steps=steps, lr=0.05, warmup_steps=1, progress=False))
+    train(
+        pt,
+        lambda step: (input_ids, targets_from_labels(labels)),
+        TrainConfig(steps=steps, lr=0.05, warmup_steps=1, progress=False),
+    )
     return pt
 
 
@@ -66,8 +71,9 @@ def test_minipt_prompt_loaded_by_peft_gives_the_same_loss(tmp_path):
         ours = pt(input_ids, targets=targets_from_labels(labels))[1]
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
         # PEFT's own convention, with the first token scored from the last prompt slot
-        torch.testing.assert_close(peft_loss(pt, input_ids, labels), peft_model_loss(peft_model, input_ids, labels),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            peft_loss(pt, input_ids, labels), peft_model_loss(peft_model, input_ids, labels), atol=1e-5, rtol=0
+        )
         assert abs(peft_loss(pt, input_ids, labels) - ours) > 1e-4  # the extra term is real
 
 
@@ -85,15 +91,19 @@ def test_peft_prompt_loaded_by_minipt_gives_the_same_loss_and_trains_further(tmp
     input_ids, labels = batch(seed=2)
     peft_model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(peft_loss(pt, input_ids, labels), peft_model_loss(peft_model, input_ids, labels),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            peft_loss(pt, input_ids, labels), peft_model_loss(peft_model, input_ids, labels), atol=1e-5, rtol=0
+        )
 
     # Unlike a PEFT adapter loaded for inference, a loaded minipt prompt is an ordinary trainable prompt.
     frozen_before = snapshot(model)
     with torch.no_grad():
         before = pt(input_ids, targets=targets_from_labels(labels))[1].item()
-    train(pt, lambda step: (input_ids, targets_from_labels(labels)),
-          TrainConfig(steps=4, lr=0.05, warmup_steps=1, progress=False))
+    train(
+        pt,
+        lambda step: (input_ids, targets_from_labels(labels)),
+        TrainConfig(steps=4, lr=0.05, warmup_steps=1, progress=False),
+    )
     with torch.no_grad():
         after = pt(input_ids, targets=targets_from_labels(labels))[1].item()
     assert after < before
@@ -129,7 +139,10 @@ def test_bad_adapter_folders_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="declares"):
         PromptTuning.from_peft(model, tmp_path / "a")
     cfg_path.write_text(json.dumps(cfg))
-    other = GPT.from_hf(transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=1, n_head=2, n_embd=16, vocab_size=V, n_positions=32)))
+    other = GPT.from_hf(
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=V, n_positions=32)
+        )
+    )
     with pytest.raises(CheckpointError, match="n_embd=16"):
         PromptTuning.from_peft(other, tmp_path / "a")

@@ -1,4 +1,5 @@
 """Deep prompts (minipt.prefix): a trainable key/value prefix at every layer of a frozen GPT, and P-tuning."""
+
 import json
 import os
 
@@ -31,11 +32,11 @@ def test_only_the_prefix_trains_and_the_base_stays_bit_identical(reparam):
     before = snapshot(model)
     pf = PrefixTuning(model, n_prefix=3, reparam=reparam, hidden=8)
     names = [name for name, _ in trainable_parameters(pf)]
-    assert names == (["prefix"] if reparam is None else ["table", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight",
-                                                         "mlp.2.bias"])
+    assert names == (
+        ["prefix"] if reparam is None else ["table", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
+    )
     batch = (ids(4, 6), ids(4, 6, seed=1))
-    result = train(pf, lambda step: batch, TrainConfig(steps=6, batch_size=4, lr=0.05, warmup_steps=1,
-                                                       progress=False))
+    result = train(pf, lambda step: batch, TrainConfig(steps=6, batch_size=4, lr=0.05, warmup_steps=1, progress=False))
     assert result.losses[-1] < result.losses[0]
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -49,8 +50,9 @@ def test_fp64_gradcheck_of_the_prefix_gradient():
     idx, targets = ids(2, 5), ids(2, 5, seed=1)
     start = PrefixTuning(model, n_prefix=3).prefix.detach().double()
 
-    assert torch.autograd.gradcheck(lambda p: _loss_through_cache(model, p, idx, targets),
-                                    (start.clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(
+        lambda p: _loss_through_cache(model, p, idx, targets), (start.clone().requires_grad_(True),)
+    )
     # and the module's own loss and gradient are the same function
     pf = PrefixTuning.from_tensor(model, start).double()
     pf.loss(idx, targets).backward()
@@ -89,7 +91,7 @@ def test_cache_equals_no_cache_equals_greedy_over_forward_with_a_mask():
     without = pf.generate(idx, 5, temperature=0.0, attention_mask=mask, use_cache=False)
     assert torch.equal(with_cache, without)
     for b, n in enumerate(mask.sum(1).tolist()):  # greedy over forward, each row alone and unpadded
-        row = idx[b:b + 1, :n]
+        row = idx[b : b + 1, :n]
         for _ in range(5):
             row = torch.cat([row, pf(row)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
         assert torch.equal(row[0, n:], with_cache[b, 6:])
@@ -126,14 +128,17 @@ def test_ptuning_saves_a_plain_prompt_with_equal_logits(tmp_path):
     torch.testing.assert_close(plain(idx)[0], pt.eval()(idx)[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(n_prefix=0), "n_prefix must be"),
-    (dict(n_prefix=32), "n_prefix must be"),
-    (dict(n_prefix=2.5), "n_prefix must be"),
-    (dict(reparam="lstm"), "reparam must be"),
-    (dict(init="uniform"), "init must be one of"),
-    (dict(reparam="mlp", hidden=0), "hidden must be"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(n_prefix=0), "n_prefix must be"),
+        (dict(n_prefix=32), "n_prefix must be"),
+        (dict(n_prefix=2.5), "n_prefix must be"),
+        (dict(reparam="lstm"), "reparam must be"),
+        (dict(init="uniform"), "init must be one of"),
+        (dict(reparam="mlp", hidden=0), "hidden must be"),
+    ],
+)
 def test_bad_arguments_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         PrefixTuning(random_gpt(CFG), **{"n_prefix": 3, **bad})
@@ -213,8 +218,29 @@ def test_cli_tune_each_method_end_to_end(tmp_path, method, capsys):
     base = tmp_path / "base.safetensors"
     random_gpt(dict(CFG, vocab_size=260, block_size=64), std=0.3).save(base)
     out = tmp_path / f"{method}.safetensors"
-    assert main(["tune", "--task", "parity", "--base", str(base), "--method", method, "--n-prompt", "3",
-                 "--steps", "2", "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--task",
+                "parity",
+                "--base",
+                str(base),
+                "--method",
+                method,
+                "--n-prompt",
+                "3",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "saved" in capsys.readouterr().out
     model = GPT.from_checkpoint(base)
     tuned = load_tuned(model, out)
@@ -228,8 +254,18 @@ def test_cli_tune_each_method_end_to_end(tmp_path, method, capsys):
 def test_depth_quick_runs_and_resumes(tmp_path, capsys):
     from minipt.apps.cli import main
 
-    args = ["experiment", "depth", "--quick", "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"),
-            "--no-progress", "--threads", "1"]
+    args = [
+        "experiment",
+        "depth",
+        "--quick",
+        "--results",
+        str(tmp_path / "r"),
+        "--work",
+        str(tmp_path / "w"),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     results = json.loads((tmp_path / "r" / "depth.json").read_text())
     methods = {r["method"] for r in results["scale"]}

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import random_gpt
-
-from minipt import ByteTokenizer, GPT, GPTConfig, PromptTuning
+from minipt import GPT, ByteTokenizer, GPTConfig, PromptTuning
 from minipt.checkpoint import CheckpointError
 from minipt.frozen import snapshot, trainable_parameters
 from minipt.prompt import init_prompt
@@ -23,8 +22,9 @@ def make_model(seed=0, std=None, **overrides) -> GPT:
 
 
 def make_pt(model=None, n_prompt=5, init="uniform", **kw) -> PromptTuning:
-    return PromptTuning(model if model is not None else make_model(std=0.3), n_prompt=n_prompt, init=init,
-                        backend="reference", **kw).eval()
+    return PromptTuning(
+        model if model is not None else make_model(std=0.3), n_prompt=n_prompt, init=init, backend="reference", **kw
+    ).eval()
 
 
 def random_idx(B, T, seed=0):
@@ -74,7 +74,7 @@ def test_loss_equals_the_by_hand_computation(fused, data_seed):
 
     P = pt.prompt.detach().clone().requires_grad_(True)
     wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
-    x = torch.cat([(P + wpe[:n_p]).expand(3, n_p, 32), wte[idx] + wpe[n_p:n_p + n]], dim=1)  # (B, n_p+n, D)
+    x = torch.cat([(P + wpe[:n_p]).expand(3, n_p, 32), wte[idx] + wpe[n_p : n_p + n]], dim=1)  # (B, n_p+n, D)
     by_hand_logits = model.head(model.body(x))[:, n_p:]  # (B, n, V)
     by_hand = F.cross_entropy(by_hand_logits.reshape(-1, 260), targets.reshape(-1), ignore_index=-100)
     by_hand.backward()
@@ -159,8 +159,9 @@ def test_vocab_init_samples_the_most_frequent_tokens():
     pt = make_pt(model, n_prompt=29, init="vocab", token_counts=counts)
     assert set(rows_of(pt.prompt.detach(), model.transformer.wte.weight)) == set(frequent) | {48, 49, 50}
     # with top_k_tokens: only the k most frequent
-    P = init_prompt(model, 10, "vocab", token_counts=counts, top_k_tokens=12,
-                    generator=torch.Generator().manual_seed(0))
+    P = init_prompt(
+        model, 10, "vocab", token_counts=counts, top_k_tokens=12, generator=torch.Generator().manual_seed(0)
+    )
     ids = rows_of(P, model.transformer.wte.weight)
     assert len(set(ids)) == 10 and set(ids) <= set(range(97 + 14, 97 + 26))  # the 12 largest counts
     with pytest.raises(ValueError, match="only 12 candidate tokens"):
@@ -196,7 +197,7 @@ def test_text_init_with_the_instruction_equals_the_written_instruction():
     pt = make_pt(model, n_prompt=len(instruction), init="text", init_text=instruction, tokenizer=tok)
     idx = torch.tensor([tok.encode("abcde") + [tok.sep_id]])
     with_instruction = torch.tensor([tok.encode(instruction + "abcde") + [tok.sep_id]])
-    torch.testing.assert_close(pt(idx)[0], model(with_instruction)[0][:, len(instruction):], rtol=0, atol=1e-6)
+    torch.testing.assert_close(pt(idx)[0], model(with_instruction)[0][:, len(instruction) :], rtol=0, atol=1e-6)
 
 
 # --- gradient check ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ shapes of the issue are covered pairwise (every pair of values appears in some c
 as a full cartesian product. The interpreter computes bf16 arithmetic and fp32 -> bf16 casts
 incorrectly, so bf16 is checked on the copy path here and fully in the `gpu` tests.
 """
+
 import importlib
 import itertools
 import subprocess
@@ -353,8 +354,12 @@ def test_every_backward_config_is_bit_identical(config, seed):
     """
     B, T, R, D, K = 37, 5, 3, 257, 3
     prompt_index = torch.randint(0, K, (B,), device=KERNEL_DEVICE)
-    for dx_dtype, out_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]:
+    for dx_dtype, out_dtype in [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+    ]:
         dx = torch.randint(-8, 9, (B, T, D), device=KERNEL_DEVICE).to(dx_dtype)  # |sum| <= 296: exact
         for pidx, k in ((None, 1), (prompt_index, K)):
             out = pc._batch_sum_triton(dx, pidx, k, R, out_dtype, config=config)
@@ -391,17 +396,18 @@ def test_launchers_tune_on_a_gpu_and_use_a_fixed_config_under_the_interpreter(mo
         out = pc._batch_sum_triton(dx, prompt_index, 3, case.n_p, torch.float32)
         assert fwd.launches == [] and bwd.launches == []
         assert_verbose_allclose(x, x_ref)
-        assert_verbose_allclose(out, pc._batch_sum_reference(dx, prompt_index, 3, case.n_p, torch.float32),
-                                *GRAD_TOL[torch.float32])
+        assert_verbose_allclose(
+            out, pc._batch_sum_reference(dx, prompt_index, 3, case.n_p, torch.float32), *GRAD_TOL[torch.float32]
+        )
     monkeypatch.setattr(pc, "TRITON_INTERPRET", False)  # as on a GPU: the autotuner launches
     pc._forward_triton(prompt.detach(), wte, idx, wpe, prompt_index)
     pc._batch_sum_triton(dx, prompt_index, 3, case.n_p, torch.float32)
-    (grid, meta), = fwd.launches
+    ((grid, meta),) = fwd.launches
     assert not {"BLOCK_T", "BLOCK_D", "num_warps"} & set(meta), "the autotuner supplies the config"
     B_T = case.B * (case.n_p + case.n)
     for c in FWD_CONFIGS:
         assert grid(c.kwargs) == (-(-B_T // c.kwargs["BLOCK_T"]), -(-case.D // c.kwargs["BLOCK_D"]))
-    (grid, meta), = bwd.launches
+    ((grid, meta),) = bwd.launches
     assert not {"BLOCK_B", "BLOCK_D", "num_warps"} & set(meta)
     for c in BWD_CONFIGS:
         assert grid(c.kwargs) == (3 * case.n_p, -(-case.D // c.kwargs["BLOCK_D"]))
@@ -620,8 +626,7 @@ def test_prompt_tuning_same_loss_and_gradient_with_kernel_and_reference(seed):
 # On a GPU: the compiled kernels (skipped without CUDA)
 # ---------------------------------------------------------------------------------------------
 GPU_CASES = [
-    Case(768, 20, 33, 8, True, False, dtype, torch.int64)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    Case(768, 20, 33, 8, True, False, dtype, torch.int64) for dtype in (torch.float32, torch.float16, torch.bfloat16)
 ] + [
     Case(127, 5, 17, 5, True, True, torch.bfloat16, torch.int32),
     Case(1000, 7, 3, 3, True, True, torch.float16, torch.int32),
@@ -697,9 +702,11 @@ def test_gpu_torch_compile_inductor(seed):
 @pytest.mark.parametrize("config", FWD_CONFIGS, ids=config_id)
 def test_gpu_every_forward_config_is_bit_identical(config, seed):
     """The compiled kernel of every config, bf16 arithmetic included, at GPT-2's width and odd ones."""
-    for case in (Case(768, 20, 33, 8, True, True, torch.bfloat16, torch.int64),
-                 Case(1000, 7, 3, 3, True, False, torch.float16, torch.int32),
-                 Case(127, 5, 17, 5, True, True, torch.float32, torch.int32)):
+    for case in (
+        Case(768, 20, 33, 8, True, True, torch.bfloat16, torch.int64),
+        Case(1000, 7, 3, 3, True, False, torch.float16, torch.int32),
+        Case(127, 5, 17, 5, True, True, torch.float32, torch.int32),
+    ):
         prompt, wte, idx, wpe, prompt_index = make_inputs(case, device="cuda", V=50257 if case.D == 768 else 101)
         x = pc._forward_triton(prompt.detach(), wte, idx, wpe, prompt_index, config=config)
         x_ref = prompt_concat_reference(prompt, wte, idx, wpe=wpe, prompt_index=prompt_index)
@@ -712,8 +719,11 @@ def test_gpu_every_backward_config_is_bit_identical(config, seed):
     """Integer-valued gradients make every order of summation exact (see the interpreter test)."""
     B, T, R, D, K = 70, 40, 20, 768, 3
     prompt_index = torch.randint(0, K, (B,), device="cuda")
-    for dx_dtype, out_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
-                                (torch.float16, torch.float16)]:
+    for dx_dtype, out_dtype in [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float16),
+    ]:
         dx = torch.randint(-8, 9, (B, T, D), device="cuda").to(dx_dtype)  # |sum| <= 560: exact
         for pidx, k in ((None, 1), (prompt_index, K)):
             out = pc._batch_sum_triton(dx, pidx, k, R, out_dtype, config=config)
@@ -779,8 +789,9 @@ def test_gpu_bad_id_fires_a_device_side_assert_without_a_host_sync(arg, backend)
     """A bad id on CUDA: the device-side assert fires, its message names the argument, and the
     op never synchronised to find out. In a child process: a device-side assert leaves the CUDA
     context unusable for the rest of the process."""
-    done = subprocess.run([sys.executable, "-c", DEVICE_ASSERT_SCRIPT, arg, backend], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", DEVICE_ASSERT_SCRIPT, arg, backend], capture_output=True, text=True, timeout=300
+    )
     output = done.stdout + done.stderr
     assert done.returncode != 0 and "no error" not in done.stdout, output
     assert "device-side assert triggered" in output, output

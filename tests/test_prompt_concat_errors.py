@@ -5,6 +5,7 @@ checks are shared by both backends: the reference path gives the same errors as 
 Id values out of range are the one exception by device: a ValueError on CPU tensors (here), a
 device-side assert on CUDA tensors (test_prompt_concat.py, in a child process).
 """
+
 import importlib
 import os
 import subprocess
@@ -223,8 +224,9 @@ BAD_INPUTS = [  # pytest.param(overrides of good(), exception, message pattern, 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("overrides, error, message", BAD_INPUTS)
 def test_bad_input_raises_before_launch(backend, overrides, error, message, no_launch):
-    on_device = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v
-                 for k, v in overrides.items()}
+    on_device = {
+        k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v for k, v in overrides.items()
+    }
     with pytest.raises(error, match=message):
         prompt_concat(**good(**on_device), backend=backend)
 
@@ -267,9 +269,7 @@ def spy(monkeypatch):
     calls = []
     triton_fwd, reference = pc._forward_triton, pc.prompt_concat_reference
     monkeypatch.setattr(pc, "_forward_triton", lambda *a: calls.append("triton") or triton_fwd(*a))
-    monkeypatch.setattr(
-        pc, "prompt_concat_reference", lambda *a, **k: calls.append("reference") or reference(*a, **k)
-    )
+    monkeypatch.setattr(pc, "prompt_concat_reference", lambda *a, **k: calls.append("reference") or reference(*a, **k))
     return calls
 
 
@@ -341,8 +341,6 @@ else:
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

@@ -5,6 +5,7 @@ folder: `.venv` there links to the environment running the tests, so `.venv/bin/
 the repository. Blocks that need a download (GPT-2 weights) are the only ones not run; long jobs (the experiments,
 pretraining, the benchmarks) have their command lines parsed, not run.
 """
+
 import os
 import re
 import shlex
@@ -50,8 +51,17 @@ def newcomer(tmp_path_factory):
 
 def run(args, cwd, stdin=None, shell=False):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, shell=shell,
-                          input=stdin, executable="/bin/bash" if shell else None)
+    done = subprocess.run(
+        args,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        shell=shell,
+        input=stdin,
+        executable="/bin/bash" if shell else None,
+    )
     assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -89,8 +99,10 @@ def test_the_walkthrough_runs_as_written_and_gives_what_it_says(newcomer):
 
 
 def test_every_python_block_is_run_by_a_test_or_needs_a_download():
-    run_by_tests = {block_after(h, "python") for h in
-                    ("## The API in 20 lines", "### PEFT adapter files", "## Serving many prompts")}
+    run_by_tests = {
+        block_after(h, "python")
+        for h in ("## The API in 20 lines", "### PEFT adapter files", "## Serving many prompts")
+    }
     for _, code in blocks("python"):
         assert code in run_by_tests or needs_download(code), code
 
@@ -112,7 +124,7 @@ def test_every_shell_command_has_a_form_that_works_after_make_demo(newcomer):
             assert words[0].startswith(".venv/bin/"), command
             program, args = words[0].removeprefix(".venv/bin/"), words[1:]
             if program == "torchrun":
-                args = args[args.index("minipt") + 1:]  # torchrun ... -m minipt ARGS
+                args = args[args.index("minipt") + 1 :]  # torchrun ... -m minipt ARGS
                 program = "minipt"
             if program == "minipt":
                 parser.parse_args(args)  # an unknown flag or choice exits here

@@ -1,5 +1,6 @@
 """Nothing is ever lost: outputs checked before training, nothing non-finite kept, resume only the same run,
 Ctrl-C and SIGKILL handled cleanly. See README, "What minipt promises"."""
+
 import json
 import os
 import signal
@@ -16,8 +17,7 @@ from minipt import GPT, GPTConfig, PromptTuning
 from minipt.apps.cli import main
 from minipt.apps.recipes import tune_prompt
 from minipt.checkpoint import CheckpointError, load_train_state
-from minipt.tasks import Example, make_split
-from minipt.tokenizer import ByteTokenizer
+from minipt.tasks import make_split
 from minipt.train import TrainConfig, train
 
 TESTS = Path(__file__).parent
@@ -74,7 +74,9 @@ def test_a_non_finite_step_never_reaches_a_checkpoint(tmp_path):
     path = tmp_path / "state.pt"
     module = Line(start=3.3e38)
     cfg = TrainConfig(steps=8, batch_size=1, lr=1e37, warmup_steps=0, eval_every=1, progress=False)
-    with pytest.raises(FloatingPointError, match=rf"NaN or inf after the optimizer step .*at step 1.*\({path}\) is kept"):
+    with pytest.raises(
+        FloatingPointError, match=rf"NaN or inf after the optimizer step .*at step 1.*\({path}\) is kept"
+    ):
         train(module, lambda step: (step,), cfg, checkpoint_path=path)
     state = load_train_state(path)
     assert state["step"] == 1 and torch.isfinite(state["trainable"]["w"]).all()
@@ -95,14 +97,29 @@ def _tune(tmp_path, task="parity", n_prompt=3, init="uniform", steps=2, model_se
     model = GPT(GPTConfig(**SMALL))
     data = (make_split(task, "train", 16), make_split(task, "val", 4))
     cfg = TrainConfig(steps=steps, batch_size=4, lr=0.05, warmup_steps=1, eval_every=2, progress=False)
-    return tune_prompt(model, task, n_prompt, init, cfg, data=data, backend="reference",
-                       checkpoint_path=tmp_path / "state.pt", resume=resume)
+    return tune_prompt(
+        model,
+        task,
+        n_prompt,
+        init,
+        cfg,
+        data=data,
+        backend="reference",
+        checkpoint_path=tmp_path / "state.pt",
+        resume=resume,
+    )
 
 
-@pytest.mark.parametrize("change, field", [
-    (dict(task="reverse"), "task"), (dict(n_prompt=4), "n_prompt"), (dict(init="vocab"), "init"),
-    (dict(steps=4), "config.steps"), (dict(model_seed=1), "base_fingerprint"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(task="reverse"), "task"),
+        (dict(n_prompt=4), "n_prompt"),
+        (dict(init="vocab"), "init"),
+        (dict(steps=4), "config.steps"),
+        (dict(model_seed=1), "base_fingerprint"),
+    ],
+)
 def test_resume_refuses_another_run_and_names_the_field(tmp_path, change, field):
     _tune(tmp_path)
     with pytest.raises(CheckpointError, match=rf"checkpoint of another run: .*\b{field} is "):
@@ -142,10 +159,26 @@ def _small_run(tmp_path):
     """A tiny base model and data file for a CLI run."""
     torch.manual_seed(0)
     GPT(GPTConfig(**SMALL)).save(tmp_path / "base.safetensors")
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"input": w, "output": w[::-1]}) + "\n"
-                                              for w in ["abc", "hello", "xyz", "prompt", "tune", "minipt"] * 3))
-    return ["tune", "--data", "d.jsonl", "--base", "base.safetensors", "--n-prompt", "3", "--init", "uniform",
-            "--batch-size", "4", "--no-progress"]
+    (tmp_path / "d.jsonl").write_text(
+        "".join(
+            json.dumps({"input": w, "output": w[::-1]}) + "\n"
+            for w in ["abc", "hello", "xyz", "prompt", "tune", "minipt"] * 3
+        )
+    )
+    return [
+        "tune",
+        "--data",
+        "d.jsonl",
+        "--base",
+        "base.safetensors",
+        "--n-prompt",
+        "3",
+        "--init",
+        "uniform",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
 
 
 def _as_from_a_terminal():
@@ -158,11 +191,25 @@ def _as_from_a_terminal():
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
-    argv = _small_run(tmp_path) + ["--steps", "100000", "--eval-every", "2", "--checkpoint", "state.pt",
-                                   "--out", "p.safetensors"]
-    proc = subprocess.Popen([sys.executable, "-m", "minipt", *argv], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_as_from_a_terminal)
+    argv = _small_run(tmp_path) + [
+        "--steps",
+        "100000",
+        "--eval-every",
+        "2",
+        "--checkpoint",
+        "state.pt",
+        "--out",
+        "p.safetensors",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minipt", *argv],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_as_from_a_terminal,
+    )
     _wait_for(tmp_path / "state.pt", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -193,8 +240,9 @@ train(Line(), lambda step: (step,), LINE_CFG, checkpoint_path=sys.argv[1])
 
 def test_sigkill_during_a_checkpoint_write_then_resume_leaves_no_temp_file(tmp_path):
     path = tmp_path / "state.pt"
-    proc = subprocess.run([sys.executable, "-c", DYING_WRITER, str(path)], env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", DYING_WRITER, str(path)], env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert len(list(tmp_path.glob(".state.pt.*.tmp"))) == 1  # the killed write's temp file
     assert load_train_state(path)["step"] == 2  # the first checkpoint, intact
@@ -231,20 +279,37 @@ def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     """--checkpoint/--resume under torchrun (gloo): rank 0 writes, both ranks read; killed + resumed = straight."""
     argv = _small_run(tmp_path) + ["--steps", "40", "--eval-every", "2", "--lr", "0.05"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minipt"]
-    straight = subprocess.run([*torchrun, *argv, "--out", "a.safetensors"], cwd=tmp_path, env=_env(),
-                              capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(
+        [*torchrun, *argv, "--out", "a.safetensors"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert straight.returncode == 0, straight.stderr
 
-    killed = subprocess.Popen([*torchrun, *argv, "--checkpoint", "state.pt", "--out", "b.safetensors"],
-                              cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    killed = subprocess.Popen(
+        [*torchrun, *argv, "--checkpoint", "state.pt", "--out", "b.safetensors"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     _wait_for(tmp_path / "state.pt", killed)
     _kill_all(killed)
     step = load_train_state(tmp_path / "state.pt")["step"]
     assert step < 40 and not (tmp_path / "b.safetensors").exists()
 
-    resumed = subprocess.run([*torchrun, *argv, "--checkpoint", "state.pt", "--resume", "--out", "b.safetensors"],
-                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*torchrun, *argv, "--checkpoint", "state.pt", "--resume", "--out", "b.safetensors"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     model = GPT.from_checkpoint(tmp_path / "base.safetensors")
     a = PromptTuning.load(model, tmp_path / "a.safetensors").prompt

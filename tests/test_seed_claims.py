@@ -49,6 +49,7 @@ def test_the_domains_are_what_they_say():
     assert {len(ex.input) for ex in make_split("upper", "train", 200, domain="short-letters")} == {3, 4, 5}
     assert {len(ex.input) for ex in make_split("upper", "test", 200, domain="long-letters")} == {6, 7}
     from minipt.tasks import NEUTRAL_WORDS, UNSEEN_NEUTRAL_WORDS, pretraining_mixture
+
     assert not set(UNSEEN_NEUTRAL_WORDS) & set(NEUTRAL_WORDS)
     for ex in make_split("sentiment", "test", 200, domain="unseen-words"):
         assert any(w in UNSEEN_NEUTRAL_WORDS for w in ex.input.split())
@@ -87,8 +88,10 @@ def test_the_plan():
     empty = sc.design_run(setup, "parity", "empty", 0)
     assert empty == sc.Run("fewshot", "prompt-uniform", "parity", setup.design_size, 0) and empty in runs
     for n in setup.sizes:  # the same step budget for every method at a size
-        assert sc.train_config(setup.tune, setup.steps_for(n), 0).steps == sc.train_config(
-            setup.finetune, setup.steps_for(n), 0).steps
+        assert (
+            sc.train_config(setup.tune, setup.steps_for(n), 0).steps
+            == sc.train_config(setup.finetune, setup.steps_for(n), 0).steps
+        )
     assert list(setup.steps) == sorted(setup.steps)  # a budget that grows (slowly) with the size
     assert set(sc.WORDINGS) >= set(setup.tasks) and set(sc.SHIFTS) >= set(setup.tasks)
     for task in setup.tasks:
@@ -125,9 +128,10 @@ def test_a_prompt_started_from_a_wording_is_that_wording():
         idx, _, _ = collate(examples, tok, instruction=False)
         idx_written, _, _ = collate(examples, tok, instruction=True)
         with torch.no_grad():
-            assert torch.equal(pt(idx)[0], model(idx_written)[0][:, len(text):])
+            assert torch.equal(pt(idx)[0], model(idx_written)[0][:, len(text) :])
         assert sc._frozen_accuracy(model, task, get_task(task).instruction, examples) == exact_match_accuracy(
-            model, examples, tok, instruction=True)
+            model, examples, tok, instruction=True
+        )
 
 
 # ---- the verdict rules -------------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ def _check_files(files: dict, setup: sc.SeedSetup) -> None:
         assert len(row["tuned"]["values"]) == len(setup.seeds)
     for row in files["shift"]["rows"]:
         assert row["drop"]["mean"] == pytest.approx(row["in_domain"]["mean"] - row["shifted"]["mean"])
-    for task, compute in files["fewshot"]["compute"]["per_task"].items():
+    for compute in files["fewshot"]["compute"]["per_task"].values():
         assert compute["prompt"]["trainable"] == setup.n_prompt * 128 and compute["finetune"]["trainable"] == 843_008
         # AdamW: two fp32 moments per trainable number (and a step count per tensor)
         assert 8 * compute["prompt"]["trainable"] <= compute["prompt"]["optimizer_state_bytes"] < 9 * 2560
@@ -166,8 +170,21 @@ def test_quick_run_through_the_cli_then_resume(tmp_path):
     """`minipt experiment seed-claims --quick` as a user runs it; then the same call again trains nothing."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     results, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "-m", "minipt", "experiment", "seed-claims", "--quick", "--results", str(results),
-           "--work", str(work), "--no-progress", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "minipt",
+        "experiment",
+        "seed-claims",
+        "--quick",
+        "--results",
+        str(results),
+        "--work",
+        str(work),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     n_runs = len(sc.planned_runs(sc.QUICK))

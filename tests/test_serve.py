@@ -2,6 +2,7 @@
 cache), eos per row, the prefix cache equals a full forward's keys and values, and every bad request fails
 clearly before any generation. Equality tests use float64 random models with large weights, so that greedy
 tokens depend on the input and no rounding tie can flip an argmax."""
+
 import pytest
 import torch
 
@@ -30,13 +31,15 @@ def bank_and_requests():
     prompts = {"a": prompt(model, 3, 1), "b": prompt(model, 7, 2), "c": prompt(model, 12, 3)}
     g = torch.Generator().manual_seed(4)
     names = ["a", "b", "c"]
-    requests = [(names[i % 3], torch.randint(50, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist())
-                for i in range(14)]
+    requests = [
+        (names[i % 3], torch.randint(50, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist())
+        for i in range(14)
+    ]
     return model, prompts, requests
 
 
 def alone(pt, ids, max_new, eos_id=None):
-    out = pt.generate(torch.tensor([ids]), max_new, temperature=0, eos_id=eos_id)[0, len(ids):].tolist()
+    out = pt.generate(torch.tensor([ids]), max_new, temperature=0, eos_id=eos_id)[0, len(ids) :].tolist()
     if eos_id is not None and eos_id in out:
         out = out[: out.index(eos_id) + 1]
     return out
@@ -109,11 +112,11 @@ def test_single_prompt_generate_with_mask_equals_unpadded_rows(use_cache):
         idx[b, : len(r)], mask[b, : len(r)] = r, 1
     out = pt.generate(idx, 7, temperature=0, attention_mask=mask, use_cache=use_cache)
     for b, r in enumerate(rows):
-        assert out[b, 9:].tolist() == pt.generate(r[None], 7, temperature=0)[0, len(r):].tolist()
+        assert out[b, 9:].tolist() == pt.generate(r[None], 7, temperature=0)[0, len(r) :].tolist()
     # the base model too
     out = model.generate(idx, 5, temperature=0, attention_mask=mask)
     for b, r in enumerate(rows):
-        assert out[b, 9:].tolist() == model.generate(r[None], 5, temperature=0)[0, len(r):].tolist()
+        assert out[b, 9:].tolist() == model.generate(r[None], 5, temperature=0)[0, len(r) :].tolist()
 
 
 def test_bank_prompt_index_with_mask_equals_rows():
@@ -164,8 +167,9 @@ def test_a_prompt_for_another_model_is_refused(tmp_path):
 def test_prompt_files_load_into_the_bank(tmp_path, bank_and_requests):
     model, prompts, requests = bank_and_requests
     prompts["b"].save(tmp_path / "b.safetensors")
-    bank = PromptBank(model, {"a": prompts["a"], "b": str(tmp_path / "b.safetensors"), "c": prompts["c"]},
-                      backend="reference")
+    bank = PromptBank(
+        model, {"a": prompts["a"], "b": str(tmp_path / "b.safetensors"), "c": prompts["c"]}, backend="reference"
+    )
     assert bank.generate(requests, 3) == PromptBank(model, prompts, backend="reference").generate(requests, 3)
 
 
@@ -199,12 +203,25 @@ def test_cli_serve_end_to_end(tmp_path, capsys):
     pts = {"upper": tuned_prompt(model, "upper", 4), "parity": tuned_prompt(model, "parity", 9)}
     for name, pt in pts.items():
         pt.save(tmp_path / f"{name}.safetensors")
-    records = [{"task": "upper", "input": "abc"}, {"task": "parity", "input": "1234"},
-               {"task": "upper", "input": "hello"}, {"task": "parity", "input": "7"}]
+    records = [
+        {"task": "upper", "input": "abc"},
+        {"task": "parity", "input": "1234"},
+        {"task": "upper", "input": "hello"},
+        {"task": "parity", "input": "7"},
+    ]
     (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    args = ["serve", "--prompt", f"upper={tmp_path / 'upper.safetensors'}",
-            "--prompt", f"parity={tmp_path / 'parity.safetensors'}", "--requests", str(tmp_path / "requests.jsonl"),
-            "--max-new-tokens", "6", "--no-progress"]
+    args = [
+        "serve",
+        "--prompt",
+        f"upper={tmp_path / 'upper.safetensors'}",
+        "--prompt",
+        f"parity={tmp_path / 'parity.safetensors'}",
+        "--requests",
+        str(tmp_path / "requests.jsonl"),
+        "--max-new-tokens",
+        "6",
+        "--no-progress",
+    ]
     assert main([*args, "--out", str(tmp_path / "answers.jsonl")]) == 0
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [(a["task"], a["input"]) for a in answers] == [(r["task"], r["input"]) for r in records]
@@ -222,7 +239,9 @@ def test_cli_serve_end_to_end(tmp_path, capsys):
     bad = [a if a != str(tmp_path / "requests.jsonl") else str(tmp_path / "bad.jsonl") for a in args]
     assert main(bad) == 2
     assert "bad.jsonl:2: unknown task 'nope'" in capsys.readouterr().err
-    (tmp_path / "bad.jsonl").write_text(json.dumps(records[0]) + "\n" + json.dumps({"task": "upper", "input": "x" * 200}))
+    (tmp_path / "bad.jsonl").write_text(
+        json.dumps(records[0]) + "\n" + json.dumps({"task": "upper", "input": "x" * 200})
+    )
     assert main(bad) == 2
     assert "bad.jsonl:2: prompt 'upper' (4) + 201 tokens" in capsys.readouterr().err
     assert main([*args[:-1], "--prompt", "oops"]) == 2

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 
 from helpers import random_gpt
-
 from minipt import GPT, GPTConfig, PromptTuning
 from minipt.apps import recipes
 from minipt.checkpoint import load_train_state
@@ -68,8 +67,9 @@ def assert_unchanged(model, before):
 def test_prompt_tuning_leaves_every_base_tensor_untouched(optimizers):
     model = small_model()
     before = snapshot(model)
-    pt, result = recipes.tune_prompt(model, "reverse", n_prompt=8, init="vocab", cfg=quick(), data=DATA,
-                                     backend="reference")
+    pt, result = recipes.tune_prompt(
+        model, "reverse", n_prompt=8, init="vocab", cfg=quick(), data=DATA, backend="reference"
+    )
     assert pt.model is model and len(result.losses) == 6
     # 1. every base tensor is bit-identical to before
     assert_unchanged(model, before)
@@ -77,7 +77,7 @@ def test_prompt_tuning_leaves_every_base_tensor_untouched(optimizers):
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     assert pt.prompt.grad is not None
     # 3. the optimizer holds the prompt and nothing else, and has state for it alone
-    (opt, handed), = optimizers
+    ((opt, handed),) = optimizers
     assert len(held_by(opt)) == 1 and held_by(opt)[0] is pt.prompt
     assert list(opt.state.keys()) == [pt.prompt]
     assert not torch.equal(pt.prompt.detach(), handed[0])  # and the prompt did train
@@ -87,7 +87,7 @@ def test_training_a_gpt_trains_every_weight(optimizers):
     model = small_model()
     get_batch = batch_fn(DATA[0], tok, 8, instruction=True)
     train(model, get_batch, quick(lr=1e-3))
-    (opt, _), = optimizers
+    ((opt, _),) = optimizers
     assert len(held_by(opt)) == len(list(model.parameters()))  # the tied head counted once
     assert {id(p) for p in held_by(opt)} == {id(p) for p in model.parameters()}
 
@@ -162,8 +162,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad)
     after_step = {}
     cfg = quick(steps=10, eval_every=2, lr=0.1, warmup_steps=0)
     with pytest.raises(FloatingPointError, match=rf"loss is {bad} at step 5.*last good checkpoint \({path}\)"):
-        train(module, lambda step: (step,), cfg, checkpoint_path=path,
-              callbacks=[lambda step, loss: after_step.setdefault(step, module.w.detach().clone())])
+        train(
+            module,
+            lambda step: (step,),
+            cfg,
+            checkpoint_path=path,
+            callbacks=[lambda step, loss: after_step.setdefault(step, module.w.detach().clone())],
+        )
     state = load_train_state(path)  # intact and loadable: the one written after step index 3 (4 steps done)
     assert state["step"] == 4
     assert torch.equal(state["trainable"]["w"], after_step[3])
@@ -183,8 +188,12 @@ def test_non_finite_gradient_stops_training(tmp_path, grad_clip):
     module = Quadratic(bad_step=3, bad="grad")
     path = tmp_path / "state.pt"
     with pytest.raises(FloatingPointError, match="gradient norm is (inf|nan) at step 3"):
-        train(module, lambda step: (step,), quick(steps=6, eval_every=2, warmup_steps=0, grad_clip=grad_clip),
-              checkpoint_path=path)
+        train(
+            module,
+            lambda step: (step,),
+            quick(steps=6, eval_every=2, warmup_steps=0, grad_clip=grad_clip),
+            checkpoint_path=path,
+        )
     assert torch.isfinite(module.w).all()  # the broken step was not applied
     assert load_train_state(path)["step"] == 2  # nor written to a checkpoint
 
@@ -223,8 +232,9 @@ def resumable_run(tmp_path, interrupt_after=None, resume=False, prompt_seed=0, d
 
     cfg = quick(steps=8, eval_every=2, lr=0.1, warmup_steps=2, seed=0)
     torch.manual_seed(123)  # the global RNG (dropout) as a fresh process would leave it
-    result = train(pt, get_batch, cfg, evaluate=evaluate, checkpoint_path=tmp_path / "state.pt", resume=resume,
-                   callbacks=[stop])
+    result = train(
+        pt, get_batch, cfg, evaluate=evaluate, checkpoint_path=tmp_path / "state.pt", resume=resume, callbacks=[stop]
+    )
     return pt, result
 
 
@@ -249,7 +259,9 @@ def test_resume_from_a_checkpoint_of_another_module(tmp_path):
     path = tmp_path / "state.pt"
     train(Quadratic(), lambda step: (step,), quick(steps=2, eval_every=2), checkpoint_path=path)
     pt, get_batch = fixed_batch_pt()
-    with pytest.raises(ValueError, match=r"another run: .*trainable is \{'w': \[4\]\} there, \{'prompt': \[\d+, \d+\]\}"):
+    with pytest.raises(
+        ValueError, match=r"another run: .*trainable is \{'w': \[4\]\} there, \{'prompt': \[\d+, \d+\]\}"
+    ):
         train(pt, get_batch, quick(steps=2, eval_every=2), checkpoint_path=path, resume=True)
 
 

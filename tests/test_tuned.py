@@ -1,4 +1,5 @@
 """minipt.tuned: one contract for the tuned modules (a soft prompt, a deep prompt)."""
+
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,11 @@ def test_load_tuned_reads_what_a_file_or_folder_holds(tmp_path, as_peft):
 def test_load_tuned_refuses_what_is_not_a_tuned_module(tmp_path):
     model = random_gpt(CFG)
     model.save(tmp_path / "base.safetensors")
-    with pytest.raises(CheckpointError, match="holds a minipt 'gpt' file; a tuned module is a minipt 'prefix' or "
-                                              "'prompt' file or a PEFT adapter folder"):
+    with pytest.raises(
+        CheckpointError,
+        match="holds a minipt 'gpt' file; a tuned module is a minipt 'prefix' or "
+        "'prompt' file or a PEFT adapter folder",
+    ):
         load_tuned(model, tmp_path / "base.safetensors")
     (tmp_path / "garbage").write_bytes(b"not a file of ours")
     with pytest.raises(CheckpointError, match="garbage holds no minipt kind"):
@@ -67,8 +71,12 @@ def test_every_tuned_file_is_refused_on_another_base_model(tmp_path):
 def test_each_method_builds_the_class_that_declares_it():
     model, tok = random_gpt(CFG), ByteTokenizer()
     assert METHODS == ("prompt", "ptuning", "ptuning-v2", "prefix")
-    expected = {"prompt": (PromptTuning, None), "ptuning": (PromptTuning, "mlp"),
-                "ptuning-v2": (PrefixTuning, None), "prefix": (PrefixTuning, "mlp")}
+    expected = {
+        "prompt": (PromptTuning, None),
+        "ptuning": (PromptTuning, "mlp"),
+        "ptuning-v2": (PrefixTuning, None),
+        "prefix": (PrefixTuning, "mlp"),
+    }
     for method, (cls, reparam) in expected.items():
         assert method_class(method) == (cls, reparam)
         module = tuned_module(method, model, 2, "normal" if cls is PrefixTuning else "uniform", 0, tok)
@@ -79,6 +87,8 @@ def test_each_method_builds_the_class_that_declares_it():
 
 def test_the_identity_check_and_the_metadata_are_written_once():
     """One home: the refusal and the base-model metadata appear in minipt/tuned.py and nowhere else in minipt/."""
-    homes = {phrase: sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if phrase in p.read_text())
-             for phrase in ("made for another base model (fingerprint", "\"base_config\"", "_CLASSES[")}
+    homes = {
+        phrase: sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if phrase in p.read_text())
+        for phrase in ("made for another base model (fingerprint", '"base_config"', "_CLASSES[")
+    }
     assert homes == {phrase: ["tuned.py"] for phrase in homes}

@@ -1,4 +1,5 @@
 """`minipt tune --data FILE.jsonl`: strict reading with line numbers, deterministic validation split, the CLI."""
+
 import json
 
 import pytest
@@ -10,8 +11,10 @@ from minipt.tasks import Example
 from minipt.tokenizer import ByteTokenizer
 from minipt.userdata import DataError, check_fits, read_jsonl, select_task, split_validation
 
-RECORDS = [{"input": w, "output": w[::-1]} for w in ["abc", "hello", "xyz", "minipt", "prompt", "tune", "data",
-                                                     "line", "json", "torch"]]
+RECORDS = [
+    {"input": w, "output": w[::-1]}
+    for w in ["abc", "hello", "xyz", "minipt", "prompt", "tune", "data", "line", "json", "torch"]
+]
 
 
 def write_jsonl(path, records, extra_lines=()):
@@ -21,21 +24,25 @@ def write_jsonl(path, records, extra_lines=()):
 
 
 def test_records_become_examples_in_file_order(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", RECORDS[:2] + [{"input": "ab", "output": "2", "task": "count"}],
-                       extra_lines=["", "  "])  # blank lines at the end hold no record: accepted
+    path = write_jsonl(
+        tmp_path / "d.jsonl", RECORDS[:2] + [{"input": "ab", "output": "2", "task": "count"}], extra_lines=["", "  "]
+    )  # blank lines at the end hold no record: accepted
     examples = read_jsonl(path)
     assert examples == [Example("user", "abc", "cba"), Example("user", "hello", "olleh"), Example("count", "ab", "2")]
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ('{"input": "a", "output": "b"', "not valid JSON"),
-    ('["a", "b"]', "expected a JSON object"),
-    ('{"input": "a"}', "missing 'output'"),
-    ('{"input": "a", "ouput": "b"}', "unknown key"),
-    ('{"input": 3, "output": "b"}', "'input' must be a string"),
-    ('{"input": "a", "output": ""}', "'output' is empty"),
-    ('', "blank line"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"input": "a", "output": "b"', "not valid JSON"),
+        ('["a", "b"]', "expected a JSON object"),
+        ('{"input": "a"}', "missing 'output'"),
+        ('{"input": "a", "ouput": "b"}', "unknown key"),
+        ('{"input": 3, "output": "b"}', "'input' must be a string"),
+        ('{"input": "a", "output": ""}', "'output' is empty"),
+        ("", "blank line"),
+    ],
+)
 def test_a_malformed_line_is_an_error_naming_its_line(tmp_path, bad_line, message):
     lines = [json.dumps(r) for r in RECORDS[:3]]
     lines.insert(2, bad_line)  # line 3
@@ -88,9 +95,28 @@ def tiny_base(tmp_path):
 def test_cli_tune_on_a_jsonl_file(tmp_path, tiny_base, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     out = tmp_path / "prompt.safetensors"
-    code = main(["tune", "--data", str(data), "--base", str(tiny_base), "--steps", "3", "--batch-size", "4",
-                 "--n-prompt", "4", "--init", "uniform", "--out", str(out), "--peft-out", str(tmp_path / "peft"),
-                 "--no-progress"])
+    code = main(
+        [
+            "tune",
+            "--data",
+            str(data),
+            "--base",
+            str(tiny_base),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--n-prompt",
+            "4",
+            "--init",
+            "uniform",
+            "--out",
+            str(out),
+            "--peft-out",
+            str(tmp_path / "peft"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "9 training / 1 validation examples" in printed and "best validation exact match" in printed
@@ -104,8 +130,24 @@ def test_cli_tune_with_val_data_and_a_bad_line(tmp_path, tiny_base, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     val = write_jsonl(tmp_path / "val.jsonl", RECORDS[:2])
     out = tmp_path / "p.safetensors"
-    args = ["tune", "--data", str(data), "--val-data", str(val), "--base", str(tiny_base), "--steps", "2",
-            "--batch-size", "2", "--n-prompt", "2", "--out", str(out), "--no-progress"]
+    args = [
+        "tune",
+        "--data",
+        str(data),
+        "--val-data",
+        str(val),
+        "--base",
+        str(tiny_base),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--n-prompt",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert "10 training / 2 validation examples" in capsys.readouterr().out
     (tmp_path / "val.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "a", "output": 5}\n')
@@ -124,8 +166,29 @@ def test_cli_label_init_on_classification_data_and_its_refusal_elsewhere(tmp_pat
     labelled = [{"input": w, "output": "long" if len(w) > 4 else "short"} for w in [r["input"] for r in RECORDS]]
     data = write_jsonl(tmp_path / "cls.jsonl", labelled)
     out = tmp_path / "p.safetensors"
-    assert main(["tune", "--data", str(data), "--base", str(tiny_base), "--steps", "2", "--batch-size", "2",
-                 "--n-prompt", "3", "--init", "label", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--data",
+                str(data),
+                "--base",
+                str(tiny_base),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--n-prompt",
+                "3",
+                "--init",
+                "label",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     model = GPT.from_checkpoint(tiny_base)
     wte = model.transformer.wte.weight.detach()
     tok = ByteTokenizer()
@@ -134,6 +197,22 @@ def test_cli_label_init_on_classification_data_and_its_refusal_elsewhere(tmp_pat
     assert all(torch.allclose(pt.prompt[k], initial[k], atol=0.05) for k in range(2))  # 2 warmup steps move it < 0.05
     many = write_jsonl(tmp_path / "gen.jsonl", [{"input": f"x{i}", "output": f"y{i}"} for i in range(30)])
     capsys.readouterr()
-    assert main(["tune", "--data", str(many), "--base", str(tiny_base), "--init", "label", "--out", str(out),
-                 "--overwrite", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "tune",
+                "--data",
+                str(many),
+                "--base",
+                str(tiny_base),
+                "--init",
+                "label",
+                "--out",
+                str(out),
+                "--overwrite",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "--init label needs classification data" in capsys.readouterr().err

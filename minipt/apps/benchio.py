@@ -1,4 +1,5 @@
 """Bookkeeping the benchmarks share: the machine a figure was measured on, and their CSV files."""
+
 from __future__ import annotations
 
 import platform
@@ -22,8 +23,7 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def write_preset_csv(path, preset: str, new_rows: list[dict], fieldnames: list[str], command: str,
-                     header: str) -> None:
+def write_preset_csv(path, preset: str, new_rows: list[dict], fieldnames: list[str], command: str, header: str) -> None:
     """Write a benchmark's CSV: this preset's rows replace earlier ones; other presets' rows and commands stay.
 
     The file starts with `# header`, then one `# preset NAME: command` line per preset, then the rows.
@@ -40,8 +40,12 @@ def write_preset_csv(path, preset: str, new_rows: list[dict], fieldnames: list[s
                 comments[line.split()[2].rstrip(":")] = line
         old_rows = [r for r in csv.DictReader(l for l in lines if not l.startswith("#")) if r["preset"] != preset]
     comments[preset] = f"# preset {preset}: {command}"
-    write_csv(path, [f"# {header}", *(comments[name] for name in sorted(comments))], fieldnames,
-              sorted(old_rows, key=lambda r: r["preset"]) + new_rows)
+    write_csv(
+        path,
+        [f"# {header}", *(comments[name] for name in sorted(comments))],
+        fieldnames,
+        sorted(old_rows, key=lambda r: r["preset"]) + new_rows,
+    )
 
 
 def write_csv(path, comments: list[str], fieldnames, rows) -> None:

@@ -2,6 +2,7 @@
 
 Every subcommand has --help. This module only parses arguments and prints; the work is in minipt and its apps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,51 +90,69 @@ def path_arg(text: str) -> str:
     return text
 
 
-def _train_flags(p: argparse.ArgumentParser, defaults, lr_help: str = "peak learning rate (default %(default)s)") -> None:
+def _train_flags(
+    p: argparse.ArgumentParser, defaults, lr_help: str = "peak learning rate (default %(default)s)"
+) -> None:
     p.add_argument("--steps", type=count, default=defaults.steps, help="optimizer steps (default %(default)s)")
     p.add_argument("--batch-size", type=count, default=defaults.batch_size, help="default %(default)s")
     p.add_argument("--lr", type=rate, default=defaults.lr, help=lr_help)
-    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default=defaults.optimizer,
-                   help="default %(default)s")
+    p.add_argument(
+        "--optimizer", choices=["adamw", "adafactor"], default=defaults.optimizer, help="default %(default)s"
+    )
     p.add_argument("--seed", type=seed, default=defaults.seed, help="default %(default)s")
-    p.add_argument("--eval-every", type=count, default=defaults.eval_every,
-                   help="steps between evaluations and checkpoints (default %(default)s)")
-    p.add_argument("--checkpoint", type=path_arg,
-                   help="training-state file written every eval; with --resume, continue from it")
+    p.add_argument(
+        "--eval-every",
+        type=count,
+        default=defaults.eval_every,
+        help="steps between evaluations and checkpoints (default %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint", type=path_arg, help="training-state file written every eval; with --resume, continue from it"
+    )
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     _overwrite_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _overwrite_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing outputs (without it, only this same run's earlier outputs are replaced); "
-                        "an output is never an input")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs (without it, only this same run's earlier outputs are replaced); "
+        "an output is never an input",
+    )
 
 
 def _config(args, defaults):
-    return replace(defaults, steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                   seed=args.seed, eval_every=args.eval_every, progress=not args.no_progress)
+    return replace(
+        defaults,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        progress=not args.no_progress,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ..model import PRESETS
     from ..prompt import INIT_MODES
-    from .recipes import METHODS
     from ..tasks import TASKS
     from .demo import DEMO_TASK
-    from .recipes import METHOD_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS
+    from .recipes import METHOD_DEFAULTS, METHODS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS
 
     parser = argparse.ArgumentParser(prog="minipt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="tune a soft prompt on the frozen tiny base model; print what it gained")
-    p.add_argument("--out", type=path_arg, default="runs/demo",
-                   help="folder for prompt, plot and demo.json (default %(default)s)")
+    p.add_argument(
+        "--out", type=path_arg, default="runs/demo", help="folder for prompt, plot and demo.json (default %(default)s)"
+    )
     p.add_argument("--task", default=DEMO_TASK, choices=sorted(TASKS), help="default %(default)s")
     p.add_argument("--n-prompt", type=count, default=20, help="soft prompt length (default %(default)s)")
-    p.add_argument("--steps", type=count, default=None,
-                   help=f"training steps per run (default {TUNE_DEFAULTS.steps})")
+    p.add_argument("--steps", type=count, default=None, help=f"training steps per run (default {TUNE_DEFAULTS.steps})")
     p.add_argument("--base", type=path_arg, help="base model file (default: the shipped tiny model)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -141,31 +160,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a base model on the task mixture (with instructions)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default %(default)s)")
     p.add_argument("--out", type=path_arg, required=True, help="where to write the model (.safetensors)")
-    p.add_argument("--examples", type=count, default=60_000,
-                   help="size of the pretraining mixture (default %(default)s)")
+    p.add_argument(
+        "--examples", type=count, default=60_000, help="size of the pretraining mixture (default %(default)s)"
+    )
     _train_flags(p, PRETRAIN_DEFAULTS)
 
-    p = sub.add_parser("tune", help="tune a soft prompt for one task on a frozen base model",
-                       epilog="Several processes: torchrun --nproc_per_node=N -m minipt tune ... (gloo on CPU, "
-                              "NCCL on GPU; --batch-size is the global batch; only rank 0 writes files).")
-    p.add_argument("--task", help=f"a built-in task ({', '.join(sorted(TASKS))}); with --data, the records' "
-                                  f"task to use when the file holds several")
-    p.add_argument("--data", help='your own examples: a .jsonl file, one {"input": ..., "output": ...} a line '
-                                  '(optional "task"); see minipt.userdata')
+    p = sub.add_parser(
+        "tune",
+        help="tune a soft prompt for one task on a frozen base model",
+        epilog="Several processes: torchrun --nproc_per_node=N -m minipt tune ... (gloo on CPU, "
+        "NCCL on GPU; --batch-size is the global batch; only rank 0 writes files).",
+    )
+    p.add_argument(
+        "--task",
+        help=f"a built-in task ({', '.join(sorted(TASKS))}); with --data, the records' "
+        f"task to use when the file holds several",
+    )
+    p.add_argument(
+        "--data",
+        help='your own examples: a .jsonl file, one {"input": ..., "output": ...} a line '
+        '(optional "task"); see minipt.userdata',
+    )
     p.add_argument("--val-data", help="validation records (.jsonl); default: hold out --val-fraction of --data")
     p.add_argument("--val-fraction", type=fraction, default=0.1, help="default %(default)s")
-    p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER for "
-                                  "a GPT-2 and its tokenizer from the local Hugging Face cache or a folder")
-    p.add_argument("--peft-out", type=path_arg, help="also write the prompt as a PEFT adapter folder (adapter_config.json, "
-                                      "adapter_model.safetensors)")
-    p.add_argument("--method", choices=METHODS, default="prompt",
-                   help="prompt: a soft prompt (Lester et al.); ptuning: the prompt through an MLP; ptuning-v2: a "
-                        "key/value prefix at every layer; prefix: that prefix through an MLP (Li & Liang). Each "
-                        "has its own default --lr; default %(default)s")
+    p.add_argument(
+        "--base",
+        help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER for "
+        "a GPT-2 and its tokenizer from the local Hugging Face cache or a folder",
+    )
+    p.add_argument(
+        "--peft-out",
+        type=path_arg,
+        help="also write the prompt as a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="prompt",
+        help="prompt: a soft prompt (Lester et al.); ptuning: the prompt through an MLP; ptuning-v2: a "
+        "key/value prefix at every layer; prefix: that prefix through an MLP (Li & Liang). Each "
+        "has its own default --lr; default %(default)s",
+    )
     p.add_argument("--n-prompt", type=count, default=20, help="prompt (or prefix) length (default %(default)s)")
-    p.add_argument("--init", choices=(*INIT_MODES, "normal"), default="vocab",
-                   help="label: the class labels' embeddings first (classification only); the prefix methods take "
-                        "vocab (the keys and values of sampled tokens) or normal; default %(default)s")
+    p.add_argument(
+        "--init",
+        choices=(*INIT_MODES, "normal"),
+        default="vocab",
+        help="label: the class labels' embeddings first (classification only); the prefix methods take "
+        "vocab (the keys and values of sampled tokens) or normal; default %(default)s",
+    )
     p.add_argument("--init-text", type=text_arg, help="text whose token embeddings start the prompt (with --init text)")
     p.add_argument("--out", type=path_arg, required=True, help="where to write the prompt (.safetensors)")
     method_rates = ", ".join(f"{m} {d.lr:g}" for m, d in METHOD_DEFAULTS.items())
@@ -189,12 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=count, default=None)
 
-    p = sub.add_parser("serve", help="answer many tasks' requests in mixed batches, one soft prompt per task",
-                       description='Reads {"task": NAME, "input": TEXT} a line; writes {"task", "input", "output"} '
-                                   'a line, in order. "-" is stdin / stdout.')
+    p = sub.add_parser(
+        "serve",
+        help="answer many tasks' requests in mixed batches, one soft prompt per task",
+        description='Reads {"task": NAME, "input": TEXT} a line; writes {"task", "input", "output"} '
+        'a line, in order. "-" is stdin / stdout.',
+    )
     p.add_argument("--base", help="base model file (default: the shipped tiny model), or hf:NAME_OR_FOLDER")
-    p.add_argument("--prompt", action="append", required=True, metavar="NAME=FILE",
-                   help="a task's soft prompt file (repeat for each task)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="NAME=FILE",
+        help="a task's soft prompt file (repeat for each task)",
+    )
     p.add_argument("--requests", required=True, help="requests .jsonl file, or - for stdin")
     p.add_argument("--out", default="-", help="answers .jsonl file, or - for stdout (default)")
     p.add_argument("--max-new-tokens", type=count, default=16, help="default %(default)s")
@@ -203,32 +254,50 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_flag(p)
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (source checkout)",
-                       description="Runs benchmarks/bench_<name>.py with the remaining arguments; "
-                                   "`minipt bench NAME --help` shows the script's own options.")
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark script from benchmarks/ (source checkout)",
+        description="Runs benchmarks/bench_<name>.py with the remaining arguments; "
+        "`minipt bench NAME --help` shows the script's own options.",
+    )
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
-    p = sub.add_parser("exercises", help="the self-grading exercises: list | build | check NOTEBOOK.ipynb",
-                       description="Runs `python -m minipt.exercises` with the remaining arguments "
-                                   "(`minipt exercises check -h` shows a command's own options).")
+    p = sub.add_parser(
+        "exercises",
+        help="the self-grading exercises: list | build | check NOTEBOOK.ipynb",
+        description="Runs `python -m minipt.exercises` with the remaining arguments "
+        "(`minipt exercises check -h` shows a command's own options).",
+    )
     p.add_argument("exercise_args", nargs=argparse.REMAINDER, help="list | build [--check] | check NOTEBOOK.ipynb")
 
     p = sub.add_parser("experiment", help="Lester et al.'s experiments in miniature (see minipt/apps/experiments.py)")
-    p.add_argument("name", choices=["lester", "lester-bases", "seed-claims", "depth"],
-                   help="lester: length, init, scale and ensembling; lester-bases: pretrain its base models; "
-                        "depth: P-tuning v2 and P-tuning on the scale curve (see minipt/apps/depth.py); "
-                        "seed-claims: the explainer's claims (few-shot, vs fine-tuning, prompt design, domain "
-                        "shift; see minipt/apps/seed_claims.py)")
-    p.add_argument("--quick", action="store_true", help="lester, seed-claims: a small version (one task, short "
-                                                        "runs; 1-3 minutes on 2 CPU cores)")
+    p.add_argument(
+        "name",
+        choices=["lester", "lester-bases", "seed-claims", "depth"],
+        help="lester: length, init, scale and ensembling; lester-bases: pretrain its base models; "
+        "depth: P-tuning v2 and P-tuning on the scale curve (see minipt/apps/depth.py); "
+        "seed-claims: the explainer's claims (few-shot, vs fine-tuning, prompt design, domain "
+        "shift; see minipt/apps/seed_claims.py)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="lester, seed-claims: a small version (one task, short runs; 1-3 minutes on 2 CPU cores)",
+    )
     p.add_argument("--bases", help="folder of SIZE.safetensors base models (default: the shipped ones)")
-    p.add_argument("--results", help="lester: folder for lester-*.json and lester.png "
-                                     "(default benchmarks/results, or runs/lester-quick with --quick); "
-                                     "seed-claims: for seed-*.json and seed-claims.png (likewise)")
-    p.add_argument("--work", help="lester: folder for finished runs and prompts, to resume from "
-                                  "(default runs/lester, or runs/lester-quick/work with --quick); "
-                                  "seed-claims: likewise, default runs/seed-claims")
+    p.add_argument(
+        "--results",
+        help="lester: folder for lester-*.json and lester.png "
+        "(default benchmarks/results, or runs/lester-quick with --quick); "
+        "seed-claims: for seed-*.json and seed-claims.png (likewise)",
+    )
+    p.add_argument(
+        "--work",
+        help="lester: folder for finished runs and prompts, to resume from "
+        "(default runs/lester, or runs/lester-quick/work with --quick); "
+        "seed-claims: likewise, default runs/seed-claims",
+    )
     p.add_argument("--out", default="runs/lester-bases", help="lester-bases: output folder (default %(default)s)")
     p.add_argument("--sizes", nargs="+", help="lester-bases: which sizes (default: the whole ladder)")
     p.add_argument("--base", help="seed-claims: base model file (default: the shipped tiny model)")
@@ -246,8 +315,10 @@ def main(argv=None) -> int:
         print(f"minipt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a command that kept some work says what in the exception (apps/runs.py)
-        print(f"minipt {args.command}: interrupted; {e.args[0] if e.args else _how_to_continue(args, argv)}",
-              file=sys.stderr)
+        print(
+            f"minipt {args.command}: interrupted; {e.args[0] if e.args else _how_to_continue(args, argv)}",
+            file=sys.stderr,
+        )
         return 130  # 128 + SIGINT, the shell's convention
 
 
@@ -257,12 +328,22 @@ def _how_to_continue(args, argv) -> str:
     The checkpoint is this run's when it was resumed from, or written by this run (it changed since the start);
     a file of an earlier run that this run replaced nothing of is not offered."""
     checkpoint = getattr(args, "checkpoint", None)
-    ours = checkpoint is not None and Path(checkpoint).is_file() and (
-        args.resume or _stat(checkpoint) != getattr(args, "checkpoint_before", None))
+    ours = (
+        checkpoint is not None
+        and Path(checkpoint).is_file()
+        and (args.resume or _stat(checkpoint) != getattr(args, "checkpoint_before", None))
+    )
     if not ours:
         kept = f"; {checkpoint} is left as it was" if checkpoint is not None and Path(checkpoint).is_file() else ""
-        return "nothing was saved" + kept + (" (add --checkpoint FILE to be able to resume)"
-                                             if hasattr(args, "checkpoint") and checkpoint is None else "")
+        return (
+            "nothing was saved"
+            + kept
+            + (
+                " (add --checkpoint FILE to be able to resume)"
+                if hasattr(args, "checkpoint") and checkpoint is None
+                else ""
+            )
+        )
     again = argv + ([] if "--resume" in argv else ["--resume"])
     return f"the last checkpoint is {checkpoint}; continue with: minipt {shlex.join(again)}"
 
@@ -280,15 +361,16 @@ def claim_files(args, inputs: dict, outputs: dict, stamped: bool = True, may_exi
 
     inputs = {flag: _hf_files(path) if str(path or "").startswith("hf:") else path for flag, path in inputs.items()}
     settings = {k: v for k, v in vars(args).items() if k not in NOT_IN_STAMP}
-    stamp = run_stamp(args.command, settings, [p for p in inputs.values() if not isinstance(p, list)]) \
-        if stamped else None
+    stamp = (
+        run_stamp(args.command, settings, [p for p in inputs.values() if not isinstance(p, list)]) if stamped else None
+    )
     claim_outputs(inputs, outputs, stamp=stamp, overwrite=getattr(args, "overwrite", False), may_exist=may_exist)
     return stamp
 
 
 def _hf_files(base: str) -> list[Path]:
     """The files of an hf:FOLDER base model (its weights, config, tokenizer), none for a hub name."""
-    folder = Path(base[len("hf:"):])
+    folder = Path(base[len("hf:") :])
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
@@ -306,8 +388,10 @@ def check_outputs(args, inputs: dict | None = None) -> str:
     if args.checkpoint is not None:
         check_output_path(args.checkpoint, "--checkpoint")
         if Path(args.checkpoint).exists() and not args.resume and not args.overwrite:
-            raise ValueError(f"--checkpoint {args.checkpoint} exists (the training state of an earlier run); add "
-                             f"--resume to continue from it, or --overwrite to start again and replace it")
+            raise ValueError(
+                f"--checkpoint {args.checkpoint} exists (the training state of an earlier run); add "
+                f"--resume to continue from it, or --overwrite to start again and replace it"
+            )
     elif args.resume:
         raise ValueError("--resume needs --checkpoint FILE (the training-state file to continue from)")
     stamp = claim_files(args, inputs or {}, outputs, may_exist=("--checkpoint",))
@@ -333,8 +417,15 @@ def cmd_demo(args):
     from ..outputs import claim_outputs  # its own folder is the demo's to rewrite: rules 1 and 2 only
 
     claim_outputs({"--base": args.base}, {"--out": [Path(args.out) / name for name in DEMO_FILES]}, overwrite=True)
-    run_demo(args.out, task=args.task, n_prompt=args.n_prompt, steps=args.steps, base=args.base, seed=args.seed,
-             progress=not args.no_progress)
+    run_demo(
+        args.out,
+        task=args.task,
+        n_prompt=args.n_prompt,
+        steps=args.steps,
+        base=args.base,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
 
 
 def cmd_pretrain(args):
@@ -342,11 +433,18 @@ def cmd_pretrain(args):
     from .recipes import PRETRAIN_DEFAULTS, pretrain
 
     stamp = check_outputs(args)
-    model, result = pretrain(args.preset, _config(args, PRETRAIN_DEFAULTS), n_examples=args.examples,
-                             checkpoint_path=args.checkpoint, resume=args.resume)
+    model, result = pretrain(
+        args.preset,
+        _config(args, PRETRAIN_DEFAULTS),
+        n_examples=args.examples,
+        checkpoint_path=args.checkpoint,
+        resume=args.resume,
+    )
     model.save(args.out, extra_metadata={STAMP_KEY: stamp})
-    print(f"saved {args.out}: {model.num_params():,} parameters, final loss {result.losses[-1]:.4f}, "
-          f"validation exact match {_percent(result.best_metric)} ({result.seconds:.0f} s)")
+    print(
+        f"saved {args.out}: {model.num_params():,} parameters, final loss {result.losses[-1]:.4f}, "
+        f"validation exact match {_percent(result.best_metric)} ({result.seconds:.0f} s)"
+    )
 
 
 def _percent(metric) -> str:
@@ -373,8 +471,16 @@ def cmd_tune(args):
     info = init_from_env()  # under torchrun: join the process group; else one process
     model, tok = load_base_and_tokenizer(args.base)
     if args.data is not None:
-        data = training_data(args.data, tok, args.n_prompt, model.config.block_size, task=args.task,
-                             val_path=args.val_data, val_fraction=args.val_fraction, seed=args.seed)
+        data = training_data(
+            args.data,
+            tok,
+            args.n_prompt,
+            model.config.block_size,
+            task=args.task,
+            val_path=args.val_data,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+        )
         test_ex = None
     else:
         data = task_data(args.task, seed=args.seed)
@@ -382,13 +488,24 @@ def cmd_tune(args):
     defaults = METHOD_DEFAULTS[args.method]
     args.lr = args.lr or defaults.lr  # the method's own rate unless --lr is given
     cfg = _config(args, defaults)
-    pt, result = tune_prompt(model, args.task, args.n_prompt, args.init, cfg, data=data, tokenizer=tok,
-                             init_text=args.init_text, info=info, method=args.method,
-                             checkpoint_path=args.checkpoint, resume=args.resume)
+    pt, result = tune_prompt(
+        model,
+        args.task,
+        args.n_prompt,
+        args.init,
+        cfg,
+        data=data,
+        tokenizer=tok,
+        init_text=args.init_text,
+        info=info,
+        method=args.method,
+        checkpoint_path=args.checkpoint,
+        resume=args.resume,
+    )
     if info.is_main:  # only rank 0 writes files and prints
         pt.save(args.out, extra_metadata={STAMP_KEY: stamp})
         if args.peft_out:
-            hf_name = args.base[len("hf:"):] if (args.base or "").startswith("hf:") else None
+            hf_name = args.base[len("hf:") :] if (args.base or "").startswith("hf:") else None
             pt.save_peft(args.peft_out, base_model_name_or_path=hf_name, extra_metadata={STAMP_KEY: stamp})
         what = f"{len(data[0])} training / {len(data[1])} validation examples"
         if info.world_size > 1:
@@ -427,7 +544,7 @@ def cmd_generate(args):
     module = load_tuned(model, args.prompt) if args.prompt else model
     ids = tok.encode(args.text) + ([tok.sep_id] if args.task_format else [])
     idx = torch.tensor([ids])
-    out = module.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)[0, len(ids):]
+    out = module.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)[0, len(ids) :]
     new = out.tolist()
     if args.task_format and tok.eos_id in new:
         new = new[: new.index(tok.eos_id)]
@@ -452,8 +569,12 @@ def cmd_serve(args):
         if name in prompts:
             raise ValueError(f"--prompt {name}= is given twice ({prompts[name]} and {path}); one file a name")
         prompts[name] = path
-    claim_files(args, {"--base": args.base, **{f"--prompt {n}=": p for n, p in prompts.items()},
-                       "--requests": args.requests}, {"--out": args.out}, stamped=False)
+    claim_files(
+        args,
+        {"--base": args.base, **{f"--prompt {n}=": p for n, p in prompts.items()}, "--requests": args.requests},
+        {"--out": args.out},
+        stamped=False,
+    )
     if args.out != "-":
         check_output_path(args.out, "--out")
     requests = read_requests(sys.stdin if args.requests == "-" else args.requests, set(prompts))  # before any work
@@ -465,10 +586,13 @@ def cmd_serve(args):
     except RequestError as e:
         raise DataError(f"{args.requests}:{e.index + 1}: {e.reason}") from None
     with tqdm(total=len(encoded), desc="serve", unit="req", disable=args.no_progress, file=sys.stderr) as bar:
-        answers = bank.generate(encoded, args.max_new_tokens, eos_id=tok.eos_id,
-                                prefix_cache=not args.no_prefix_cache, progress=bar.update)
-    lines = [json.dumps({"task": task, "input": text, "output": tok.decode([t for t in a if t != tok.eos_id])})
-             for (task, text), a in zip(requests, answers)]
+        answers = bank.generate(
+            encoded, args.max_new_tokens, eos_id=tok.eos_id, prefix_cache=not args.no_prefix_cache, progress=bar.update
+        )
+    lines = [
+        json.dumps({"task": task, "input": text, "output": tok.decode([t for t in a if t != tok.eos_id])})
+        for (task, text), a in zip(requests, answers)
+    ]
     if args.out == "-":
         print("\n".join(lines))
     else:  # atomically, like every output: a Ctrl-C or a full disk leaves the old file or the new one
@@ -478,8 +602,12 @@ def cmd_serve(args):
 
 
 # The benchmark scripts live in the source checkout's benchmarks/ folder (they are not installed).
-BENCHMARKS = {"memory": "bench_memory.py", "prompt-concat": "bench_prompt_concat.py",
-              "train-step": "bench_train_step.py", "serve": "bench_serve.py"}
+BENCHMARKS = {
+    "memory": "bench_memory.py",
+    "prompt-concat": "bench_prompt_concat.py",
+    "train-step": "bench_train_step.py",
+    "serve": "bench_serve.py",
+}
 
 
 def cmd_bench(args):
@@ -515,28 +643,56 @@ def cmd_experiment(args):
 
         results = args.results or ("runs/depth-quick" if args.quick else "benchmarks/results")
         work = args.work or ("runs/depth-quick/work" if args.quick else "runs/depth")
-        run_depth(DEPTH_QUICK if args.quick else DepthSetup(), results, work, bases_dir=args.bases,
-                  command=command_line(), progress=not args.no_progress, threads=args.threads)
+        run_depth(
+            DEPTH_QUICK if args.quick else DepthSetup(),
+            results,
+            work,
+            bases_dir=args.bases,
+            command=command_line(),
+            progress=not args.no_progress,
+            threads=args.threads,
+        )
         return
     if args.name == "seed-claims":
         from . import seed_claims
 
         results = args.results or ("runs/seed-claims-quick" if args.quick else "benchmarks/results")
         work = args.work or ("runs/seed-claims-quick/work" if args.quick else "runs/seed-claims")
-        seed_claims.run_seed_claims(seed_claims.QUICK if args.quick else seed_claims.SeedSetup(), results, work,
-                                    base=args.base, command=command_line(), progress=not args.no_progress,
-                                    threads=args.threads)
+        seed_claims.run_seed_claims(
+            seed_claims.QUICK if args.quick else seed_claims.SeedSetup(),
+            results,
+            work,
+            base=args.base,
+            command=command_line(),
+            progress=not args.no_progress,
+            threads=args.threads,
+        )
         return
     setup = QUICK if args.quick else LesterSetup()
     results = args.results or ("runs/lester-quick" if args.quick else "benchmarks/results")
     work = args.work or ("runs/lester-quick/work" if args.quick else "runs/lester")
-    run_lester(setup, results, work, bases_dir=args.bases, command=command_line(), progress=not args.no_progress,
-               threads=args.threads)
+    run_lester(
+        setup,
+        results,
+        work,
+        bases_dir=args.bases,
+        command=command_line(),
+        progress=not args.no_progress,
+        threads=args.threads,
+    )
 
 
-COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "tune": cmd_tune, "eval": cmd_eval,
-            "generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench, "experiment": cmd_experiment,
-            "exercises": cmd_exercises}
+COMMANDS = {
+    "demo": cmd_demo,
+    "pretrain": cmd_pretrain,
+    "tune": cmd_tune,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "serve": cmd_serve,
+    "bench": cmd_bench,
+    "experiment": cmd_experiment,
+    "exercises": cmd_exercises,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ Five rows, all scored by exact match on the test split:
     soft_init      frozen base model + soft prompt, init from sampled vocabulary embeddings
     full_finetune  every weight of a copy of the base model trained on the same data, input only
 """
+
 from __future__ import annotations
 
 import json
@@ -42,14 +43,23 @@ def demo_base(path=None, progress: bool = True) -> GPT:
     """The given base model file, else the shipped one, else (a broken install) a freshly pretrained one."""
     if path is not None or shipped_base_path().is_file():
         return load_base(path)
-    print(f"the shipped base model {shipped_base_path()} is missing: pretraining the tiny preset now "
-          "(20 minutes or more on 2 CPU cores)")
+    print(
+        f"the shipped base model {shipped_base_path()} is missing: pretraining the tiny preset now "
+        "(20 minutes or more on 2 CPU cores)"
+    )
     model, _ = pretrain("tiny", replace(PRETRAIN_DEFAULTS, progress=progress))
     return model
 
 
-def run_demo(out="runs/demo", task: str = DEMO_TASK, n_prompt: int = 20, steps: int | None = None,
-             base=None, seed: int = 0, progress: bool = True) -> dict:
+def run_demo(
+    out="runs/demo",
+    task: str = DEMO_TASK,
+    n_prompt: int = 20,
+    steps: int | None = None,
+    base=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,8 +74,10 @@ def run_demo(out="runs/demo", task: str = DEMO_TASK, n_prompt: int = 20, steps: 
         "no_prompt": exact_match_accuracy(model, test, tok, instruction=False),
         "instruction": exact_match_accuracy(model, test, tok, instruction=True),
     }
-    print(f"[demo] task {task!r}: tuning two soft prompts of {n_prompt} vectors ({n_prompt * model.config.n_embd:,}"
-          f" numbers) on the frozen base model ({model.num_params():,} parameters), then full fine-tuning")
+    print(
+        f"[demo] task {task!r}: tuning two soft prompts of {n_prompt} vectors ({n_prompt * model.config.n_embd:,}"
+        f" numbers) on the frozen base model ({model.num_params():,} parameters), then full fine-tuning"
+    )
     pt_uniform, run_uniform = tune_prompt(model, task, n_prompt, "uniform", tune_cfg, data=data)
     acc["soft_uniform"] = exact_match_accuracy(pt_uniform, test, tok)
     pt_vocab, run_vocab = tune_prompt(model, task, n_prompt, "vocab", tune_cfg, data=data)
@@ -75,19 +87,28 @@ def run_demo(out="runs/demo", task: str = DEMO_TASK, n_prompt: int = 20, steps: 
 
     best = pt_vocab if acc["soft_init"] >= acc["soft_uniform"] else pt_uniform
     best.save(out / "prompt.safetensors")
-    plot_runs({"soft prompt, uniform init": run_uniform, "soft prompt, vocab init": run_vocab,
-               "full fine-tuning": run_ft}, out / "demo.png", title=f"task {task!r}, frozen tiny GPT",
-              baselines={"no prompt": acc["no_prompt"], "written instruction": acc["instruction"]})
-    report = {**acc, "task": task, "n_prompt": n_prompt, "n_test": len(test),
-              "seconds": round(time.perf_counter() - t0, 1)}
+    plot_runs(
+        {"soft prompt, uniform init": run_uniform, "soft prompt, vocab init": run_vocab, "full fine-tuning": run_ft},
+        out / "demo.png",
+        title=f"task {task!r}, frozen tiny GPT",
+        baselines={"no prompt": acc["no_prompt"], "written instruction": acc["instruction"]},
+    )
+    report = {
+        **acc,
+        "task": task,
+        "n_prompt": n_prompt,
+        "n_test": len(test),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     gain = acc["soft_init"] - acc["no_prompt"]
-    print(f"\nThe soft prompt ({n_prompt} x {model.config.n_embd} trained numbers; the base model stayed frozen) "
-          f"raised test exact match from {acc['no_prompt']:.1%} to {max(acc['soft_init'], acc['soft_uniform']):.1%} "
-          f"({gain * 100:+.1f} points for vocab init).")
-    print(f"Saved: {out / 'prompt.safetensors'}, {out / 'demo.png'}, {out / 'demo.json'} "
-          f"({report['seconds']:.0f} s)")
+    print(
+        f"\nThe soft prompt ({n_prompt} x {model.config.n_embd} trained numbers; the base model stayed frozen) "
+        f"raised test exact match from {acc['no_prompt']:.1%} to {max(acc['soft_init'], acc['soft_uniform']):.1%} "
+        f"({gain * 100:+.1f} points for vocab init)."
+    )
+    print(f"Saved: {out / 'prompt.safetensors'}, {out / 'demo.png'}, {out / 'demo.json'} ({report['seconds']:.0f} s)")
     return report
 
 

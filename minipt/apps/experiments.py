@@ -16,6 +16,7 @@ fixed. The length, init and ensemble experiments use the largest base model; the
 Runs shared by several experiments (the default setting appears in all four) are trained once. Each finished
 run is recorded in `work/runs.json` (written atomically), so an interrupted experiment resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -34,6 +35,19 @@ from ..train import TrainConfig
 from .plots import plot_lester
 from .recipes import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS, pretrain, task_data
 from .runs import RunRecorder, Setup, run_experiment, save_results, spread, torch_threads, train_and_score, with_all
+
+__all__ = [
+    "EXPERIMENTS",
+    "LesterSetup",
+    "QUICK",
+    "Run",
+    "execute",
+    "format_summary",
+    "planned_runs",
+    "pretrain_bases",
+    "run_lester",
+    "summarise",
+]
 
 EXPERIMENTS = ("length", "init", "scale", "ensemble")
 
@@ -63,10 +77,18 @@ class LesterSetup(Setup):
         return [list(range(g * K, (g + 1) * K)) for g in range(len(self.seeds))]
 
 
-QUICK = LesterSetup(tasks=("parity",), sizes=("pico", "nano"), lengths=(1, 5), n_prompt=5, ensemble_size=3,
-                    tune=replace(TUNE_DEFAULTS, steps=30, eval_every=15, warmup_steps=5),
-                    finetune=replace(FINETUNE_DEFAULTS, steps=30, eval_every=15, warmup_steps=5),
-                    n_train=300, n_val=50, n_test=100)
+QUICK = LesterSetup(
+    tasks=("parity",),
+    sizes=("pico", "nano"),
+    lengths=(1, 5),
+    n_prompt=5,
+    ensemble_size=3,
+    tune=replace(TUNE_DEFAULTS, steps=30, eval_every=15, warmup_steps=5),
+    finetune=replace(FINETUNE_DEFAULTS, steps=30, eval_every=15, warmup_steps=5),
+    n_train=300,
+    n_val=50,
+    n_test=100,
+)
 
 
 @dataclass(frozen=True)
@@ -106,8 +128,9 @@ def planned_runs(setup: LesterSetup) -> list[Run]:
     return list(dict.fromkeys(runs))  # drop repeats, keep the order
 
 
-def pretrain_bases(out, sizes=SIZES, cfg: TrainConfig = PRETRAIN_DEFAULTS, progress: bool = True,
-                   **pretrain_kwargs) -> list[Path]:
+def pretrain_bases(
+    out, sizes=SIZES, cfg: TrainConfig = PRETRAIN_DEFAULTS, progress: bool = True, **pretrain_kwargs
+) -> list[Path]:
     """Re-derive the scale ladder: every size pretrained with the same recipe (PRETRAIN_DEFAULTS, seed 0)."""
     unknown = [size for size in sizes if size not in SIZES]
     if unknown or not sizes:
@@ -121,8 +144,10 @@ def pretrain_bases(out, sizes=SIZES, cfg: TrainConfig = PRETRAIN_DEFAULTS, progr
             print(f"saved {path}: {model.num_params():,} parameters, validation exact match {result.best_metric:.1%}")
             paths.append(path)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"saved {', '.join(map(str, paths)) or 'no base model'}; the sizes still to make "
-                                f"are {' '.join(sizes[len(paths):])}") from None
+        raise KeyboardInterrupt(
+            f"saved {', '.join(map(str, paths)) or 'no base model'}; the sizes still to make "
+            f"are {' '.join(sizes[len(paths) :])}"
+        ) from None
     return paths
 
 
@@ -139,20 +164,44 @@ def execute(run: Run, setup: LesterSetup, bases: dict, data: dict, recorder: Run
     return record
 
 
-def run_lester(setup: LesterSetup = LesterSetup(), results_dir="benchmarks/results", work="runs/lester",
-               bases_dir=None, command: str | None = None, progress: bool = True, threads: int | None = None) -> dict:
+def run_lester(
+    setup: LesterSetup = LesterSetup(),
+    results_dir="benchmarks/results",
+    work="runs/lester",
+    bases_dir=None,
+    command: str | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict:
     """Train every planned run (skipping recorded ones), then write lester-{experiment}.json and lester.png."""
     with torch_threads(threads):
         bases = load_bases(setup.sizes, bases_dir)
         data = {task: task_data(task, setup.n_train, setup.n_val, setup.n_test, seed=0) for task in setup.tasks}
         results, meta = run_experiment(
-            "lester", setup, bases, planned_runs(setup), lambda run, rec: execute(run, setup, bases, data, rec),
-            lambda rec: summarise(setup, bases, data, rec), work=work, command=command, progress=progress,
-            meta={"bases": {size: {"params": m.num_params(), "fingerprint": model_fingerprint(m)}
-                            for size, m in bases.items()}})
-    save_results("lester", results_dir, {f"lester-{name}.json": {"experiment": name, **meta, "rows": results[name]}
-                                         for name in EXPERIMENTS},
-                 "lester.png", lambda path: plot_lester(results, path), format_summary(results), meta)
+            "lester",
+            setup,
+            bases,
+            planned_runs(setup),
+            lambda run, rec: execute(run, setup, bases, data, rec),
+            lambda rec: summarise(setup, bases, data, rec),
+            work=work,
+            command=command,
+            progress=progress,
+            meta={
+                "bases": {
+                    size: {"params": m.num_params(), "fingerprint": model_fingerprint(m)} for size, m in bases.items()
+                }
+            },
+        )
+    save_results(
+        "lester",
+        results_dir,
+        {f"lester-{name}.json": {"experiment": name, **meta, "rows": results[name]} for name in EXPERIMENTS},
+        "lester.png",
+        lambda path: plot_lester(results, path),
+        format_summary(results),
+        meta,
+    )
     return results
 
 
@@ -172,8 +221,10 @@ def summarise(setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder
     def rows_over(name, settings, values_of):
         rows = []
         for setting in settings:
-            rows += [{name: setting, "task": task, **spread(v)}
-                     for task, v in with_all({task: values_of(task, setting) for task in setup.tasks}).items()]
+            rows += [
+                {name: setting, "task": task, **spread(v)}
+                for task, v in with_all({task: values_of(task, setting) for task in setup.tasks}).items()
+            ]
         return rows
 
     results = {
@@ -188,12 +239,22 @@ def summarise(setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder
         ft = {task: [test_acc(Run("finetune", size, task, seed)) for seed in setup.seeds] for task in setup.tasks}
         gap = with_all({task: [f - p for f, p in zip(ft[task], pt[task])] for task in setup.tasks})
         pt, ft = with_all(pt), with_all(ft)
-        instruction = {task: exact_match_accuracy(bases[size], data[task][2], tok, instruction=True)
-                       for task in setup.tasks}
+        instruction = {
+            task: exact_match_accuracy(bases[size], data[task][2], tok, instruction=True) for task in setup.tasks
+        }
         instruction["all"] = statistics.fmean(instruction.values())
-        scale += [{"size": size, "params": bases[size].num_params(), "task": task, "prompt": spread(pt[task]),
-                   "finetune": spread(ft[task]), "gap": spread(gap[task]), "instruction": instruction[task]}
-                  for task in pt]
+        scale += [
+            {
+                "size": size,
+                "params": bases[size].num_params(),
+                "task": task,
+                "prompt": spread(pt[task]),
+                "finetune": spread(ft[task]),
+                "gap": spread(gap[task]),
+                "instruction": instruction[task],
+            }
+            for task in pt
+        ]
     results["scale"] = scale
 
     ensemble = []
@@ -201,33 +262,45 @@ def summarise(setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder
     for task in setup.tasks:
         for group in setup.ensemble_groups():
             runs = [Run("prompt", largest, task, seed, setup.n_prompt, setup.init) for seed in group]
-            bank = torch.stack([PromptTuning.load(bases[largest], recorder.prompt_file(r)).prompt.detach()
-                                for r in runs])  # (K, n_prompt, D)
+            bank = torch.stack(
+                [PromptTuning.load(bases[largest], recorder.prompt_file(r)).prompt.detach() for r in runs]
+            )  # (K, n_prompt, D)
             measured.setdefault(task, []).append(ensemble_accuracy(bases[largest], bank, data[task][2], tok))
     for task in (*setup.tasks, "all"):
+
         def column(f, task=task):
             return with_all({t: [f(m) for m in measured[t]] for t in setup.tasks})[task]
 
-        ensemble.append({"task": task, "ensemble": spread(column(lambda m: m["ensemble"])),
-                         "best_single": spread(column(lambda m: max(m["single"]))),
-                         "mean_single": spread(column(lambda m: statistics.fmean(m["single"]))),
-                         "groups": setup.ensemble_groups()})
+        ensemble.append(
+            {
+                "task": task,
+                "ensemble": spread(column(lambda m: m["ensemble"])),
+                "best_single": spread(column(lambda m: max(m["single"]))),
+                "mean_single": spread(column(lambda m: statistics.fmean(m["single"]))),
+                "groups": setup.ensemble_groups(),
+            }
+        )
     results["ensemble"] = ensemble
     return results
 
 
 def format_summary(results: dict) -> str:
     """The 'all tasks' rows of the four experiments as plain text (mean ± std over seeds)."""
+
     def ms(s):
         return f"{s['mean']:.1%} ± {s['std']:.1%}"
 
-    lines = ["length:   " + "   ".join(f"n={r['n_prompt']}: {ms(r)}" for r in results["length"] if r["task"] == "all"),
-             "init:     " + "   ".join(f"{r['init']}: {ms(r)}" for r in results["init"] if r["task"] == "all")]
+    lines = [
+        "length:   " + "   ".join(f"n={r['n_prompt']}: {ms(r)}" for r in results["length"] if r["task"] == "all"),
+        "init:     " + "   ".join(f"{r['init']}: {ms(r)}" for r in results["init"] if r["task"] == "all"),
+    ]
     for r in (r for r in results["scale"] if r["task"] == "all"):
-        lines.append(f"scale:    {r['size']:>5} ({r['params']:,} params)  prompt {ms(r['prompt'])}  "
-                     f"fine-tune {ms(r['finetune'])}  gap {ms(r['gap'])}")
+        lines.append(
+            f"scale:    {r['size']:>5} ({r['params']:,} params)  prompt {ms(r['prompt'])}  "
+            f"fine-tune {ms(r['finetune'])}  gap {ms(r['gap'])}"
+        )
     r = next(r for r in results["ensemble"] if r["task"] == "all")
-    lines.append(f"ensemble: vote {ms(r['ensemble'])}  best single {ms(r['best_single'])}  "
-                 f"mean single {ms(r['mean_single'])}")
+    lines.append(
+        f"ensemble: vote {ms(r['ensemble'])}  best single {ms(r['best_single'])}  mean single {ms(r['mean_single'])}"
+    )
     return "\n".join(lines)
-

@@ -1,4 +1,5 @@
 """matplotlib figures used by the CLI and the notebooks. Nothing is drawn on import."""
+
 from __future__ import annotations
 
 import statistics
@@ -6,10 +7,16 @@ from pathlib import Path
 
 from .runs import find_row, mean_over_tasks, spread
 
+__all__ = ["METHOD_LABELS", "plot_depth", "plot_lester", "plot_runs", "plot_seed_claims", "smooth"]
+
 # How seed-claims' methods (seed_claims.METHODS) are named in its figure.
-METHOD_LABELS = {"instruction": "written instruction, frozen model (0 examples)",
-                 "prompt-uniform": "prompt tuning, uniform init", "prompt-label": "prompt tuning, class-label init",
-                 "prompt-text": "prompt tuning, init from a wording", "finetune": "full fine-tuning"}
+METHOD_LABELS = {
+    "instruction": "written instruction, frozen model (0 examples)",
+    "prompt-uniform": "prompt tuning, uniform init",
+    "prompt-label": "prompt tuning, class-label init",
+    "prompt-text": "prompt tuning, init from a wording",
+    "finetune": "full fine-tuning",
+}
 
 
 def _pyplot():
@@ -84,13 +91,24 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
         rows = by_task(results["length"], task)
         ax_len.plot([r["n_prompt"] for r in rows], [r["mean"] for r in rows], alpha=0.5, marker=".", label=task)
     rows = by_task(results["length"], "all")
-    ax_len.errorbar([r["n_prompt"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows],
-                    color="k", lw=2.5, capsize=4, marker="o", label="all tasks")
+    ax_len.errorbar(
+        [r["n_prompt"] for r in rows],
+        [r["mean"] for r in rows],
+        [r["std"] for r in rows],
+        color="k",
+        lw=2.5,
+        capsize=4,
+        marker="o",
+        label="all tasks",
+    )
     ax_len.set_xscale("log")
     ax_len.set_xticks([r["n_prompt"] for r in rows], [str(r["n_prompt"]) for r in rows])
     ax_len.minorticks_off()
-    ax_len.set(xlabel="prompt length n_prompt", ylabel="test exact match",
-               title="prompt length" + (f"\n{notes['length']}" if "length" in notes else ""))
+    ax_len.set(
+        xlabel="prompt length n_prompt",
+        ylabel="test exact match",
+        title="prompt length" + (f"\n{notes['length']}" if "length" in notes else ""),
+    )
 
     _grouped_bars(ax_init, results["init"], "init", [*tasks, "all"])
     ax_init.set(ylabel="test exact match", title="initialisation" + (f"\n{notes['init']}" if "init" in notes else ""))
@@ -98,18 +116,35 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
     rows = by_task(results["scale"], "all")
     params = [r["params"] for r in rows]
     for j, (key, label) in enumerate((("finetune", "full fine-tuning"), ("prompt", "prompt tuning"))):
-        ax_scale.errorbar(params, [r[key]["mean"] for r in rows], [r[key]["std"] for r in rows], color=f"C{j}",
-                          lw=2.5, capsize=4, marker="o", label=label)
-    ax_scale.plot(params, [r["instruction"] for r in rows], color="grey", ls="--", marker=".",
-                  label="written instruction, frozen")
-    ax_scale.set(xscale="log", xlabel="base model parameters", ylabel="test exact match (all tasks)",
-                 title="scale: prompt tuning vs model tuning" + (f"\n{notes['scale']}" if "scale" in notes else ""))
+        ax_scale.errorbar(
+            params,
+            [r[key]["mean"] for r in rows],
+            [r[key]["std"] for r in rows],
+            color=f"C{j}",
+            lw=2.5,
+            capsize=4,
+            marker="o",
+            label=label,
+        )
+    ax_scale.plot(
+        params, [r["instruction"] for r in rows], color="grey", ls="--", marker=".", label="written instruction, frozen"
+    )
+    ax_scale.set(
+        xscale="log",
+        xlabel="base model parameters",
+        ylabel="test exact match (all tasks)",
+        title="scale: prompt tuning vs model tuning" + (f"\n{notes['scale']}" if "scale" in notes else ""),
+    )
 
-    ens_rows = [{"task": r["task"], "kind": kind, **r[kind]}
-                for r in results["ensemble"] for kind in ("mean_single", "best_single", "ensemble")]
+    ens_rows = [
+        {"task": r["task"], "kind": kind, **r[kind]}
+        for r in results["ensemble"]
+        for kind in ("mean_single", "best_single", "ensemble")
+    ]
     _grouped_bars(ax_ens, ens_rows, "kind", [*tasks, "all"])
-    ax_ens.set(ylabel="test exact match",
-               title="prompt ensembling" + (f"\n{notes['ensemble']}" if "ensemble" in notes else ""))
+    ax_ens.set(
+        ylabel="test exact match", title="prompt ensembling" + (f"\n{notes['ensemble']}" if "ensemble" in notes else "")
+    )
     for ax in (ax_len, ax_scale):
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -123,8 +158,15 @@ def _grouped_bars(ax, rows, setting_key, tasks):
     for j, setting in enumerate(settings):
         picked = [next(r for r in rows if r["task"] == t and r[setting_key] == setting) for t in tasks]
         xs = [i + (j - (len(settings) - 1) / 2) * width for i in range(len(tasks))]
-        ax.bar(xs, [r["mean"] for r in picked], width, yerr=[r["std"] for r in picked], capsize=3,
-               label=str(setting), color=f"C{j}")
+        ax.bar(
+            xs,
+            [r["mean"] for r in picked],
+            width,
+            yerr=[r["std"] for r in picked],
+            capsize=3,
+            label=str(setting),
+            color=f"C{j}",
+        )
         lows += [r["mean"] - r["std"] for r in picked]
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
@@ -139,10 +181,21 @@ def plot_depth(results: dict, path) -> None:
         rows = [r for r in results["scale"] if r["task"] == task]
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
-            ax.errorbar([r["params"] for r in mine], [r["mean"] for r in mine], yerr=[r["std"] for r in mine],
-                        marker="o", capsize=3, label=method)
-        ax.set(xscale="log", xlabel="base model parameters", ylabel="test exact match",
-               title="mean over tasks" if task == "all" else "palindrome (never pretrained)", ylim=(0, 1.02))
+            ax.errorbar(
+                [r["params"] for r in mine],
+                [r["mean"] for r in mine],
+                yerr=[r["std"] for r in mine],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+        ax.set(
+            xscale="log",
+            xlabel="base model parameters",
+            ylabel="test exact match",
+            title="mean over tasks" if task == "all" else "palindrome (never pretrained)",
+            ylim=(0, 1.02),
+        )
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     _save(fig, path, dpi=120)
@@ -161,28 +214,41 @@ def plot_seed_claims(files: dict, path=None):
     fig, axes = plt.subplots(2, ncols, figsize=(4.2 * ncols, 8.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         _plot_curve(ax, fewshot, task)
-    for ax in axes[0][len(tasks):]:
+    for ax in axes[0][len(tasks) :]:
         ax.axis("off")
     ax_design, ax_shift, ax_compute, *rest = axes[1]
     for ax in rest:
         ax.axis("off")
 
-    design_rows = [{"task": r["wording"], "kind": kind, **(r["tuned"] if kind == "after tuning" else
-                                                             {"mean": r["frozen"], "std": 0.0})}
-                   for r in _all_task_design_rows(design) for kind in ("frozen", "after tuning")]
+    design_rows = [
+        {
+            "task": r["wording"],
+            "kind": kind,
+            **(r["tuned"] if kind == "after tuning" else {"mean": r["frozen"], "std": 0.0}),
+        }
+        for r in _all_task_design_rows(design)
+        for kind in ("frozen", "after tuning")
+    ]
     _grouped_bars(ax_design, design_rows, "kind", [r["wording"] for r in _all_task_design_rows(design)])
     ax_design.set_ylim(0, 1.0)
     ax_design.tick_params(axis="x", labelrotation=25, labelsize=8)
-    ax_design.set(ylabel="test exact match (mean over tasks)",
-                  title=f"prompt design: 5 wordings, frozen vs tuned\n({design['setup']['design_size']} examples)")
+    ax_design.set(
+        ylabel="test exact match (mean over tasks)",
+        title=f"prompt design: 5 wordings, frozen vs tuned\n({design['setup']['design_size']} examples)",
+    )
 
-    shift_rows = [{"task": METHOD_LABELS[r["method"]].replace("prompt tuning, ", "PT, "), "kind": kind,
-                   **r[key]} for r in shift["rows"] if r["task"] == "all"
-                  for kind, key in (("in-domain", "in_domain"), ("shifted", "shifted"))]
+    shift_rows = [
+        {"task": METHOD_LABELS[r["method"]].replace("prompt tuning, ", "PT, "), "kind": kind, **r[key]}
+        for r in shift["rows"]
+        if r["task"] == "all"
+        for kind, key in (("in-domain", "in_domain"), ("shifted", "shifted"))
+    ]
     _grouped_bars(ax_shift, shift_rows, "kind", list(dict.fromkeys(r["task"] for r in shift_rows)))
     ax_shift.set_ylim(0, 1.0)
-    ax_shift.set(ylabel="test exact match (mean over tasks)",
-                 title=f"domain shift (Lester et al. Table 1)\n({shift['setup']['shift_size']} examples)")
+    ax_shift.set(
+        ylabel="test exact match (mean over tasks)",
+        title=f"domain shift (Lester et al. Table 1)\n({shift['setup']['shift_size']} examples)",
+    )
 
     per_task = fewshot["compute"]["per_task"]
     kinds = ["prompt", "finetune"]
@@ -190,8 +256,13 @@ def plot_seed_claims(files: dict, path=None):
     trainable = [next(iter(per_task.values()))[k]["trainable"] for k in kinds]
     bars = ax_compute.bar(["prompt tuning", "full fine-tuning"], ms, color=["C1", "C2"])
     for bar, n in zip(bars, trainable):
-        ax_compute.annotate(f"{n:,} trainable", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=8)
+        ax_compute.annotate(
+            f"{n:,} trainable",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax_compute.set(ylabel="ms per training step (median)", title="compute per step")
     return _save(fig, path)
 
@@ -199,16 +270,27 @@ def plot_seed_claims(files: dict, path=None):
 def _plot_curve(ax, fewshot: dict, task: str) -> None:
     for j, method in enumerate(fewshot["setup"]["methods"]):
         rows = [r for r in fewshot["rows"] if r["task"] == task and r["method"] == method]
-        ax.errorbar([r["n_train"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows],
-                    marker="o", capsize=3, color=f"C{j}", label=METHOD_LABELS[method])
+        ax.errorbar(
+            [r["n_train"] for r in rows],
+            [r["mean"] for r in rows],
+            [r["std"] for r in rows],
+            marker="o",
+            capsize=3,
+            color=f"C{j}",
+            label=METHOD_LABELS[method],
+        )
     frozen = find_row(fewshot["instruction"], task=task)["test"]
     ax.axhline(frozen, color="grey", ls="--", label=METHOD_LABELS["instruction"])
     sizes = fewshot["setup"]["sizes"]
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.minorticks_off()
-    ax.set(xlabel="training examples", ylabel="test exact match", ylim=(-0.02, 1.02),
-           title=f"few-shot: {task if task != 'all' else 'mean over tasks'}")
+    ax.set(
+        xlabel="training examples",
+        ylabel="test exact match",
+        ylim=(-0.02, 1.02),
+        title=f"few-shot: {task if task != 'all' else 'mean over tasks'}",
+    )
     if task == "all":
         ax.legend(fontsize=7, loc="lower right")
 
@@ -219,6 +301,11 @@ def _all_task_design_rows(design: dict) -> list[dict]:
     out = []
     for wording in dict.fromkeys(r["wording"] for r in design["rows"] if r["task"] == tasks[0]):
         rows = [find_row(design["rows"], task=t, wording=wording) for t in tasks]
-        out.append({"wording": wording, "frozen": statistics.fmean(r["frozen"] for r in rows),
-                    "tuned": spread(mean_over_tasks({r["task"]: r["tuned"]["values"] for r in rows}))})
+        out.append(
+            {
+                "wording": wording,
+                "frozen": statistics.fmean(r["frozen"] for r in rows),
+                "tuned": spread(mean_over_tasks({r["task"]: r["tuned"]["values"] for r in rows})),
+            }
+        )
     return out

@@ -36,6 +36,7 @@ Each finished run is recorded in work/runs.json (atomically) under its key with 
 later call trains only the runs not recorded yet. A file of another setup or other base models is set aside
 under a new name, never overwritten; a damaged one is refused with one line that names it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,21 @@ from ..tokenizer import ByteTokenizer
 from .benchio import device_name
 from .recipes import finetune, tune_prompt
 
-__all__ = ["Record", "RunRecorder", "Setup", "command_line", "find_row", "mean_over_tasks", "read_records",
-           "run_experiment", "save_results", "spread", "torch_threads", "train_and_score", "with_all"]
+__all__ = [
+    "Record",
+    "RunRecorder",
+    "Setup",
+    "command_line",
+    "find_row",
+    "mean_over_tasks",
+    "read_records",
+    "run_experiment",
+    "save_results",
+    "spread",
+    "torch_threads",
+    "train_and_score",
+    "with_all",
+]
 
 
 class Setup:
@@ -97,8 +111,15 @@ def read_records(path: Path) -> tuple[str, dict]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         saved, why = None, f"not valid JSON ({e})"
     ok = isinstance(saved, dict) and isinstance(saved.get("setup_id"), str) and isinstance(saved.get("runs"), dict)
-    bad = [f"run {k!r} is a {type(r).__name__}, not a record" for k, r in saved["runs"].items()
-           if not isinstance(r, dict)] if ok else [why]
+    bad = (
+        [
+            f"run {k!r} is a {type(r).__name__}, not a record"
+            for k, r in saved["runs"].items()
+            if not isinstance(r, dict)
+        ]
+        if ok
+        else [why]
+    )
     if bad:
         raise ValueError(f"{path}: {bad[0]}; not a record of finished runs (move it away to start over)")
     return saved["setup_id"], {k: Record(r, f"{path}: run {k!r}") for k, r in saved["runs"].items()}
@@ -118,7 +139,7 @@ class RunRecorder:
         return self.work / "runs.json"
 
     @classmethod
-    def open(cls, work, setup: Setup, bases: dict[str, GPT]) -> "RunRecorder":
+    def open(cls, work, setup: Setup, bases: dict[str, GPT]) -> RunRecorder:
         recorder = cls(Path(work), setup.fingerprint(bases))
         if recorder.path.is_file():
             setup_id, runs = read_records(recorder.path)
@@ -126,16 +147,19 @@ class RunRecorder:
                 recorder.runs = runs
             else:
                 kept = recorder.set_aside()
-                print(f"{recorder.path} was made by another setup or other base models: starting over (the old "
-                      f"file is kept as {kept})")
+                print(
+                    f"{recorder.path} was made by another setup or other base models: starting over (the old "
+                    f"file is kept as {kept})"
+                )
         return recorder
 
     def set_aside(self) -> Path:
         """Rename runs.json (and prompts/) to the first free runs.old.json (prompts.old), runs.old-2.json, ...:
         an earlier keep is never overwritten."""
         tags = ("old" if n == 1 else f"old-{n}" for n in range(1, 10**6))
-        tag = next(t for t in tags if not any(p.exists() for p in (self.work / f"runs.{t}.json",
-                                                                    self.work / f"prompts.{t}")))
+        tag = next(
+            t for t in tags if not any(p.exists() for p in (self.work / f"runs.{t}.json", self.work / f"prompts.{t}"))
+        )
         if (self.work / "prompts").is_dir():
             (self.work / "prompts").rename(self.work / f"prompts.{tag}")
         return self.path.rename(self.work / f"runs.{tag}.json")
@@ -160,9 +184,13 @@ def train_and_score(model: GPT, task: str, kind: str, cfg, data: tuple, **prompt
         tuned, result = finetune(model, task, cfg, data=data)
     else:
         tuned, result = tune_prompt(model, task, cfg=cfg, data=data, method=kind, **prompt)
-    return tuned, {"test": exact_match_accuracy(tuned, data[2], ByteTokenizer()), "val": result.best_metric,
-                   "best_step": result.best_step, "final_loss": result.losses[-1],
-                   "trainable": sum(p.numel() for _, p in trainable_parameters(tuned))}
+    return tuned, {
+        "test": exact_match_accuracy(tuned, data[2], ByteTokenizer()),
+        "val": result.best_metric,
+        "best_step": result.best_step,
+        "final_loss": result.losses[-1],
+        "trainable": sum(p.numel() for _, p in trainable_parameters(tuned)),
+    }
 
 
 # ---- the run loop ------------------------------------------------------------------------------------------
@@ -182,8 +210,19 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(old)
 
 
-def run_experiment(name: str, setup: Setup, bases: dict[str, GPT], planned: list, execute, summarise, *, work,
-                   command: str | None = None, progress: bool = True, meta: dict | None = None) -> tuple[dict, dict]:
+def run_experiment(
+    name: str,
+    setup: Setup,
+    bases: dict[str, GPT],
+    planned: list,
+    execute,
+    summarise,
+    *,
+    work,
+    command: str | None = None,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> tuple[dict, dict]:
     """Train every planned run not recorded yet, recording each as it finishes, then summarise all of them.
 
     execute(run, recorder) -> the run's record (a dict of numbers; the loop adds its "seconds");
@@ -193,8 +232,11 @@ def run_experiment(name: str, setup: Setup, bases: dict[str, GPT], planned: list
     t0 = time.perf_counter()
     recorder = RunRecorder.open(work, setup, bases)
     todo = [run for run in planned if not recorder.done(run)]
-    details = "; ".join(f"{f} {', '.join(map(str, getattr(setup, f)))}" for f in ("methods", "tasks", "sizes", "seeds")
-                        if hasattr(setup, f))
+    details = "; ".join(
+        f"{f} {', '.join(map(str, getattr(setup, f)))}"
+        for f in ("methods", "tasks", "sizes", "seeds")
+        if hasattr(setup, f)
+    )
     print(f"[{name}] {len(planned)} runs planned, {len(todo)} to train ({details}; {torch.get_num_threads()} threads)")
     try:
         bar = tqdm(todo, desc=name, disable=not progress)
@@ -206,17 +248,26 @@ def run_experiment(name: str, setup: Setup, bases: dict[str, GPT], planned: list
         results = summarise(recorder)
     except KeyboardInterrupt:
         finished = sum(recorder.done(run) for run in planned)
-        raise KeyboardInterrupt(f"{finished} of {len(planned)} runs are finished and kept in {recorder.path}; "
-                                f"the same command continues from them") from None
-    return results, {"command": command or f"minipt experiment {name}", "setup": asdict(setup), **(meta or {}),
-                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-                     "threads": torch.get_num_threads(), "cpu": device_name("cpu"),
-                     "train_seconds": round(sum(recorder.runs[r.key]["seconds"] for r in planned), 1),
-                     "wall_seconds_this_call": round(time.perf_counter() - t0, 1)}
+        raise KeyboardInterrupt(
+            f"{finished} of {len(planned)} runs are finished and kept in {recorder.path}; "
+            f"the same command continues from them"
+        ) from None
+    return results, {
+        "command": command or f"minipt experiment {name}",
+        "setup": asdict(setup),
+        **(meta or {}),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": device_name("cpu"),
+        "train_seconds": round(sum(recorder.runs[r.key]["seconds"] for r in planned), 1),
+        "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
+    }
 
 
-def save_results(name: str, results_dir, files: dict[str, dict], figure_name: str, draw, summary: str = "",
-                 meta: dict | None = None) -> None:
+def save_results(
+    name: str, results_dir, files: dict[str, dict], figure_name: str, draw, summary: str = "", meta: dict | None = None
+) -> None:
     """Write each results file (JSON) and the figure (draw(path), a PNG) into results_dir, each atomically,
     then print the summary and what was written."""
     results_dir = Path(results_dir)
@@ -230,7 +281,8 @@ def save_results(name: str, results_dir, files: dict[str, dict], figure_name: st
     if summary:
         print(summary)
     names = next(iter(files)) if len(files) == 1 else "{" + ",".join(files) + "}"
-    print(f"[{name}] wrote {results_dir}/{names} and {figure_name} ({(meta or {}).get('wall_seconds_this_call', 0):.0f} s)")
+    seconds = (meta or {}).get("wall_seconds_this_call", 0)
+    print(f"[{name}] wrote {results_dir}/{names} and {figure_name} ({seconds:.0f} s)")
 
 
 # ---- summarising -------------------------------------------------------------------------------------------
@@ -238,8 +290,11 @@ def save_results(name: str, results_dir, files: dict[str, dict], figure_name: st
 
 def spread(values: list[float]) -> dict:
     """Mean and sample standard deviation (0 for a single value) of per-seed values."""
-    return {"values": values, "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {
+        "values": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
 
 
 def mean_over_tasks(per_task: dict[str, list[float]]) -> list[float]:

@@ -27,6 +27,7 @@ and the tests all call it, so the prose cannot drift from the data.
 Runs are recorded in `work/runs.json` by `runs.RunRecorder` (atomic writes, set aside when the setup or the
 base model changes), so an interrupted run resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,9 +51,55 @@ from ..tokenizer import ByteTokenizer
 from ..train import TrainConfig, make_optimizer, train
 from .plots import plot_seed_claims  # noqa: F401  (notebook 06 draws the figure as seed_claims.plot_seed_claims)
 from .recipes import FINETUNE_DEFAULTS, TUNE_DEFAULTS
-from .runs import (RunRecorder, Setup, mean_over_tasks, run_experiment, save_results, spread, torch_threads,
-                   train_and_score, with_all)
+from .runs import (
+    RunRecorder,
+    Setup,
+    mean_over_tasks,
+    run_experiment,
+    save_results,
+    spread,
+    torch_threads,
+    train_and_score,
+    with_all,
+)
 from .runs import find_row as _row  # the name notebook 06 reads
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "PARAPHRASES",
+    "PARTS",
+    "QUICK",
+    "Run",
+    "SHIFTS",
+    "SeedSetup",
+    "WORDINGS",
+    "ZERO",
+    "beyond_noise",
+    "compare",
+    "design_run",
+    "domain_label",
+    "execute",
+    "fixed_test",
+    "format_verdicts",
+    "load_results",
+    "measure_compute",
+    "optimizer_state_bytes",
+    "planned_runs",
+    "prompt_args",
+    "prompt_init",
+    "retained",
+    "run_data",
+    "run_seed_claims",
+    "summarise",
+    "summarise_design",
+    "summarise_fewshot",
+    "summarise_shift",
+    "train_config",
+    "verdict_table",
+    "verdicts",
+    "wording_prefix",
+]
 
 PARTS = ("fewshot", "design", "shift")
 
@@ -74,10 +121,16 @@ class Method:
     init: str = ""  # prompt methods: the init of minipt.prompt.init_prompt
 
 
-METHODS = {m.name: m for m in (
-    Method("instruction", "frozen"), Method("prompt-uniform", "prompt", "uniform"),
-    Method("prompt-label", "prompt", "label"), Method("prompt-text", "prompt", "text"), Method("finetune", "finetune"),
-)}
+METHODS = {
+    m.name: m
+    for m in (
+        Method("instruction", "frozen"),
+        Method("prompt-uniform", "prompt", "uniform"),
+        Method("prompt-label", "prompt", "label"),
+        Method("prompt-text", "prompt", "text"),
+        Method("finetune", "finetune"),
+    )
+}
 
 
 def prompt_init(method: Method, task: str) -> str:
@@ -93,15 +146,27 @@ def prompt_init(method: Method, task: str) -> str:
 # Per task: the pretraining instruction, two paraphrases of it, a misleading one (another pretrained task's
 # instruction), and none at all. Written once, before any was measured.
 WORDINGS = {
-    "parity": {"pretraining": "Is the number even or odd?", "paraphrase-1": "Is this number odd or even?",
-               "paraphrase-2": "Tell me if the number is even or odd.",
-               "misleading": "Is the sentiment positive or negative?", "empty": ""},
-    "sentiment": {"pretraining": "Is the sentiment positive or negative?",
-                  "paraphrase-1": "Is the mood negative or positive?",
-                  "paraphrase-2": "Tell me if the sentence is positive or negative.",
-                  "misleading": "Is the number even or odd?", "empty": ""},
-    "upper": {"pretraining": "Write the letters in uppercase:", "paraphrase-1": "Write these letters in capitals:",
-              "paraphrase-2": "Make every letter uppercase:", "misleading": "Reverse the letters:", "empty": ""},
+    "parity": {
+        "pretraining": "Is the number even or odd?",
+        "paraphrase-1": "Is this number odd or even?",
+        "paraphrase-2": "Tell me if the number is even or odd.",
+        "misleading": "Is the sentiment positive or negative?",
+        "empty": "",
+    },
+    "sentiment": {
+        "pretraining": "Is the sentiment positive or negative?",
+        "paraphrase-1": "Is the mood negative or positive?",
+        "paraphrase-2": "Tell me if the sentence is positive or negative.",
+        "misleading": "Is the number even or odd?",
+        "empty": "",
+    },
+    "upper": {
+        "pretraining": "Write the letters in uppercase:",
+        "paraphrase-1": "Write these letters in capitals:",
+        "paraphrase-2": "Make every letter uppercase:",
+        "misleading": "Reverse the letters:",
+        "empty": "",
+    },
 }
 PARAPHRASES = ("pretraining", "paraphrase-1", "paraphrase-2")
 
@@ -174,15 +239,25 @@ class SeedSetup(Setup):
         return {"setup": chosen, "wordings": WORDINGS, "shifts": SHIFTS}
 
 
-QUICK = SeedSetup(tasks=("parity",), sizes=(8, 32), steps=(10, 10), n_test=100, design_size=8, shift_size=32,
-                  timing_rounds=2, timing_steps=3, tune=replace(TUNE_DEFAULTS, batch_size=16),
-                  finetune=replace(FINETUNE_DEFAULTS, batch_size=16))
+QUICK = SeedSetup(
+    tasks=("parity",),
+    sizes=(8, 32),
+    steps=(10, 10),
+    n_test=100,
+    design_size=8,
+    shift_size=32,
+    timing_rounds=2,
+    timing_steps=3,
+    tune=replace(TUNE_DEFAULTS, batch_size=16),
+    finetune=replace(FINETUNE_DEFAULTS, batch_size=16),
+)
 
 
 def train_config(base: TrainConfig, steps: int, seed: int) -> TrainConfig:
     """`base` with the step budget of a size: evaluate 10 times, warm up for the first tenth."""
-    return replace(base, steps=steps, eval_every=max(1, steps // 10), warmup_steps=steps // 10, seed=seed,
-                   progress=False)
+    return replace(
+        base, steps=steps, eval_every=max(1, steps // 10), warmup_steps=steps // 10, seed=seed, progress=False
+    )
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------
@@ -202,7 +277,8 @@ class Run:
     @property
     def key(self) -> str:
         return f"{self.part}-{self.method}-{self.task}-n{self.n_train}-s{self.seed}" + (
-            f"-{self.wording}" if self.wording else "")
+            f"-{self.wording}" if self.wording else ""
+        )
 
 
 def design_run(setup: SeedSetup, task: str, wording: str, seed: int) -> Run:
@@ -277,8 +353,9 @@ def optimizer_state_bytes(module, batch, cfg: TrainConfig) -> int:
     module.loss(*batch).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
-               if torch.is_tensor(t))
+    return sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
 
 
 def measure_compute(model: GPT, task: str, setup: SeedSetup) -> dict:
@@ -294,31 +371,58 @@ def measure_compute(model: GPT, task: str, setup: SeedSetup) -> dict:
         for kind, module in modules.items():
             cfg = replace(cfgs[kind], steps=setup.timing_steps, eval_every=setup.timing_steps, progress=False)
             times[kind].append(train(module, get_batch, cfg).seconds / setup.timing_steps)
-    return {kind: {"trainable": sum(p.numel() for _, p in trainable_parameters(module)),
-                   "optimizer_state_bytes": optimizer_state_bytes(module, get_batch(0), cfgs[kind]),
-                   "seconds_per_step": statistics.median(times[kind])}
-            for kind, module in modules.items()}
+    return {
+        kind: {
+            "trainable": sum(p.numel() for _, p in trainable_parameters(module)),
+            "optimizer_state_bytes": optimizer_state_bytes(module, get_batch(0), cfgs[kind]),
+            "seconds_per_step": statistics.median(times[kind]),
+        }
+        for kind, module in modules.items()
+    }
 
 
 # ---- running -----------------------------------------------------------------------------------------------
 
 
-def run_seed_claims(setup: SeedSetup = SeedSetup(), results_dir="benchmarks/results", work="runs/seed-claims",
-                    base=None, command: str | None = None, progress: bool = True, threads: int | None = None
-                    ) -> dict:
+def run_seed_claims(
+    setup: SeedSetup = SeedSetup(),
+    results_dir="benchmarks/results",
+    work="runs/seed-claims",
+    base=None,
+    command: str | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict:
     """Train every planned run (skipping recorded ones), then write seed-{fewshot,design,shift}.json and
     seed-claims.png into results_dir; returns the three results by part. threads: torch threads for the call."""
     with torch_threads(threads):
         model = load_base(base)
         results, meta = run_experiment(
-            "seed-claims", setup, {"tiny": model}, planned_runs(setup), lambda run, rec: execute(run, setup, model),
-            lambda rec: summarise(setup, model, rec), work=work, command=command, progress=progress,
-            meta={"wordings": WORDINGS, "shifts": {t: list(d) for t, d in SHIFTS.items()},
-                  "base": {"params": model.num_params(), "fingerprint": model_fingerprint(model)}})
+            "seed-claims",
+            setup,
+            {"tiny": model},
+            planned_runs(setup),
+            lambda run, rec: execute(run, setup, model),
+            lambda rec: summarise(setup, model, rec),
+            work=work,
+            command=command,
+            progress=progress,
+            meta={
+                "wordings": WORDINGS,
+                "shifts": {t: list(d) for t, d in SHIFTS.items()},
+                "base": {"params": model.num_params(), "fingerprint": model_fingerprint(model)},
+            },
+        )
     files = {part: {"experiment": part, **meta, **results[part]} for part in PARTS}
-    save_results("seed-claims", results_dir, {f"seed-{part}.json": content for part, content in files.items()},
-                 "seed-claims.png", lambda path: plot_seed_claims(files, path),
-                 format_verdicts(verdicts(files["fewshot"], files["design"], files["shift"])), meta)
+    save_results(
+        "seed-claims",
+        results_dir,
+        {f"seed-{part}.json": content for part, content in files.items()},
+        "seed-claims.png",
+        lambda path: plot_seed_claims(files, path),
+        format_verdicts(verdicts(files["fewshot"], files["design"], files["shift"])),
+        meta,
+    )
     return files
 
 
@@ -338,12 +442,15 @@ def _frozen_accuracy(model: GPT, task: str, text: str, examples) -> float:
 
 def summarise(setup: SeedSetup, model: GPT, recorder: RunRecorder) -> dict:
     """The rows of the three experiments (per task and 'all'), plus the compute measurements."""
+
     def values(run_of_seed, key="test") -> list[float]:
         return [recorder.runs[run_of_seed(seed).key][key] for seed in setup.seeds]
 
-    return {"fewshot": summarise_fewshot(setup, model, recorder, values),
-            "design": summarise_design(setup, model, values),
-            "shift": summarise_shift(setup, model, values)}
+    return {
+        "fewshot": summarise_fewshot(setup, model, recorder, values),
+        "design": summarise_design(setup, model, values),
+        "shift": summarise_shift(setup, model, values),
+    }
 
 
 def summarise_fewshot(setup, model, recorder, values) -> dict:
@@ -353,24 +460,50 @@ def summarise_fewshot(setup, model, recorder, values) -> dict:
         for n in setup.sizes:
             per_task = {t: values(lambda s, t=t: Run("fewshot", method, t, n, s)) for t in setup.tasks}
             for task, v in with_all(per_task).items():
-                rows.append({"task": task, "method": method, "n_train": n, "steps": setup.steps_for(n),
-                             "n_val": setup.n_val(n), **spread(v)})
-    instruction = {t: _frozen_accuracy(model, t, get_task(t).instruction, fixed_test(t, setup.n_test))
-                   for t in setup.tasks}
+                rows.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "n_train": n,
+                        "steps": setup.steps_for(n),
+                        "n_val": setup.n_val(n),
+                        **spread(v),
+                    }
+                )
+    instruction = {
+        t: _frozen_accuracy(model, t, get_task(t).instruction, fixed_test(t, setup.n_test)) for t in setup.tasks
+    }
     instruction["all"] = statistics.fmean(instruction.values())
     for t in setup.tasks:  # measured once, after the training runs, and recorded like them
         if f"compute-{t}" not in recorder.runs:
             recorder.add(f"compute-{t}", measure_compute(model, t, setup))
     compute = {t: recorder.runs[f"compute-{t}"] for t in setup.tasks}
-    seconds = {kind: {m: round(sum(recorder.runs[Run("fewshot", m, t, n, s).key]["seconds"] for t in setup.tasks
-                                   for n in setup.sizes for s in setup.seeds), 1)
-                      for m in setup.methods if METHODS[m].kind == kind} for kind in ("prompt", "finetune")}
-    return {"rows": rows,
-            "instruction": [{"task": t, "method": "instruction", "n_train": 0, "test": a}
-                            for t, a in instruction.items()],
-            "compute": {"per_task": compute, "train_seconds_by_method": seconds,
-                        "note": "seconds_per_step: the median of timing_rounds rounds of timing_steps steps "
-                                "(batch of tune.batch_size, n_prompt slots), methods interleaved"}}
+    seconds = {
+        kind: {
+            m: round(
+                sum(
+                    recorder.runs[Run("fewshot", m, t, n, s).key]["seconds"]
+                    for t in setup.tasks
+                    for n in setup.sizes
+                    for s in setup.seeds
+                ),
+                1,
+            )
+            for m in setup.methods
+            if METHODS[m].kind == kind
+        }
+        for kind in ("prompt", "finetune")
+    }
+    return {
+        "rows": rows,
+        "instruction": [{"task": t, "method": "instruction", "n_train": 0, "test": a} for t, a in instruction.items()],
+        "compute": {
+            "per_task": compute,
+            "train_seconds_by_method": seconds,
+            "note": "seconds_per_step: the median of timing_rounds rounds of timing_steps steps "
+            "(batch of tune.batch_size, n_prompt slots), methods interleaved",
+        },
+    }
 
 
 def _ranges(per_wording: dict[str, list[float]], names) -> list[float]:
@@ -389,10 +522,17 @@ def summarise_design(setup, model, values) -> dict:
         frozen = {w: _frozen_accuracy(model, task, text, tests) for w, text in WORDINGS[task].items()}
         tuned = {w: values(lambda s, w=w: design_run(setup, task, w, s)) for w in WORDINGS[task]}
         for w, text in WORDINGS[task].items():
-            rows.append({"task": task, "wording": w, "text": text, "frozen": frozen[w],
-                         "prompt_init": "text" if text else "uniform",
-                         "n_prompt": len(ByteTokenizer().encode(wording_prefix(text))) or setup.n_prompt,
-                         "tuned": spread(tuned[w])})
+            rows.append(
+                {
+                    "task": task,
+                    "wording": w,
+                    "text": text,
+                    "frozen": frozen[w],
+                    "prompt_init": "text" if text else "uniform",
+                    "n_prompt": len(ByteTokenizer().encode(wording_prefix(text))) or setup.n_prompt,
+                    "tuned": spread(tuned[w]),
+                }
+            )
         wordings = list(WORDINGS[task])
         frozen_ranges[task] = max(frozen.values()) - min(frozen.values())
         frozen_ranges_par[task] = max(frozen[w] for w in PARAPHRASES) - min(frozen[w] for w in PARAPHRASES)
@@ -402,14 +542,22 @@ def summarise_design(setup, model, values) -> dict:
     for task in (*setup.tasks, "all"):
         pick = (lambda d: d[task]) if task != "all" else (lambda d: statistics.fmean(d.values()))
         pick_seeds = (lambda d: d[task]) if task != "all" else mean_over_tasks
-        ranges.append({"task": task, "frozen_range": pick(frozen_ranges),
-                       "frozen_range_paraphrases": pick(frozen_ranges_par),
-                       "tuned_range": spread(pick_seeds(tuned_ranges)),
-                       "tuned_range_paraphrases": spread(pick_seeds(tuned_ranges_par)),
-                       "seed_std": pick(seed_stds)})
-    return {"rows": rows, "ranges": ranges,
-            "note": "range: best minus worst wording (per seed for the tuned prompts); the empty wording's soft "
-                    "prompt has no text to start from and uses uniform init, n_prompt slots"}
+        ranges.append(
+            {
+                "task": task,
+                "frozen_range": pick(frozen_ranges),
+                "frozen_range_paraphrases": pick(frozen_ranges_par),
+                "tuned_range": spread(pick_seeds(tuned_ranges)),
+                "tuned_range_paraphrases": spread(pick_seeds(tuned_ranges_par)),
+                "seed_std": pick(seed_stds),
+            }
+        )
+    return {
+        "rows": rows,
+        "ranges": ranges,
+        "note": "range: best minus worst wording (per seed for the tuned prompts); the empty wording's soft "
+        "prompt has no text to start from and uses uniform init, n_prompt slots",
+    }
 
 
 def summarise_shift(setup, model, values) -> dict:
@@ -424,16 +572,33 @@ def summarise_shift(setup, model, values) -> dict:
             per_task[task] = (ins, out, [a - b for a, b in zip(ins, out)])
         per_task["all"] = tuple(mean_over_tasks({t: v[i] for t, v in per_task.items()}) for i in range(3))
         for task, (ins, out, drop) in per_task.items():
-            rows.append({"task": task, "method": method, **_domains(task), "n_train": setup.shift_size,
-                         "in_domain": spread(ins), "shifted": spread(out), "drop": spread(drop)})
+            rows.append(
+                {
+                    "task": task,
+                    "method": method,
+                    **_domains(task),
+                    "n_train": setup.shift_size,
+                    "in_domain": spread(ins),
+                    "shifted": spread(out),
+                    "drop": spread(drop),
+                }
+            )
     frozen = []
     for task in setup.tasks:
         tuned_on, shifted = SHIFTS[task]
         text = get_task(task).instruction
         ins = _frozen_accuracy(model, task, text, fixed_test(task, setup.n_test, tuned_on))
         out = _frozen_accuracy(model, task, text, fixed_test(task, setup.n_test, shifted))
-        frozen.append({"task": task, "method": "instruction", **_domains(task), "in_domain": ins, "shifted": out,
-                       "drop": ins - out})
+        frozen.append(
+            {
+                "task": task,
+                "method": "instruction",
+                **_domains(task),
+                "in_domain": ins,
+                "shifted": out,
+                "drop": ins - out,
+            }
+        )
     return {"rows": rows, "instruction": frozen}
 
 
@@ -526,81 +691,145 @@ def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
     out = []
 
     pt, ft = _few_shot_mean(fewshot, "prompt-label"), _few_shot_mean(fewshot, "finetune")
-    ahead = [t for t in tasks if beyond_noise(_few_shot_mean(fewshot, "prompt-label", t),
-                                              _few_shot_mean(fewshot, "finetune", t))]
+    ahead = [
+        t
+        for t in tasks
+        if beyond_noise(_few_shot_mean(fewshot, "prompt-label", t), _few_shot_mean(fewshot, "finetune", t))
+    ]
     per_task = ", ".join(f"{t} {-_gap(fewshot, small, t)['mean'] * 100:+.1f}" for t in tasks)
     verdict = compare(pt, ft, "holds", "does not hold")
-    out.append({"id": "1a", "claim": "suits few-shot learning: does well on small data sets",
-                "measurement": f"{sizes_text}, mean over tasks: prompt tuning {_pm(pt)}, fine-tuning {_pm(ft)} "
-                               f"(prompt minus fine-tuning, points: {per_task})",
-                "verdict": f"{verdict} on the mean; clearly ahead on {len(ahead)} of {len(tasks)} tasks"
-                           + (f" ({', '.join(ahead)})" if ahead else ""),
-                "numbers": {"prompt": pt, "finetune": ft, "ahead_tasks": ahead}})
+    out.append(
+        {
+            "id": "1a",
+            "claim": "suits few-shot learning: does well on small data sets",
+            "measurement": f"{sizes_text}, mean over tasks: prompt tuning {_pm(pt)}, fine-tuning {_pm(ft)} "
+            f"(prompt minus fine-tuning, points: {per_task})",
+            "verdict": f"{verdict} on the mean; clearly ahead on {len(ahead)} of {len(tasks)} tasks"
+            + (f" ({', '.join(ahead)})" if ahead else ""),
+            "numbers": {"prompt": pt, "finetune": ft, "ahead_tasks": ahead},
+        }
+    )
 
     computes = fewshot["compute"]["per_task"].values()
-    ratio = {k: statistics.fmean(c["prompt"][k] / c["finetune"][k] for c in computes)
-             for k in ("trainable", "optimizer_state_bytes", "seconds_per_step")}
+    ratio = {
+        k: statistics.fmean(c["prompt"][k] / c["finetune"][k] for c in computes)
+        for k in ("trainable", "optimizer_state_bytes", "seconds_per_step")
+    }
     cheaper_memory = ratio["trainable"] < 1 and ratio["optimizer_state_bytes"] < 1
     faster = ratio["seconds_per_step"] < 1
-    out.append({"id": "1b", "claim": "uses little compute",
-                "measurement": f"prompt tuning / fine-tuning: trainable numbers {ratio['trainable']:.2%}, optimizer "
-                               f"state {ratio['optimizer_state_bytes']:.2%}, time per step "
-                               f"{ratio['seconds_per_step']:.2f}x",
-                "verdict": ("holds" if cheaper_memory and faster else
-                            "holds for memory, not for time per step" if cheaper_memory else "does not hold"),
-                "numbers": ratio})
+    out.append(
+        {
+            "id": "1b",
+            "claim": "uses little compute",
+            "measurement": f"prompt tuning / fine-tuning: trainable numbers {ratio['trainable']:.2%}, optimizer "
+            f"state {ratio['optimizer_state_bytes']:.2%}, time per step "
+            f"{ratio['seconds_per_step']:.2f}x",
+            "verdict": (
+                "holds"
+                if cheaper_memory and faster
+                else "holds for memory, not for time per step"
+                if cheaper_memory
+                else "does not hold"
+            ),
+            "numbers": ratio,
+        }
+    )
 
     gap_large, gap_small = _gap(fewshot, [largest]), _gap(fewshot, small)
     near_full = [t for t in tasks if not beyond_noise(_gap(fewshot, [largest], t), ZERO)]
     near_few = [t for t in tasks if not beyond_noise(_gap(fewshot, small, t), ZERO)]
     especially = beyond_noise(gap_large, gap_small)
-    verdict2 = ("holds" if near_full and especially else
-                f"holds for {sizes_text} only" if near_few and especially else
-                "holds in part" if near_full or near_few else "does not hold")
-    out.append({"id": "2", "claim": "almost as good as full fine-tuning on some tasks, especially few-shot",
-                "measurement": f"fine-tuning minus prompt tuning, mean over tasks: {_points(gap_large)} at "
-                               f"{largest} examples, {_points(gap_small)} at {sizes_text}; prompt tuning not "
-                               f"clearly behind at {largest} on {', '.join(near_full) or 'no task'}, at "
-                               f"{sizes_text} on {', '.join(near_few) or 'no task'}",
-                "verdict": verdict2, "numbers": {"gap_largest": gap_large, "gap_few_shot": gap_small,
-                                                 "near_largest": near_full, "near_few_shot": near_few}})
+    verdict2 = (
+        "holds"
+        if near_full and especially
+        else f"holds for {sizes_text} only"
+        if near_few and especially
+        else "holds in part"
+        if near_full or near_few
+        else "does not hold"
+    )
+    out.append(
+        {
+            "id": "2",
+            "claim": "almost as good as full fine-tuning on some tasks, especially few-shot",
+            "measurement": f"fine-tuning minus prompt tuning, mean over tasks: {_points(gap_large)} at "
+            f"{largest} examples, {_points(gap_small)} at {sizes_text}; prompt tuning not "
+            f"clearly behind at {largest} on {', '.join(near_full) or 'no task'}, at "
+            f"{sizes_text} on {', '.join(near_few) or 'no task'}",
+            "verdict": verdict2,
+            "numbers": {
+                "gap_largest": gap_large,
+                "gap_few_shot": gap_small,
+                "near_largest": near_full,
+                "near_few_shot": near_few,
+            },
+        }
+    )
 
     ranges = _row(design["ranges"], task="all")
     noise = 2 * math.sqrt(0.5 / design["setup"]["n_test"])
-    out.append({"id": "3a", "claim": "the design of the prompt directly affects performance",
-                "measurement": f"frozen model, mean over tasks: best minus worst of 3 paraphrases of the "
-                               f"instruction {ranges['frozen_range_paraphrases'] * 100:.1f} points (test noise at "
-                               f"most {noise * 100:.1f}); of all 5 wordings {ranges['frozen_range'] * 100:.1f}",
-                "verdict": "holds" if ranges["frozen_range_paraphrases"] > noise else "does not hold",
-                "numbers": {"frozen_range_paraphrases": ranges["frozen_range_paraphrases"],
-                            "frozen_range": ranges["frozen_range"], "noise": noise}})
+    out.append(
+        {
+            "id": "3a",
+            "claim": "the design of the prompt directly affects performance",
+            "measurement": f"frozen model, mean over tasks: best minus worst of 3 paraphrases of the "
+            f"instruction {ranges['frozen_range_paraphrases'] * 100:.1f} points (test noise at "
+            f"most {noise * 100:.1f}); of all 5 wordings {ranges['frozen_range'] * 100:.1f}",
+            "verdict": "holds" if ranges["frozen_range_paraphrases"] > noise else "does not hold",
+            "numbers": {
+                "frozen_range_paraphrases": ranges["frozen_range_paraphrases"],
+                "frozen_range": ranges["frozen_range"],
+                "noise": noise,
+            },
+        }
+    )
 
     before, after = {"mean": ranges["frozen_range"], "std": 0.0}, ranges["tuned_range"]
     removed = after["mean"] <= 2 * ranges["seed_std"]
-    verdict3b = ("holds: the wordings differ no more than seeds do" if removed else
-                 "holds in part: reduced, not removed" if beyond_noise(before, after) else "does not hold")
-    out.append({"id": "3b", "claim": "(the question it raises) tuning removes the sensitivity to the wording",
-                "measurement": f"best minus worst of 5 wordings, mean over tasks: "
-                               f"{ranges['frozen_range'] * 100:.1f} points frozen, {after['mean'] * 100:.1f} ± "
-                               f"{after['std'] * 100:.1f} after tuning from each "
-                               f"({design['setup']['design_size']} examples; seed std of one wording "
-                               f"{ranges['seed_std'] * 100:.1f})",
-                "verdict": verdict3b, "numbers": {"before": before["mean"], "after": after,
-                                                  "seed_std": ranges["seed_std"]}})
+    verdict3b = (
+        "holds: the wordings differ no more than seeds do"
+        if removed
+        else "holds in part: reduced, not removed"
+        if beyond_noise(before, after)
+        else "does not hold"
+    )
+    out.append(
+        {
+            "id": "3b",
+            "claim": "(the question it raises) tuning removes the sensitivity to the wording",
+            "measurement": f"best minus worst of 5 wordings, mean over tasks: "
+            f"{ranges['frozen_range'] * 100:.1f} points frozen, {after['mean'] * 100:.1f} ± "
+            f"{after['std'] * 100:.1f} after tuning from each "
+            f"({design['setup']['design_size']} examples; seed std of one wording "
+            f"{ranges['seed_std'] * 100:.1f})",
+            "verdict": verdict3b,
+            "numbers": {"before": before["mean"], "after": after, "seed_std": ranges["seed_std"]},
+        }
+    )
 
     rows = {m: _row(shift["rows"], task="all", method=m) for m in ("prompt-label", "finetune")}
-    kept = {m: spread(mean_over_tasks({t: retained(_row(shift["rows"], task=t, method=m))["values"]
-                                        for t in tasks})) for m in rows}
-    out.append({"id": "4", "claim": "more robust than model tuning under domain shift (Lester et al. §5)",
-                "measurement": f"share of in-domain accuracy kept on the shifted domain, mean over tasks: prompt "
-                               f"tuning {_pm(kept['prompt-label'])}, fine-tuning {_pm(kept['finetune'])} (drop: "
-                               f"{rows['prompt-label']['drop']['mean'] * 100:.1f} and "
-                               f"{rows['finetune']['drop']['mean'] * 100:.1f} points, from in-domain "
-                               f"{rows['prompt-label']['in_domain']['mean']:.1%} and "
-                               f"{rows['finetune']['in_domain']['mean']:.1%})",
-                "verdict": compare(kept["prompt-label"], kept["finetune"], "holds", "does not hold"),
-                "numbers": {"retained": kept, "drop": {m: r["drop"] for m, r in rows.items()},
-                            "in_domain": {m: r["in_domain"] for m, r in rows.items()}}})
+    kept = {
+        m: spread(mean_over_tasks({t: retained(_row(shift["rows"], task=t, method=m))["values"] for t in tasks}))
+        for m in rows
+    }
+    out.append(
+        {
+            "id": "4",
+            "claim": "more robust than model tuning under domain shift (Lester et al. §5)",
+            "measurement": f"share of in-domain accuracy kept on the shifted domain, mean over tasks: prompt "
+            f"tuning {_pm(kept['prompt-label'])}, fine-tuning {_pm(kept['finetune'])} (drop: "
+            f"{rows['prompt-label']['drop']['mean'] * 100:.1f} and "
+            f"{rows['finetune']['drop']['mean'] * 100:.1f} points, from in-domain "
+            f"{rows['prompt-label']['in_domain']['mean']:.1%} and "
+            f"{rows['finetune']['in_domain']['mean']:.1%})",
+            "verdict": compare(kept["prompt-label"], kept["finetune"], "holds", "does not hold"),
+            "numbers": {
+                "retained": kept,
+                "drop": {m: r["drop"] for m, r in rows.items()},
+                "in_domain": {m: r["in_domain"] for m, r in rows.items()},
+            },
+        }
+    )
     return out
 
 

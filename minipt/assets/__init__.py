@@ -4,6 +4,7 @@ minipt/assets/SIZE.safetensors holds one byte-level GPT per size of the scale la
 each pretrained on the task mixture by `minipt pretrain --preset SIZE --seed 0` (the README gives the recipe).
 "tiny" is the default base model of every command.
 """
+
 from __future__ import annotations
 
 from importlib import resources
@@ -12,8 +13,15 @@ from pathlib import Path
 from ..model import GPT
 from ..tokenizer import ByteTokenizer
 
-__all__ = ["DEFAULT_SIZE", "base_path", "shipped_base_path", "load_base", "load_bases", "load_base_and_tokenizer",
-           "load_hf_base"]
+__all__ = [
+    "DEFAULT_SIZE",
+    "base_path",
+    "shipped_base_path",
+    "load_base",
+    "load_bases",
+    "load_base_and_tokenizer",
+    "load_hf_base",
+]
 
 DEFAULT_SIZE = "tiny"
 SIZES = ("pico", "nano", "micro", "tiny")  # the scale ladder, smallest first
@@ -35,8 +43,10 @@ def load_base(path=None) -> GPT:
     if path is not None:
         return GPT.from_checkpoint(path)  # an explicit file that is missing is an error
     if not shipped_base_path().is_file():
-        raise FileNotFoundError(f"the shipped base model {shipped_base_path()} is missing; make one with "
-                                f"`minipt pretrain --preset tiny --out {shipped_base_path()}` or pass --base")
+        raise FileNotFoundError(
+            f"the shipped base model {shipped_base_path()} is missing; make one with "
+            f"`minipt pretrain --preset tiny --out {shipped_base_path()}` or pass --base"
+        )
     return GPT.from_checkpoint(shipped_base_path())
 
 
@@ -46,8 +56,10 @@ def load_bases(sizes, bases_dir=None) -> dict[str, GPT]:
     for size in sizes:
         path = base_path(size, bases_dir)
         if not path.is_file():
-            raise FileNotFoundError(f"base model {path} is missing; make the ladder with "
-                                    f"`minipt experiment lester-bases --out DIR` and pass --bases DIR")
+            raise FileNotFoundError(
+                f"base model {path} is missing; make the ladder with "
+                f"`minipt experiment lester-bases --out DIR` and pass --bases DIR"
+            )
         bases[size] = GPT.from_checkpoint(path)
     return bases
 
@@ -56,7 +68,7 @@ def load_base_and_tokenizer(base=None):
     """(model, tokenizer): a minipt file (or the shipped model) with ByteTokenizer, or "hf:NAME_OR_FOLDER" for a
     GPT-2 and its tokenizer from the local Hugging Face cache or a folder (never downloads)."""
     if base is not None and str(base).startswith("hf:"):
-        return load_hf_base(str(base)[len("hf:"):])
+        return load_hf_base(str(base)[len("hf:") :])
     return load_base(base), ByteTokenizer()
 
 

@@ -18,6 +18,7 @@ what was tried and, on failure, the first shape or value that differs (expected 
 inputs), and names the mistake when it recognises one. The last result of each exercise is kept
 (`results()`), which is how `python -m minipt.exercises check NOTEBOOK.ipynb` grades a notebook.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import capstone, equations, kernel, kernel_track, predict, training
-from .result import CheckResult
+from .result import NOT_STARTED, CheckResult
 
 RESULTS_ENV = "MINIPT_EXERCISE_RESULTS"  # set by the grader (grade.py): where check() appends each result
 
@@ -48,66 +49,151 @@ def _exercises(*rows) -> dict[str, Exercise]:
 
 
 EXERCISES: dict[str, Exercise] = _exercises(
-    ("concat", "The input x = [P, wte[idx]] + wpe",
-     "build the prompt-tuning input, with the positions the prompt shifts", 10, "01_math",
-     "concat(prompt (n_p, D), wte (V, D), idx (B, n) int64, wpe (n_ctx, D)) -> x (B, n_p + n, D)"),
-    ("concat_backward", "The prompt's gradient: a sum over the batch",
-     "derive dL/dP from dL/dx by the chain rule", 10, "01_math",
-     "concat_backward(dx (B, n_p + n, D), n_p) -> dP (n_p, D)"),
-    ("frozen_head_backward", "Cross-entropy through a frozen head, by hand",
-     "differentiate softmax cross-entropy and a linear head without autograd, stably", 25, "01_math",
-     "frozen_head_backward(h (N, D), W (V, D), targets (N,) int64) -> dL/dh (N, D)"),
-    ("causal_attention", "Causal attention, and why the prompt reaches every token",
-     "write masked scaled dot-product attention and see that the causal mask lets every token read the prompt",
-     20, "01_math", "causal_attention(q, k, v each (B, H, T, hd)) -> y (B, H, T, hd)"),
-    ("concat_kernel", "The fused Triton kernel: gather, add, store",
-     "write a row-per-program Triton kernel with masked loads and stores and int64 row offsets", 30, "02_kernel",
-     "@triton.jit concat_kernel(X, P, WTE, WPE, IDX, n_p, n, D, BLOCK_D: tl.constexpr), grid (B, n_p + n)"),
-    ("concat_launcher", "The launcher: validate, allocate, launch",
-     "refuse bad inputs before a launch (a kernel does not bounds-check), pick BLOCK_D and the grid", 20,
-     "02_kernel", "launch_concat(kernel, prompt, wte, idx, wpe) -> x (B, n_p + n, D)"),
-    ("batch_sum_kernel", "The backward kernel: a deterministic sum over the batch",
-     "reduce over the batch inside one program, without atomics, so every run gives the same bits", 25,
-     "02_kernel", "@triton.jit batch_sum_kernel(DX, DP, B, T, D, BLOCK_D: tl.constexpr), grid (n_p,)"),
-    ("fix_snippet", "Fix a 'prompt tuning' snippet that fine-tunes the whole model",
-     "make only the prompt train: a frozen model, an optimizer that holds one tensor, a learning rate that works",
-     15, "03_training", "tune(model, idx, targets, steps) -> (optimizer, losses)"),
-    ("training_loop", "A ten-line training loop for the prompt",
-     "write warmup, clipping and AdamW in the right order, step for step as a reference", 20, "03_training",
-     "train(pt, get_batch, steps, lr, warmup, max_norm) -> losses"),
-    ("vocab_init", "Sampled-vocabulary initialisation",
-     "initialise a prompt from distinct frequent tokens, reproducibly (Lester et al., sections 2.1 and 3.2)", 15,
-     "03_training", "vocab_init(wte (V, D), n_p, token_counts (V,), top_k, generator) -> P (n_p, D)"),
-    ("label_init", "Class-label initialisation",
-     "initialise prompt rows from the mean embedding of each class label's tokens", 10, "03_training",
-     "label_init(wte (V, D), label_ids: list of K lists of ids) -> (K, D)"),
-    ("ensemble_vote", "Prompt ensembling by majority vote",
-     "combine K prompts' predictions by vote, with a tie-break that is only a tie-break (section 6)", 20,
-     "03_training", "ensemble_vote(probs (K, N, C)) -> (N,) int64"),
-    ("capstone", "Capstone: your pieces tune a frozen GPT",
-     "plug your concat, its backward, your init and your loop into PromptTuning and reach 90% on parity", 30,
-     "04_capstone", "{'concat': fn, 'concat_backward': fn, 'vocab_init': fn, 'train': fn}"),
-    ("head_ce_kernel", "The fused frozen-head cross-entropy, in Triton",
-     "compute a row's loss and dL/dh chunk by chunk over the vocabulary with a running max, never the (N, V) "
-     "logits, and skip the rows without a target", 40, "05_kernel_track",
-     "@triton.jit head_ce_kernel(H, W, Y, LOSS, DH, V, D, n_sup, BLOCK_V, BLOCK_D), grid (N,)"),
-    ("decode_attention_kernel", "A decode step's attention over the cached prompt prefix",
-     "read a row's key/value cache (the prompt's, computed once, then its own tokens) chunk by chunk with an "
-     "online softmax, masked at the row's length", 35, "05_kernel_track",
-     "@triton.jit decode_attention_kernel(Q, K, V, O, LENS, T, hd, scale, BLOCK_T, BLOCK_HD), grid (R,)"),
-    ("predict_measure", "Predict, measure, explain: step time and optimizer memory",
-     "predict from shapes alone whether a prompt-tuning step is faster than fine-tuning at 10 and 108 tokens, and "
-     "how many bytes AdamW keeps for a prompt", 15, "06_predict_measure",
-     "predict() -> {'step_ratio_10': x, 'step_ratio_108': y, 'adamw_state_bytes': z}"),
+    (
+        "concat",
+        "The input x = [P, wte[idx]] + wpe",
+        "build the prompt-tuning input, with the positions the prompt shifts",
+        10,
+        "01_math",
+        "concat(prompt (n_p, D), wte (V, D), idx (B, n) int64, wpe (n_ctx, D)) -> x (B, n_p + n, D)",
+    ),
+    (
+        "concat_backward",
+        "The prompt's gradient: a sum over the batch",
+        "derive dL/dP from dL/dx by the chain rule",
+        10,
+        "01_math",
+        "concat_backward(dx (B, n_p + n, D), n_p) -> dP (n_p, D)",
+    ),
+    (
+        "frozen_head_backward",
+        "Cross-entropy through a frozen head, by hand",
+        "differentiate softmax cross-entropy and a linear head without autograd, stably",
+        25,
+        "01_math",
+        "frozen_head_backward(h (N, D), W (V, D), targets (N,) int64) -> dL/dh (N, D)",
+    ),
+    (
+        "causal_attention",
+        "Causal attention, and why the prompt reaches every token",
+        "write masked scaled dot-product attention and see that the causal mask lets every token read the prompt",
+        20,
+        "01_math",
+        "causal_attention(q, k, v each (B, H, T, hd)) -> y (B, H, T, hd)",
+    ),
+    (
+        "concat_kernel",
+        "The fused Triton kernel: gather, add, store",
+        "write a row-per-program Triton kernel with masked loads and stores and int64 row offsets",
+        30,
+        "02_kernel",
+        "@triton.jit concat_kernel(X, P, WTE, WPE, IDX, n_p, n, D, BLOCK_D: tl.constexpr), grid (B, n_p + n)",
+    ),
+    (
+        "concat_launcher",
+        "The launcher: validate, allocate, launch",
+        "refuse bad inputs before a launch (a kernel does not bounds-check), pick BLOCK_D and the grid",
+        20,
+        "02_kernel",
+        "launch_concat(kernel, prompt, wte, idx, wpe) -> x (B, n_p + n, D)",
+    ),
+    (
+        "batch_sum_kernel",
+        "The backward kernel: a deterministic sum over the batch",
+        "reduce over the batch inside one program, without atomics, so every run gives the same bits",
+        25,
+        "02_kernel",
+        "@triton.jit batch_sum_kernel(DX, DP, B, T, D, BLOCK_D: tl.constexpr), grid (n_p,)",
+    ),
+    (
+        "fix_snippet",
+        "Fix a 'prompt tuning' snippet that fine-tunes the whole model",
+        "make only the prompt train: a frozen model, an optimizer that holds one tensor, a learning rate that works",
+        15,
+        "03_training",
+        "tune(model, idx, targets, steps) -> (optimizer, losses)",
+    ),
+    (
+        "training_loop",
+        "A ten-line training loop for the prompt",
+        "write warmup, clipping and AdamW in the right order, step for step as a reference",
+        20,
+        "03_training",
+        "train(pt, get_batch, steps, lr, warmup, max_norm) -> losses",
+    ),
+    (
+        "vocab_init",
+        "Sampled-vocabulary initialisation",
+        "initialise a prompt from distinct frequent tokens, reproducibly (Lester et al., sections 2.1 and 3.2)",
+        15,
+        "03_training",
+        "vocab_init(wte (V, D), n_p, token_counts (V,), top_k, generator) -> P (n_p, D)",
+    ),
+    (
+        "label_init",
+        "Class-label initialisation",
+        "initialise prompt rows from the mean embedding of each class label's tokens",
+        10,
+        "03_training",
+        "label_init(wte (V, D), label_ids: list of K lists of ids) -> (K, D)",
+    ),
+    (
+        "ensemble_vote",
+        "Prompt ensembling by majority vote",
+        "combine K prompts' predictions by vote, with a tie-break that is only a tie-break (section 6)",
+        20,
+        "03_training",
+        "ensemble_vote(probs (K, N, C)) -> (N,) int64",
+    ),
+    (
+        "capstone",
+        "Capstone: your pieces tune a frozen GPT",
+        "plug your concat, its backward, your init and your loop into PromptTuning and reach 90% on parity",
+        30,
+        "04_capstone",
+        "{'concat': fn, 'concat_backward': fn, 'vocab_init': fn, 'train': fn}",
+    ),
+    (
+        "head_ce_kernel",
+        "The fused frozen-head cross-entropy, in Triton",
+        "compute a row's loss and dL/dh chunk by chunk over the vocabulary with a running max, never the (N, V) "
+        "logits, and skip the rows without a target",
+        40,
+        "05_kernel_track",
+        "@triton.jit head_ce_kernel(H, W, Y, LOSS, DH, V, D, n_sup, BLOCK_V, BLOCK_D), grid (N,)",
+    ),
+    (
+        "decode_attention_kernel",
+        "A decode step's attention over the cached prompt prefix",
+        "read a row's key/value cache (the prompt's, computed once, then its own tokens) chunk by chunk with an "
+        "online softmax, masked at the row's length",
+        35,
+        "05_kernel_track",
+        "@triton.jit decode_attention_kernel(Q, K, V, O, LENS, T, hd, scale, BLOCK_T, BLOCK_HD), grid (R,)",
+    ),
+    (
+        "predict_measure",
+        "Predict, measure, explain: step time and optimizer memory",
+        "predict from shapes alone whether a prompt-tuning step is faster than fine-tuning at 10 and 108 tokens, and "
+        "how many bytes AdamW keeps for a prompt",
+        15,
+        "06_predict_measure",
+        "predict() -> {'step_ratio_10': x, 'step_ratio_108': y, 'adamw_state_bytes': z}",
+    ),
 )
 
-_CHECKERS: dict[str, Callable] = {**equations.CHECKERS, **kernel.CHECKERS, **training.CHECKERS,
-                                  **kernel_track.CHECKERS, **capstone.CHECKERS, **predict.CHECKERS}
+_CHECKERS: dict[str, Callable] = {
+    **equations.CHECKERS,
+    **kernel.CHECKERS,
+    **training.CHECKERS,
+    **kernel_track.CHECKERS,
+    **predict.CHECKERS,
+    # the capstone runs its pieces' checkers through `evaluate` (defined below)
+    "capstone": lambda answer: capstone.check_capstone(answer, evaluate),
+}
 assert set(_CHECKERS) == set(EXERCISES)
 
 _RESULTS: dict[str, CheckResult] = {}
-NOT_STARTED = ("the answer raises NotImplementedError: fill in the lines marked YOUR CODE HERE (and delete the "
-               "raise), then run the check again.")
 
 
 def check(exercise_id: str, answer) -> CheckResult:
@@ -125,9 +211,13 @@ def evaluate(exercise_id: str, answer) -> CheckResult:
     try:
         result = _CHECKERS[exercise_id](answer)
     except Exception as err:  # noqa: BLE001 - an answer odd enough to trip the checker is still only a result
-        result = CheckResult(exercise_id, False, f"the checker could not evaluate this answer "
-                                                 f"({type(err).__name__}: {err}); check its signature: "
-                                                 f"{EXERCISES[exercise_id].signature}")
+        result = CheckResult(
+            exercise_id,
+            False,
+            f"the checker could not evaluate this answer "
+            f"({type(err).__name__}: {err}); check its signature: "
+            f"{EXERCISES[exercise_id].signature}",
+        )
     if not result.passed and "NotImplementedError" in result.message:  # the placeholder is still there
         result = CheckResult(exercise_id, False, NOT_STARTED, result.tried)
     return result

@@ -1,11 +1,12 @@
 """python -m minipt.exercises list | build [--check] | check NOTEBOOK.ipynb
 
-    list                   the exercises: id, minutes, notebook, title
-    build                  regenerate the student notebooks from notebooks/exercises/solutions/; a notebook a
-                           student filled in is kept (--force replaces it)
-    build --check          only report stale or filled student notebooks (exit 1 if any)
-    check NOTEBOOK.ipynb   run a notebook in a fresh kernel and print each exercise's result (exit 0 if all pass)
+list                   the exercises: id, minutes, notebook, title
+build                  regenerate the student notebooks from notebooks/exercises/solutions/; a notebook a
+                       student filled in is kept (--force replaces it)
+build --check          only report stale or filled student notebooks (exit 1 if any)
+check NOTEBOOK.ipynb   run a notebook in a fresh kernel and print each exercise's result (exit 0 if all pass)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,11 @@ def main(argv=None) -> int:
     p_build = sub.add_parser("build", help="generate the student notebooks from the solution notebooks")
     p_build.add_argument("--check", action="store_true", help="only report stale notebooks; exit 1 if any")
     p_build.add_argument("--folder", default=None, help="the exercises folder (default: notebooks/exercises)")
-    p_build.add_argument("--force", action="store_true",
-                         help="also replace notebooks that differ from what build generated (a student's work)")
+    p_build.add_argument(
+        "--force",
+        action="store_true",
+        help="also replace notebooks that differ from what build generated (a student's work)",
+    )
     p_check = sub.add_parser("check", help="run a notebook and grade its exercises")
     p_check.add_argument("notebook", help="a student (or solution) notebook, e.g. 01_math.ipynb")
     p_check.add_argument("--timeout", type=int, default=120, help="seconds allowed per cell (default 120)")
@@ -29,12 +33,14 @@ def main(argv=None) -> int:
 
     if args.command == "list":
         from . import EXERCISES
+
         for ex in EXERCISES.values():
             print(f"{ex.id:<22} {ex.minutes:>3} min  {ex.notebook:<12} {ex.title}")
         print(f"{len(EXERCISES)} exercises, {sum(ex.minutes for ex in EXERCISES.values())} minutes in all")
         return 0
     if args.command == "build":
         from .build import build, plan
+
         try:
             filled = [path for path, state, _ in plan(args.folder) if state == "filled"]
             touched = build(args.folder, check=args.check, force=args.force)
@@ -44,8 +50,10 @@ def main(argv=None) -> int:
         for path in touched:
             print(f"{'stale' if args.check else 'wrote'}: {path.name}")
         for path in filled if not args.force else []:
-            print(f"kept: {path.name} differs from the notebook build generated (filled in, or edited): it is "
-                  f"never replaced; move it away, or pass --force, to regenerate it")
+            print(
+                f"kept: {path.name} differs from the notebook build generated (filled in, or edited): it is "
+                f"never replaced; move it away, or pass --force, to regenerate it"
+            )
         if args.check and touched:
             print("run `python -m minipt.exercises build` to regenerate them", file=sys.stderr)
         if args.check and (touched or filled):
@@ -54,6 +62,7 @@ def main(argv=None) -> int:
             print("student notebooks are up to date")
         return 0
     from .grade import NotebookError, grade
+
     try:
         result = grade(args.notebook, timeout=args.timeout)
     except NotebookError as err:

@@ -21,11 +21,25 @@ A student's work is never replaced: each generated notebook records, in its meta
 as generated. A notebook whose cells no longer match that hash has been filled in (or edited) and `build`
 keeps it and says so (`status`); only `force=True` (`build --force`) replaces it.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+
+__all__ = [
+    "PLACEHOLDER",
+    "STUDENT_METADATA",
+    "build",
+    "cells_sha256",
+    "default_folder",
+    "notebook_text",
+    "plan",
+    "status",
+    "strip_solutions",
+    "student_notebook",
+]
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 PLACEHOLDER = ("# YOUR CODE HERE", 'raise NotImplementedError("fill in the lines marked YOUR CODE HERE")')

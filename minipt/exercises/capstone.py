@@ -14,7 +14,10 @@ concat=...)`; the prompt starts from the student's vocab_init and trains with th
 when the tuned prompt reaches PASS_MARK test exact match on parity's 500 test examples, and the student's
 forward and backward were the ones used.
 """
+
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -24,12 +27,18 @@ from minipt.data import batch_fn, exact_match_accuracy, token_frequencies
 from minipt.loss import mask_padding
 from minipt.tasks import make_split, pretraining_mixture
 
-from .result import CheckResult, call_answer, failed, passed
+from .result import NOT_STARTED, CheckResult, call_answer, failed, passed
 from .training import one_thread
 
+__all__ = ["PASS_MARK", "PIECES", "PIECE_EXERCISE", "RUN", "check_capstone", "student_concat"]
+
 PIECES = ("concat", "concat_backward", "vocab_init", "train")
-PIECE_EXERCISE = {"concat": "concat", "concat_backward": "concat_backward", "vocab_init": "vocab_init",
-                  "train": "training_loop"}
+PIECE_EXERCISE = {
+    "concat": "concat",
+    "concat_backward": "concat_backward",
+    "vocab_init": "vocab_init",
+    "train": "training_loop",
+}
 PASS_MARK = 0.90  # test exact match on parity
 RUN = dict(n_prompt=20, top_k=50, steps=100, lr=0.1, warmup=10, max_norm=1.0, batch_size=32, seed=0)
 
@@ -53,14 +62,17 @@ def student_concat(concat, concat_backward, calls: dict):
     return lambda prompt, wte, idx, wpe: StudentConcat.apply(prompt, wte, idx, wpe)
 
 
-def check_capstone(answer) -> CheckResult:
-    """answer: a dict of the four pieces (see the module docstring)."""
-    from . import NOT_STARTED, evaluate  # the pieces' own checkers, their results not kept as theirs
+def check_capstone(answer, evaluate: Callable[[str, object], CheckResult]) -> CheckResult:
+    """answer: a dict of the four pieces (see the module docstring). evaluate(exercise_id, answer) runs a piece's own
+    checker without recording its result; it is passed in by `minipt.exercises` so that this module does not import
+    its package back."""
 
     exercise = "capstone"
-    tried = [f"the shipped tiny GPT, frozen; parity without its instruction; {RUN['n_prompt']} prompt rows from "
-             f"vocab_init(top_k={RUN['top_k']}); train(steps={RUN['steps']}, lr={RUN['lr']}, warmup={RUN['warmup']}, "
-             f"max_norm={RUN['max_norm']}), batches of {RUN['batch_size']}; test exact match on 500 examples"]
+    tried = [
+        f"the shipped tiny GPT, frozen; parity without its instruction; {RUN['n_prompt']} prompt rows from "
+        f"vocab_init(top_k={RUN['top_k']}); train(steps={RUN['steps']}, lr={RUN['lr']}, warmup={RUN['warmup']}, "
+        f"max_norm={RUN['max_norm']}), batches of {RUN['batch_size']}; test exact match on 500 examples"
+    ]
     if not isinstance(answer, dict) or set(answer) != set(PIECES):
         got = sorted(answer) if isinstance(answer, dict) else type(answer).__name__
         return failed(exercise, f"hand over a dict of the four pieces {list(PIECES)}, got {got}", tried)
@@ -69,15 +81,20 @@ def check_capstone(answer) -> CheckResult:
         if result.message == NOT_STARTED:
             return failed(exercise, NOT_STARTED, tried)
         if not result.passed:
-            return failed(exercise, f"the piece `{piece}` does not pass its own exercise "
-                                    f"({PIECE_EXERCISE[piece]}): {result.message}", tried)
+            return failed(
+                exercise,
+                f"the piece `{piece}` does not pass its own exercise ({PIECE_EXERCISE[piece]}): {result.message}",
+                tried,
+            )
     tok = ByteTokenizer()
     model = load_base()
     train_ex, test_ex = make_split("parity", "train", 2000, seed=0), make_split("parity", "test", 500, seed=0)
     counts = token_frequencies(pretraining_mixture(5000, seed=0), tok)
     wte = model.transformer.wte.weight.detach()
-    P0, error = call_answer(answer["vocab_init"], (wte.clone(), RUN["n_prompt"], counts, RUN["top_k"],
-                                                   torch.Generator().manual_seed(RUN["seed"])))
+    P0, error = call_answer(
+        answer["vocab_init"],
+        (wte.clone(), RUN["n_prompt"], counts, RUN["top_k"], torch.Generator().manual_seed(RUN["seed"])),
+    )
     if error:
         return failed(exercise, f"vocab_init {error}.", tried)
     calls = {"forward": 0, "backward": 0}
@@ -89,21 +106,28 @@ def check_capstone(answer) -> CheckResult:
         return idx, mask_padding(targets, mask)
 
     with one_thread():
-        losses, error = call_answer(answer["train"], (pt, get_batch, RUN["steps"], RUN["lr"], RUN["warmup"],
-                                                      RUN["max_norm"]))
+        losses, error = call_answer(
+            answer["train"], (pt, get_batch, RUN["steps"], RUN["lr"], RUN["warmup"], RUN["max_norm"])
+        )
         if error:
             return failed(exercise, f"train {error}.", tried)
         accuracy = exact_match_accuracy(pt, test_ex, tok)
     if calls["forward"] < RUN["steps"] or calls["backward"] < RUN["steps"]:
-        return failed(exercise, f"your concat ran {calls['forward']} times and its backward {calls['backward']} "
-                                f"times in {RUN['steps']} steps: the model did not read the prompt through them",
-                      tried)
-    summary = (f"test exact match {accuracy:.1%} on parity (loss {losses[0]:.3f} -> {losses[-1]:.3f}), with your "
-               f"concat, its backward, your init and your loop")
+        return failed(
+            exercise,
+            f"your concat ran {calls['forward']} times and its backward {calls['backward']} "
+            f"times in {RUN['steps']} steps: the model did not read the prompt through them",
+            tried,
+        )
+    summary = (
+        f"test exact match {accuracy:.1%} on parity (loss {losses[0]:.3f} -> {losses[-1]:.3f}), with your "
+        f"concat, its backward, your init and your loop"
+    )
     if accuracy >= PASS_MARK:
         return passed(exercise, f"{summary}: at least {PASS_MARK:.0%}.", tried)
-    return failed(exercise, f"{summary}: below the {PASS_MARK:.0%} a correct set of pieces reaches. Every piece "
-                            f"passes its own check, so look at how they fit together.", tried)
-
-
-CHECKERS = {"capstone": check_capstone}
+    return failed(
+        exercise,
+        f"{summary}: below the {PASS_MARK:.0%} a correct set of pieces reaches. Every piece "
+        f"passes its own check, so look at how they fit together.",
+        tried,
+    )

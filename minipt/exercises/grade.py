@@ -12,6 +12,7 @@ itself, the others must not depend on it), and talking to the grader over Unix s
 folder rather than TCP ports: nothing else on the machine can connect to it, and ipykernel has no reason to
 warn about unencrypted TCP.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from . import EXERCISES, RESULTS_ENV
 from .result import CheckResult
+
+__all__ = ["Grade", "NotebookError", "execute", "grade", "kernel_env", "kernel_manager", "read_notebook"]
 
 
 class NotebookError(ValueError):
@@ -39,8 +42,7 @@ class Grade:
 
     @property
     def all_passed(self) -> bool:
-        return not self.errors and bool(self.results) and all(r is not None and r.passed
-                                                              for r in self.results.values())
+        return not self.errors and bool(self.results) and all(r is not None and r.passed for r in self.results.values())
 
     def report(self) -> str:
         lines = [f"{self.notebook}: ran in {self.seconds:.1f} s"]
@@ -93,8 +95,8 @@ def kernel_manager(folder: str):
 
 def execute(path: Path, timeout: int = 120):
     """Run the notebook at `path`: (the executed notebook, its seconds, the results its checks wrote, and a line
-    for each cell that was interrupted or killed the kernel). Cells that raise do not stop the run; a cell that runs past
-    `timeout` seconds is interrupted and counts as raising; a cell that kills the kernel ends the run."""
+    for each cell that was interrupted or killed the kernel). Cells that raise do not stop the run; a cell that runs
+    past `timeout` seconds is interrupted and counts as raising; a cell that kills the kernel ends the run."""
     import nbclient
     from nbclient.exceptions import DeadKernelError
 
@@ -106,11 +108,20 @@ def execute(path: Path, timeout: int = 120):
         quiet = logging.getLogger("minipt.exercises.grade")
         quiet.setLevel(logging.CRITICAL)  # nbclient logs a timeout as an error; the report says it once
         client = nbclient.NotebookClient(
-            nb, km=kernel_manager(folder), timeout=timeout, allow_errors=True, record_timing=False,
-            interrupt_on_timeout=True, log=quiet,
-            error_on_timeout={"ename": "Timeout", "evalue": f"the cell ran longer than {timeout} s and was "
-                                                            f"interrupted", "traceback": []},
-            resources={"metadata": {"path": str(path.resolve().parent)}})
+            nb,
+            km=kernel_manager(folder),
+            timeout=timeout,
+            allow_errors=True,
+            record_timing=False,
+            interrupt_on_timeout=True,
+            log=quiet,
+            error_on_timeout={
+                "ename": "Timeout",
+                "evalue": f"the cell ran longer than {timeout} s and was interrupted",
+                "traceback": [],
+            },
+            resources={"metadata": {"path": str(path.resolve().parent)}},
+        )
         start = time.perf_counter()
         with client.setup_kernel(env=kernel_env(results_file)):
             try:
@@ -119,13 +130,17 @@ def execute(path: Path, timeout: int = 120):
                     try:
                         client.execute_cell(cell, index)
                     except DeadKernelError:
-                        stopped = (f"cell {index + 1}: the kernel died while running it (os._exit, a crash, or "
-                                   f"out of memory?); the cells after it did not run")
+                        stopped = (
+                            f"cell {index + 1}: the kernel died while running it (os._exit, a crash, or "
+                            f"out of memory?); the cells after it did not run"
+                        )
                         break
                     if time.perf_counter() - began >= timeout:  # interrupted: say so, not "KeyboardInterrupt"
                         cell.outputs = [o for o in cell.outputs if o.output_type != "error"]
-                        timed_out.append(f"cell {index + 1}: ran longer than {timeout} s and was interrupted; "
-                                         f"the cells after it still ran")
+                        timed_out.append(
+                            f"cell {index + 1}: ran longer than {timeout} s and was interrupted; "
+                            f"the cells after it still ran"
+                        )
             except KeyboardInterrupt:  # Ctrl-C: kill the kernel at once (no polite shutdown to wait for)
                 process = getattr(getattr(client.km, "provisioner", None), "process", None)
                 if process is not None:

@@ -19,6 +19,7 @@ What the checker adds to a plain comparison:
 Triton is optional (it ships for Linux only): without it every kernel check returns a failed result that
 says so, and never raises.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,18 +31,69 @@ import numpy as np
 import torch
 
 from .equations import CONCAT_MISTAKES, concat_reference
-from .result import (Case, _equal, CheckResult, Mistake, diagnose_all, draw_cases, failed, first_difference, passed, pick,
-                     randint, size_hint)
+from .result import (
+    Case,
+    CheckResult,
+    Mistake,
+    _equal,
+    diagnose_all,
+    draw_cases,
+    failed,
+    first_difference,
+    passed,
+    pick,
+    randint,
+    size_hint,
+)
+
+__all__ = [
+    "BATCH_SUM_MISTAKES",
+    "CHECKERS",
+    "DRAWN_KERNEL_CASES",
+    "GUARD",
+    "Guarded",
+    "KERNEL_CASES",
+    "KernelSpy",
+    "Launch",
+    "MemoryAudit",
+    "NO_TRITON",
+    "Region",
+    "access_picture",
+    "audit_note",
+    "batch_sum_case",
+    "batch_sum_cases",
+    "batch_sum_reference",
+    "check_batch_sum_kernel",
+    "check_concat_kernel",
+    "check_concat_launcher",
+    "concat_kernel_cases",
+    "device_calls_interpreted",
+    "draw_kernel_case",
+    "import_triton",
+    "kernel_case",
+    "launch_problem",
+    "launcher_cases",
+    "memory_problem",
+    "next_power_of_2",
+    "python_function",
+    "run_interpreted",
+    "triton_stub",
+    "unwritten",
+    "written_mask",
+]
 
 GUARD = 64  # elements of padding on either side of every tensor a kernel sees (>= any BLOCK_D used here)
-NO_TRITON = ("Triton is not installed (it ships wheels for Linux only), so this kernel cannot be checked here. "
-             "Run this notebook on Linux (a laptop, or a free notebook service) after `pip install triton`.")
+NO_TRITON = (
+    "Triton is not installed (it ships wheels for Linux only), so this kernel cannot be checked here. "
+    "Run this notebook on Linux (a laptop, or a free notebook service) after `pip install triton`."
+)
 
 
 def import_triton():
     """(triton, interpreter module), or ImportError: imported only when a kernel is checked."""
     import triton
     from triton.runtime import interpreter
+
     return triton, interpreter
 
 
@@ -49,11 +101,13 @@ def triton_stub():
     """Stand-ins for `triton` and `triton.language` where Triton is not installed: enough for a notebook's
     kernel cells to be defined (`@triton.jit`, `tl.constexpr`). They never run: each check says why."""
     from types import SimpleNamespace
+
     language = SimpleNamespace(constexpr=int)
     return SimpleNamespace(jit=lambda fn: fn, next_power_of_2=next_power_of_2, language=language), language
 
 
 # ---- guarded tensors ------------------------------------------------------------------------------------
+
 
 @dataclass
 class Guarded:
@@ -65,24 +119,25 @@ class Guarded:
     fill: float
 
     @classmethod
-    def around(cls, name: str, t: torch.Tensor, fill) -> "Guarded":
+    def around(cls, name: str, t: torch.Tensor, fill) -> Guarded:
         buffer = torch.full((t.numel() + 2 * GUARD,), fill, dtype=t.dtype)
-        view = buffer[GUARD: GUARD + t.numel()].view(t.shape)
+        view = buffer[GUARD : GUARD + t.numel()].view(t.shape)
         view.copy_(t)
         return cls(name, buffer, view, fill)
 
     @classmethod
-    def empty(cls, name: str, shape, dtype) -> "Guarded":
+    def empty(cls, name: str, shape, dtype) -> Guarded:
         return cls.around(name, torch.full(shape, float("nan"), dtype=dtype), float("nan"))
 
     def guard_written(self) -> bool:
-        guard = torch.cat([self.buffer[:GUARD], self.buffer[GUARD + self.view.numel():]])
+        guard = torch.cat([self.buffer[:GUARD], self.buffer[GUARD + self.view.numel() :]])
         if isinstance(self.fill, float) and self.fill != self.fill:  # NaN
             return not bool(guard.isnan().all())
         return not bool((guard == self.fill).all())
 
 
 # ---- the memory audit -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Region:
@@ -93,7 +148,7 @@ class Region:
     itemsize: int
 
     @classmethod
-    def of(cls, name: str, t: torch.Tensor) -> "Region":
+    def of(cls, name: str, t: torch.Tensor) -> Region:
         start = t.data_ptr()
         return cls(name, start, start + t.numel() * t.element_size(), tuple(t.shape), t.element_size())
 
@@ -259,12 +314,16 @@ def memory_problem(audit: MemoryAudit, outputs: list[Guarded], hints: dict | Non
     for a stray load near it (a bad offset rather than a missing mask)."""
     if audit.bad_store:
         if " at lane 0 " in audit.bad_store:  # even the row's first element is outside: the offset is wrong
-            return (f"{audit.bad_store}: the whole row lies outside the tensor, so no mask can help: check the row "
-                    f"offset (which program id is b and which t, and the stride between rows and examples)")
+            return (
+                f"{audit.bad_store}: the whole row lies outside the tensor, so no mask can help: check the row "
+                f"offset (which program id is b and which t, and the stride between rows and examples)"
+            )
         return f"{audit.bad_store}: mask every tl.store (mask=offs < D) so the lanes past a row's end write nothing"
     if audit.bad_load:
-        advice = next((text for name, text in (hints or {}).items() if f" of {name} (" in audit.bad_load),
-                      "mask every tl.load (mask=offs < D) and check the row offsets")
+        advice = next(
+            (text for name, text in (hints or {}).items() if f" of {name} (" in audit.bad_load),
+            "mask every tl.load (mask=offs < D) and check the row offsets",
+        )
         return f"{audit.bad_load}: an out-of-bounds read (a GPU returns garbage or faults); {advice}"
     for g in outputs:
         if g.guard_written():
@@ -292,11 +351,15 @@ def unwritten(x: torch.Tensor, dims, name: str = "x", written: torch.Tensor | No
     first = tuple(int(i) for i in nan.nonzero()[0])
     where = f"{name}[{', '.join(f'{d}={i}' for d, i in zip(dims, first))}]"
     if written is not None and bool(written[first]):
-        return (f"{where} was written, but with NaN: the value stored came from memory the kernel had not set. "
-                f"The checker fills {name} with NaN before the launch: an accumulator loaded from {name} (or from "
-                f"tl.load without a mask's `other=`) starts from NaN; start it from tl.zeros")
-    return (f"{where} was never written (it still holds the NaN the checker filled {name} with): "
-            f"every program must store its whole row")
+        return (
+            f"{where} was written, but with NaN: the value stored came from memory the kernel had not set. "
+            f"The checker fills {name} with NaN before the launch: an accumulator loaded from {name} (or from "
+            f"tl.load without a mask's `other=`) starts from NaN; start it from tl.zeros"
+        )
+    return (
+        f"{where} was never written (it still holds the NaN the checker filled {name} with): "
+        f"every program must store its whole row"
+    )
 
 
 def next_power_of_2(n: int) -> int:
@@ -310,8 +373,12 @@ DRAWN_KERNEL_CASES = 6  # seeded draws on top, at most 12 programs each: the int
 
 
 def kernel_case(gen, B, n_p, n, D, V=7, extra_ctx=2) -> Case:
-    args = (torch.randn(n_p, D, generator=gen), torch.randn(V, D, generator=gen),
-            torch.randint(0, V, (B, n), generator=gen), torch.randn(n_p + n + extra_ctx, D, generator=gen))
+    args = (
+        torch.randn(n_p, D, generator=gen),
+        torch.randn(V, D, generator=gen),
+        torch.randint(0, V, (B, n), generator=gen),
+        torch.randn(n_p + n + extra_ctx, D, generator=gen),
+    )
     return Case(dict(B=B, n_p=n_p, n=n, D=D), args, "fills wpe: n_p + n = n_ctx" if extra_ctx == 0 else "")
 
 
@@ -339,25 +406,36 @@ def check_concat_kernel(kernel) -> CheckResult:
         B, n = idx.shape
         n_p, D = prompt.shape
         X = Guarded.empty("x", (B, n_p + n, D), torch.float32)
-        inputs = [Guarded.around("P", prompt, float("nan")), Guarded.around("wte", wte, float("nan")),
-                  Guarded.around("wpe", wpe, float("nan")), Guarded.around("idx", idx, 0)]
+        inputs = [
+            Guarded.around("P", prompt, float("nan")),
+            Guarded.around("wte", wte, float("nan")),
+            Guarded.around("wpe", wpe, float("nan")),
+            Guarded.around("idx", idx, 0),
+        ]
         P, WTE, WPE, IDX = (g.view for g in inputs)
-        audit, error = run_interpreted(kernel, (B, n_p + n), (X.view, P, WTE, WPE, IDX, n_p, n, D,
-                                                              next_power_of_2(D)),
-                                     {g.name: g.view for g in [X, *inputs]})
+        audit, error = run_interpreted(
+            kernel,
+            (B, n_p + n),
+            (X.view, P, WTE, WPE, IDX, n_p, n, D, next_power_of_2(D)),
+            {g.name: g.view for g in [X, *inputs]},
+        )
         got = X.view.clone()
-        problem = error or memory_problem(audit, [X], {"idx": "the token of row t >= n_p is idx[b, t - n_p], at "
-                                                                  "IDX + b * n + (t - n_p)"})
+        problem = error or memory_problem(
+            audit, [X], {"idx": "the token of row t >= n_p is idx[b, t - n_p], at IDX + b * n + (t - n_p)"}
+        )
         gots.append(got if problem is None else None)  # an output worth comparing with the named mistakes
         if problem is None:
             problem = unwritten(got, ("b", "t", "d"), "x", written_mask(audit, X.view)) or first_difference(
-                expected, got, dims=("b", "t", "d"), shape_doc="(B, n_p + n, D)", atol=1e-6, rtol=1e-6, name="x")
+                expected, got, dims=("b", "t", "d"), shape_doc="(B, n_p + n, D)", atol=1e-6, rtol=1e-6, name="x"
+            )
         results.append((case, problem is None))
         if problem and first is None:
             first = (case, problem)
     if first and "first difference" in first[1]:
-        first = (first[0], first[1].rstrip(".") + "." + diagnose_all(CONCAT_MISTAKES, cases, gots, 1e-6, 1e-6,
-                                                                     first=first[0]))
+        first = (
+            first[0],
+            first[1].rstrip(".") + "." + diagnose_all(CONCAT_MISTAKES, cases, gots, 1e-6, 1e-6, first=first[0]),
+        )
     return _report("concat_kernel", cases, results, first, audit_note(audit))
 
 
@@ -379,6 +457,7 @@ def _report(exercise: str, cases, results, first, note: str = "") -> CheckResult
 
 # ---- batch_sum_kernel ------------------------------------------------------------------------------------
 
+
 def batch_sum_reference(dx, n_p):
     return dx[:, :n_p].double().sum(dim=0).to(dx.dtype)  # (n_p, D), summed in float64
 
@@ -390,8 +469,11 @@ def batch_sum_case(gen, B, n_p, n, D) -> Case:
 def batch_sum_cases() -> list[Case]:
     gen = torch.Generator().manual_seed(6)
     fixed = [batch_sum_case(gen, *sizes) for sizes in [(3, 2, 3, 5), (1, 1, 1, 4), (4, 3, 1, 3)]]
-    return fixed + draw_cases(6, DRAWN_KERNEL_CASES, lambda g: batch_sum_case(
-        g, randint(g, 1, 6), randint(g, 1, 4), randint(g, 1, 5), randint(g, 1, 37)))
+    return fixed + draw_cases(
+        6,
+        DRAWN_KERNEL_CASES,
+        lambda g: batch_sum_case(g, randint(g, 1, 6), randint(g, 1, 4), randint(g, 1, 5), randint(g, 1, 37)),
+    )
 
 
 def _rows_with_stride(dx, n_p, row_stride):
@@ -401,17 +483,21 @@ def _rows_with_stride(dx, n_p, row_stride):
 
 
 BATCH_SUM_MISTAKES = [
-    Mistake("the sum is divided by B (a mean over the batch): dL/dP is a sum, each example adds its own share",
-            lambda dx, n_p: dx[:, :n_p].mean(dim=0)),
-    Mistake("only example b = 0 is read: the loop over the batch is missing (right for B = 1 only)",
-            lambda dx, n_p: dx[0, :n_p].clone()),
-    Mistake("example b is looked for at row b * n_p instead of b * T (T = n_p + n): the batch stride of dx is "
-            "T * D, since every example has all T rows",
-            lambda dx, n_p: _rows_with_stride(dx, n_p, n_p)),
-    Mistake("the loop stops one example early (range(B - 1))",
-            lambda dx, n_p: dx[:-1, :n_p].sum(dim=0)),
-    Mistake("the loop skips example b = 0 (range(1, B))",
-            lambda dx, n_p: dx[1:, :n_p].sum(dim=0)),
+    Mistake(
+        "the sum is divided by B (a mean over the batch): dL/dP is a sum, each example adds its own share",
+        lambda dx, n_p: dx[:, :n_p].mean(dim=0),
+    ),
+    Mistake(
+        "only example b = 0 is read: the loop over the batch is missing (right for B = 1 only)",
+        lambda dx, n_p: dx[0, :n_p].clone(),
+    ),
+    Mistake(
+        "example b is looked for at row b * n_p instead of b * T (T = n_p + n): the batch stride of dx is "
+        "T * D, since every example has all T rows",
+        lambda dx, n_p: _rows_with_stride(dx, n_p, n_p),
+    ),
+    Mistake("the loop stops one example early (range(B - 1))", lambda dx, n_p: dx[:-1, :n_p].sum(dim=0)),
+    Mistake("the loop skips example b = 0 (range(1, B))", lambda dx, n_p: dx[1:, :n_p].sum(dim=0)),
 ]
 
 
@@ -430,8 +516,9 @@ def check_batch_sum_kernel(kernel) -> CheckResult:
         for _ in range(2):  # twice: a deterministic reduction gives the same bits every time
             DP = Guarded.empty("dP", (n_p, D), torch.float32)
             DX = Guarded.around("dx", dx, float("nan"))
-            audit, error = run_interpreted(kernel, (n_p,), (DX.view, DP.view, B, T, D, next_power_of_2(D)),
-                                           {"dx": DX.view, "dP": DP.view})
+            audit, error = run_interpreted(
+                kernel, (n_p,), (DX.view, DP.view, B, T, D, next_power_of_2(D)), {"dx": DX.view, "dP": DP.view}
+            )
             runs.append((audit, error, DP))
             if error:
                 break
@@ -439,31 +526,42 @@ def check_batch_sum_kernel(kernel) -> CheckResult:
         got = DP.view.clone()
         problem = error
         if problem is None and audit.atomics:
-            problem = (f"the kernel uses atomic operations ({audit.atomics} calls, e.g. tl.atomic_add): on a GPU "
-                       f"the programs then add in whatever order they finish, and dP changes in its last bits "
-                       f"from run to run. Let one program own each row t and loop over b")
+            problem = (
+                f"the kernel uses atomic operations ({audit.atomics} calls, e.g. tl.atomic_add): on a GPU "
+                f"the programs then add in whatever order they finish, and dP changes in its last bits "
+                f"from run to run. Let one program own each row t and loop over b"
+            )
         problem = problem or memory_problem(audit, [DP])
         gots.append(got if problem is None else None)
         if problem is None:
             problem = unwritten(got, ("t", "d"), "dP", written_mask(audit, DP.view)) or first_difference(
-                expected, got, dims=("t", "d"), shape_doc="(n_p, D)", atol=1e-5, rtol=1e-5, name="dP")
-            if problem and "first difference" in problem and bool(
-                    ((got - expected).abs() <= 1e-2 * expected.abs().max()).all()):
-                problem += (". The values are all within 1% of the sum: is the accumulator in a lower precision "
-                            "(float16, bfloat16)? Accumulate in float32: tl.zeros((BLOCK_D,), dtype=tl.float32)")
+                expected, got, dims=("t", "d"), shape_doc="(n_p, D)", atol=1e-5, rtol=1e-5, name="dP"
+            )
+            if (
+                problem
+                and "first difference" in problem
+                and bool(((got - expected).abs() <= 1e-2 * expected.abs().max()).all())
+            ):
+                problem += (
+                    ". The values are all within 1% of the sum: is the accumulator in a lower precision "
+                    "(float16, bfloat16)? Accumulate in float32: tl.zeros((BLOCK_D,), dtype=tl.float32)"
+                )
         if problem is None and not _equal(got.view(torch.int32), runs[1][2].view.view(torch.int32)):
             problem = "two runs on the same input gave different bits: the reduction is not deterministic"
         results.append((case, problem is None))
         if problem and first is None:
             first = (case, problem)
     if first and "first difference" in first[1] and "within 1%" not in first[1]:
-        first = (first[0], first[1].rstrip(".") + "." + diagnose_all(BATCH_SUM_MISTAKES, cases, gots, 1e-5, 1e-5,
-                                                                     first=first[0]))
+        first = (
+            first[0],
+            first[1].rstrip(".") + "." + diagnose_all(BATCH_SUM_MISTAKES, cases, gots, 1e-5, 1e-5, first=first[0]),
+        )
     note = audit_note(audit) + " Two runs gave identical bits, and no atomics were used."
     return _report("batch_sum_kernel", cases, results, first, note)
 
 
 # ---- concat_launcher -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Launch:
@@ -493,8 +591,10 @@ class KernelSpy:
         launch = Launch(grid, dict(bound))
         self.launches.append(launch)
         if launch_problem(launch) is None:
-            tensors = {name: bound[key] for name, key in
-                       [("x", "X"), ("P", "P"), ("wte", "WTE"), ("wpe", "WPE"), ("idx", "IDX")]}
+            tensors = {
+                name: bound[key]
+                for name, key in [("x", "X"), ("P", "P"), ("wte", "WTE"), ("wpe", "WPE"), ("idx", "IDX")]
+            }
             self.audit, error = run_interpreted(self.reference, grid, tuple(bound.values()), tensors)
             if error:
                 raise RuntimeError(error)
@@ -513,23 +613,33 @@ def launch_problem(launch: Launch) -> str | None:
     V = WTE.shape[0]
     if IDX.numel() and (int(IDX.min()) < 0 or int(IDX.max()) >= V):
         bad = int(IDX.max()) if int(IDX.max()) >= V else int(IDX.min())
-        return (f"the kernel was launched with token id {bad}, outside [0, V) = [0, {V}): a GPU kernel would read "
-                f"a row that is not in wte (garbage or a fault, no error). Check idx.min() >= 0 and idx.max() < V "
-                f"and raise ValueError before the launch")
+        return (
+            f"the kernel was launched with token id {bad}, outside [0, V) = [0, {V}): a GPU kernel would read "
+            f"a row that is not in wte (garbage or a fault, no error). Check idx.min() >= 0 and idx.max() < V "
+            f"and raise ValueError before the launch"
+        )
     T = a["P"].shape[0] + IDX.shape[1]
     if T > WPE.shape[0]:
-        return (f"the kernel was launched for n_p + n = {T} positions but wpe has only n_ctx = {WPE.shape[0]} rows: "
-                f"check n_p + n <= n_ctx and raise ValueError before the launch")
+        return (
+            f"the kernel was launched for n_p + n = {T} positions but wpe has only n_ctx = {WPE.shape[0]} rows: "
+            f"check n_p + n <= n_ctx and raise ValueError before the launch"
+        )
     if a["X"].dtype != WTE.dtype:
-        return (f"x was allocated as {str(a['X'].dtype).replace('torch.', '')} for a wte of "
-                f"{str(WTE.dtype).replace('torch.', '')}: allocate x in wte's dtype (dtype=wte.dtype)")
+        return (
+            f"x was allocated as {str(a['X'].dtype).replace('torch.', '')} for a wte of "
+            f"{str(WTE.dtype).replace('torch.', '')}: allocate x in wte's dtype (dtype=wte.dtype)"
+        )
     if a["P"].shape[1] != WTE.shape[1] or WPE.shape[1] != WTE.shape[1]:
-        return (f"the kernel was launched with rows of different widths (P {tuple(a['P'].shape)}, wte "
-                f"{tuple(WTE.shape)}, wpe {tuple(WPE.shape)}): check that they share D and raise ValueError")
+        return (
+            f"the kernel was launched with rows of different widths (P {tuple(a['P'].shape)}, wte "
+            f"{tuple(WTE.shape)}, wpe {tuple(WPE.shape)}): check that they share D and raise ValueError"
+        )
     BLOCK_D, D = a["BLOCK_D"], a["D"]
     if not isinstance(BLOCK_D, int) or BLOCK_D < 1 or BLOCK_D & (BLOCK_D - 1):
-        return (f"BLOCK_D={BLOCK_D} is not a power of two: tl.arange(0, BLOCK_D) needs one; use "
-                f"triton.next_power_of_2(D) and let the mask cut the extra lanes")
+        return (
+            f"BLOCK_D={BLOCK_D} is not a power of two: tl.arange(0, BLOCK_D) needs one; use "
+            f"triton.next_power_of_2(D) and let the mask cut the extra lanes"
+        )
     if BLOCK_D < D:
         return f"BLOCK_D={BLOCK_D} < D={D}: each program would cover only part of its row"
     return None
@@ -544,24 +654,33 @@ def launcher_cases():
     gen = torch.Generator().manual_seed(7)
 
     def inputs(B, n_p, n, D, V=7, n_ctx=None, dtype=torch.float32):
-        return (torch.randn(n_p, D, generator=gen, dtype=dtype), torch.randn(V, D, generator=gen, dtype=dtype),
-                torch.randint(0, V, (B, n), generator=gen),
-                torch.randn(n_ctx or n_p + n + 2, D, generator=gen, dtype=dtype))
+        return (
+            torch.randn(n_p, D, generator=gen, dtype=dtype),
+            torch.randn(V, D, generator=gen, dtype=dtype),
+            torch.randint(0, V, (B, n), generator=gen),
+            torch.randn(n_ctx or n_p + n + 2, D, generator=gen, dtype=dtype),
+        )
 
     def draw(g):
         B, n_p, n, D = randint(g, 1, 3), randint(g, 1, 3), randint(g, 1, 3), randint(g, 1, 19)
         dtype = pick(g, [torch.float32, torch.float64, torch.float16])
         fills = bool(randint(g, 0, 1))
-        args = (torch.randn(n_p, D, generator=g, dtype=dtype), torch.randn(5, D, generator=g, dtype=dtype),
-                torch.randint(0, 5, (B, n), generator=g),
-                torch.randn(n_p + n + (0 if fills else 3), D, generator=g, dtype=dtype))
+        args = (
+            torch.randn(n_p, D, generator=g, dtype=dtype),
+            torch.randn(5, D, generator=g, dtype=dtype),
+            torch.randint(0, 5, (B, n), generator=g),
+            torch.randn(n_p + n + (0 if fills else 3), D, generator=g, dtype=dtype),
+        )
         notes = [{torch.float32: "", torch.float64: "fp64", torch.float16: "fp16"}[dtype]]
         return Case(dict(B=B, n_p=n_p, n=n, D=D), args, ", ".join(x for x in notes + ["fills wpe"] * fills if x))
 
-    valid = [Case(dict(B=2, n_p=2, n=3, D=5), inputs(2, 2, 3, 5)), Case(dict(B=1, n_p=1, n=1, D=8), inputs(1, 1, 1, 8)),
-             Case(dict(B=2, n_p=2, n=2, D=6), inputs(2, 2, 2, 6, n_ctx=4), "fills wpe: n_p + n = n_ctx = 4"),
-             Case(dict(B=1, n_p=2, n=2, D=3), inputs(1, 2, 2, 3, dtype=torch.float64), "fp64"),
-             Case(dict(B=2, n_p=1, n=2, D=4), inputs(2, 1, 2, 4, dtype=torch.float16), "fp16")]
+    valid = [
+        Case(dict(B=2, n_p=2, n=3, D=5), inputs(2, 2, 3, 5)),
+        Case(dict(B=1, n_p=1, n=1, D=8), inputs(1, 1, 1, 8)),
+        Case(dict(B=2, n_p=2, n=2, D=6), inputs(2, 2, 2, 6, n_ctx=4), "fills wpe: n_p + n = n_ctx = 4"),
+        Case(dict(B=1, n_p=2, n=2, D=3), inputs(1, 2, 2, 3, dtype=torch.float64), "fp64"),
+        Case(dict(B=2, n_p=1, n=2, D=4), inputs(2, 1, 2, 4, dtype=torch.float16), "fp16"),
+    ]
     valid += draw_cases(7, 4, draw)
     invalid = []
     P, wte, idx, wpe = inputs(2, 2, 3, 5)
@@ -571,12 +690,27 @@ def launcher_cases():
     invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (P, wte, idx_big, wpe), f"a token id equal to V = {len(wte)}"))
     invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (P, wte, idx_neg, wpe), "a token id of -1"))
     invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (P, wte, idx, wpe[:4]), "n_p + n = 5 > n_ctx = 4"))
-    invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (torch.randn(2, 6, generator=gen), wte, idx, wpe),
-                        "a prompt of width 6 for a table of width 5"))
-    invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (P, wte, idx, torch.randn(len(wpe), 6, generator=gen)),
-                        "a wpe of width 6 for a table of width 5"))
-    invalid.append(Case(dict(B=2, n_p=2, n=3, D=5), (P, wte, idx, torch.randn(len(wpe), 4, generator=gen)),
-                        "a wpe of width 4 for a table of width 5"))
+    invalid.append(
+        Case(
+            dict(B=2, n_p=2, n=3, D=5),
+            (torch.randn(2, 6, generator=gen), wte, idx, wpe),
+            "a prompt of width 6 for a table of width 5",
+        )
+    )
+    invalid.append(
+        Case(
+            dict(B=2, n_p=2, n=3, D=5),
+            (P, wte, idx, torch.randn(len(wpe), 6, generator=gen)),
+            "a wpe of width 6 for a table of width 5",
+        )
+    )
+    invalid.append(
+        Case(
+            dict(B=2, n_p=2, n=3, D=5),
+            (P, wte, idx, torch.randn(len(wpe), 4, generator=gen)),
+            "a wpe of width 4 for a table of width 5",
+        )
+    )
     return valid, invalid
 
 
@@ -613,10 +747,18 @@ def check_concat_launcher(launcher) -> CheckResult:
             return failed(exercise, f"Inputs with {case.note}: {reason}.", tried)
         if error != "ValueError":
             what = f"raised {error}" if error else "returned without an error"
-            return failed(exercise, f"Inputs with {case.note}: the launcher {what}; it must raise ValueError "
-                                    f"(with a message that says what is wrong) before launching.", tried)
-    return passed(exercise, f"{len(valid)} launches match the reference; {len(invalid)} invalid inputs were "
-                            f"refused with ValueError before any launch.", tried)
+            return failed(
+                exercise,
+                f"Inputs with {case.note}: the launcher {what}; it must raise ValueError "
+                f"(with a message that says what is wrong) before launching.",
+                tried,
+            )
+    return passed(
+        exercise,
+        f"{len(valid)} launches match the reference; {len(invalid)} invalid inputs were "
+        f"refused with ValueError before any launch.",
+        tried,
+    )
 
 
 def _valid_launch_problem(launcher, reference_kernel, case: Case) -> str | None:
@@ -641,14 +783,17 @@ def _valid_launch_problem(launcher, reference_kernel, case: Case) -> str | None:
         return problem + "."
     grid = launch.grid + (1,) * (3 - len(launch.grid))
     if grid != (B, n_p + n, 1):
-        return (f"grid {launch.grid} launches {int(np.prod(launch.grid))} programs, but x has B x (n_p + n) = "
-                f"{B} x {n_p + n} rows: one program per row (b, t), grid (B, n_p + n).")
+        return (
+            f"grid {launch.grid} launches {int(np.prod(launch.grid))} programs, but x has B x (n_p + n) = "
+            f"{B} x {n_p + n} rows: one program per row (b, t), grid (B, n_p + n)."
+        )
     scalars = {"n_p": n_p, "n": n, "D": D}
     for name, value in scalars.items():
         if launch.args[name] != value:
             return f"the kernel was launched with {name}={launch.args[name]}, expected {value}"
-    problem = first_difference(concat_reference(*case.args), x, dims=("b", "t", "d"), shape_doc="(B, n_p + n, D)",
-                               atol=1e-6, rtol=1e-6)
+    problem = first_difference(
+        concat_reference(*case.args), x, dims=("b", "t", "d"), shape_doc="(B, n_p + n, D)", atol=1e-6, rtol=1e-6
+    )
     if problem and isinstance(x, torch.Tensor) and x.data_ptr() != launch.args["X"].data_ptr():
         problem += " (the tensor returned is not the X the kernel wrote)"
     return problem + "." if problem else None

@@ -7,8 +7,11 @@ One program per output row (b, t), as in the student's kernel of notebook `02_ke
 Memory traffic per program: one row of P or wte and one row of wpe read, one row of x written (3 D elements),
 plus one token id for the token rows.
 """
+
 import triton
 import triton.language as tl
+
+__all__ = ["concat_kernel"]
 
 
 @triton.jit

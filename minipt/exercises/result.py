@@ -16,6 +16,7 @@ The judge is kept out of the answer's reach: every reference output is computed 
 called, and the comparisons use torch functions taken when this module was imported (`_isclose`, `_equal`,
 `_allclose`), so an answer (or a notebook cell) that patches `torch.allclose` cannot change a verdict.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,6 +24,32 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+__all__ = [
+    "Case",
+    "CheckResult",
+    "Mistake",
+    "NOT_STARTED",
+    "SIZE_WORDS",
+    "call_answer",
+    "check_function",
+    "describe_exception",
+    "diagnose",
+    "diagnose_all",
+    "draw_cases",
+    "dtype_name",
+    "failed",
+    "first_difference",
+    "fmt",
+    "fresh",
+    "index_text",
+    "inputs_changed",
+    "matches",
+    "passed",
+    "pick",
+    "randint",
+    "size_hint",
+]
 
 # Taken once, when minipt.exercises is imported (before any student code runs): see the module docstring.
 _isclose, _equal, _allclose = torch.isclose, torch.equal, torch.allclose
@@ -52,8 +79,13 @@ class CheckResult:
         return str(self)
 
     def to_dict(self) -> dict:
-        return {"exercise": self.exercise, "passed": self.passed, "message": self.message,
-                "tried": list(self.tried)}
+        return {"exercise": self.exercise, "passed": self.passed, "message": self.message, "tried": list(self.tried)}
+
+
+NOT_STARTED = (
+    "the answer raises NotImplementedError: fill in the lines marked YOUR CODE HERE (and delete the "
+    "raise), then run the check again."
+)
 
 
 def passed(exercise: str, message: str = "", tried: Sequence[str] = ()) -> CheckResult:
@@ -146,14 +178,14 @@ def index_text(index: Sequence[int], dims: Sequence[str]) -> str:
     return "(" + ", ".join(f"{name}={i}" for name, i in zip(names, index)) + ")"
 
 
-def first_difference(expected: torch.Tensor, got, *, dims: Sequence[str], shape_doc: str,
-                     atol: float, rtol: float, name: str = "") -> str | None:
+def first_difference(
+    expected: torch.Tensor, got, *, dims: Sequence[str], shape_doc: str, atol: float, rtol: float, name: str = ""
+) -> str | None:
     """None when `got` matches `expected`; else the first thing that differs: type, shape, dtype or a value.
     `name` (the tensor under test, e.g. "x") starts the message."""
     head = f"{name}: " if name else ""
     if not isinstance(got, torch.Tensor):
-        return (f"{head}returned {type(got).__name__}, expected a tensor of shape {shape_doc} = "
-                f"{tuple(expected.shape)}")
+        return f"{head}returned {type(got).__name__}, expected a tensor of shape {shape_doc} = {tuple(expected.shape)}"
     if got.shape != expected.shape:
         return f"{head}shape: expected {shape_doc} = {tuple(expected.shape)}, got {tuple(got.shape)}"
     if got.dtype != expected.dtype:
@@ -164,8 +196,10 @@ def first_difference(expected: torch.Tensor, got, *, dims: Sequence[str], shape_
         return None
     wrong = (~close).nonzero()
     first = tuple(int(i) for i in wrong[0])
-    return (f"{head}first difference at {index_text(first, dims)}: expected {fmt(expected[first].item())}, "
-            f"got {fmt(got[first].item())} ({len(wrong)} of {expected.numel()} entries differ)")
+    return (
+        f"{head}first difference at {index_text(first, dims)}: expected {fmt(expected[first].item())}, "
+        f"got {fmt(got[first].item())} ({len(wrong)} of {expected.numel()} entries differ)"
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -174,9 +208,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def matches(out, got, atol: float, rtol: float) -> bool:
     """True when a mistake's output `out` is the student's output `got` (NaN equal to NaN)."""
-    return (isinstance(out, torch.Tensor) and isinstance(got, torch.Tensor) and out.shape == got.shape
-            and out.dtype == got.dtype
-            and bool(_isclose(got.detach().cpu(), out, atol=atol, rtol=rtol, equal_nan=True).all()))
+    return (
+        isinstance(out, torch.Tensor)
+        and isinstance(got, torch.Tensor)
+        and out.shape == got.shape
+        and out.dtype == got.dtype
+        and bool(_isclose(got.detach().cpu(), out, atol=atol, rtol=rtol, equal_nan=True).all())
+    )
 
 
 def diagnose(mistakes: Sequence[Mistake], args: tuple, got, atol: float, rtol: float) -> str:
@@ -191,8 +229,14 @@ def diagnose(mistakes: Sequence[Mistake], args: tuple, got, atol: float, rtol: f
     return ""
 
 
-def diagnose_all(mistakes: Sequence[Mistake], cases: Sequence[Case], gots: Sequence, atol: float,
-                 rtol: float, first: Case | None = None) -> str:
+def diagnose_all(
+    mistakes: Sequence[Mistake],
+    cases: Sequence[Case],
+    gots: Sequence,
+    atol: float,
+    rtol: float,
+    first: Case | None = None,
+) -> str:
     """'This is what you get when ...' for the first known mistake whose output equals the answer's on the first
     failing case (`first`) and on every other case where both return something: a mistake that matches one
     case by coincidence is not named."""
@@ -213,10 +257,12 @@ def diagnose_all(mistakes: Sequence[Mistake], cases: Sequence[Case], gots: Seque
     return ""
 
 
-SIZE_WORDS = {"B": "the batch dimension (every example, not just the first)",
-              "n_p": "every prompt row, not just the first",
-              "n": "every input token, not just the first",
-              "N": "every row, not just the first"}
+SIZE_WORDS = {
+    "B": "the batch dimension (every example, not just the first)",
+    "n_p": "every prompt row, not just the first",
+    "n": "every input token, not just the first",
+    "N": "every row, not just the first",
+}
 
 
 def size_hint(results: Sequence[tuple[Case, bool]], words: dict | None = None) -> str:
@@ -245,11 +291,23 @@ def inputs_changed(before: tuple, after: tuple, names: Sequence[str]) -> str | N
     return None
 
 
-def check_function(exercise: str, answer: Callable, cases: Sequence[Case], reference: Callable | None = None, *,
-                   arg_names: Sequence[str], dims: Sequence[str], shape_doc: str, name: str = "",
-                   mistakes: Sequence[Mistake] = (), atol: float = 1e-6, rtol: float = 1e-6,
-                   expected: Sequence[torch.Tensor] | None = None, tolerances: Callable | None = None,
-                   size_words: dict | None = None) -> CheckResult:
+def check_function(
+    exercise: str,
+    answer: Callable,
+    cases: Sequence[Case],
+    reference: Callable | None = None,
+    *,
+    arg_names: Sequence[str],
+    dims: Sequence[str],
+    shape_doc: str,
+    name: str = "",
+    mistakes: Sequence[Mistake] = (),
+    atol: float = 1e-6,
+    rtol: float = 1e-6,
+    expected: Sequence[torch.Tensor] | None = None,
+    tolerances: Callable | None = None,
+    size_words: dict | None = None,
+) -> CheckResult:
     """Try `answer` on every case against the reference; report the first failure, named when we can.
 
     The expected outputs (`expected`, or `reference` applied to each case) are all computed before the answer
@@ -263,8 +321,9 @@ def check_function(exercise: str, answer: Callable, cases: Sequence[Case], refer
         a_tol, r_tol = tolerances(case) if tolerances else (atol, rtol)
         given = fresh(case.args)
         got, error = call_answer(answer, given)
-        problem = error or first_difference(want, got, dims=dims, shape_doc=shape_doc, atol=a_tol, rtol=r_tol,
-                                            name=name)
+        problem = error or first_difference(
+            want, got, dims=dims, shape_doc=shape_doc, atol=a_tol, rtol=r_tol, name=name
+        )
         if problem is None:
             changed = inputs_changed(case.args, given, arg_names)
             if changed:
