@@ -536,6 +536,21 @@ def capstone_pieces(**broken):
     }
 
 
+@pytest.mark.slow  # two tuning runs of the capstone, ~20 s each on one core
+def test_capstone_passes_with_pieces_written_differently():
+    """Two sets of pieces unlike the solutions' (test_exercises.py runs the solution notebook itself)."""
+    for pieces in (
+        capstone_pieces(),
+        capstone_pieces(
+            concat=concat_index_select,
+            concat_backward=lambda dx, n_p: torch.einsum("btd->td", dx[:, :n_p]),
+            train=loop(clip="definition", schedule="lambda"),
+        ),
+    ):
+        result = exercises.check("capstone", pieces)
+        assert result.passed and "test exact match" in result.message, str(result)
+
+
 def test_capstone_fails_with_one_broken_piece():
     rejects(
         "capstone",
@@ -550,6 +565,17 @@ def test_capstone_fails_with_one_broken_piece():
         "the piece `concat`",
         "position embeddings are forgotten",
     )
+    top_k_minus_one = capstone_pieces(
+        vocab_init=lambda wte, n_p, counts, top_k, g: wte[
+            candidates_of(counts, top_k)[: top_k - 1][torch.randperm(top_k - 1, generator=g)[:n_p]]
+        ].clone()
+    )
+    rejects("capstone", top_k_minus_one, "the piece `vocab_init` does not pass its own exercise", "last candidate")
+
+    def not_started(*args):
+        raise NotImplementedError
+
+    rejects("capstone", capstone_pieces(train=not_started), "YOUR CODE HERE")
     rejects("capstone", {"concat": concat_fill}, "hand over a dict of the four pieces")
 
 

@@ -122,3 +122,28 @@ def test_notebook_runs(name):
         assert not any(out.output_type == "error" for out in cell.outputs)
         found = ABSOLUTE_PATH.search(output_text(cell))
         assert found is None, f"{name}: a cell printed an absolute path ({found.group(0)!r}):\n{cell.source[:200]}"
+
+
+POINTER = re.compile(r"exercise (\d+), `(\w+)` in `exercises/(\w+)\.ipynb` \((\d+) min\)")  # in a "Practise it" cell
+
+
+def test_every_exercise_is_pointed_to_from_the_walkthrough():
+    """Reading leads to doing: each exercise has a "Practise it" pointer in a walkthrough notebook, and the pointer's
+    number, notebook and minutes are the exercise's own (a renumbered or moved exercise fails here)."""
+    from minipt.exercises import EXERCISES
+
+    number = {exercise_id: i for i, exercise_id in enumerate(EXERCISES, 1)}
+    pointed = set()
+    for path in sorted(NOTEBOOK_DIR.glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type != "markdown" or "**Practise it:**" not in cell.source:
+                continue
+            for n, exercise_id, notebook, minutes in POINTER.findall(cell.source):
+                assert exercise_id in EXERCISES, f"{path.name} points to an unknown exercise {exercise_id!r}"
+                ex = EXERCISES[exercise_id]
+                assert (int(n), notebook, int(minutes)) == (number[exercise_id], ex.notebook, ex.minutes), (
+                    f"{path.name}: the pointer to {exercise_id} says exercise {n} in {notebook} ({minutes} min), "
+                    f"not exercise {number[exercise_id]} in {ex.notebook} ({ex.minutes} min)"
+                )
+                pointed.add(exercise_id)
+    assert pointed == set(EXERCISES), f"no walkthrough section points to {sorted(set(EXERCISES) - pointed)}"
