@@ -1,9 +1,10 @@
 """The notebooks: each runs top to bottom, in time, and the committed files are clean.
 
-`test_notebook_runs` executes a notebook with nbclient in a fresh Jupyter kernel and fails on the first cell
-that raises (an `assert` of the notebook included), or when the whole run takes more than 180 s (issue 5: at
-most 3 minutes on a 2-core laptop CPU). The kernel is the "python3" kernelspec, which jupyter_client resolves to
-the Python running pytest when ipykernel is installed in it; a cell appended to the run checks that from inside
+`test_notebook_runs` executes a notebook with nbclient in a fresh Jupyter kernel and fails on the first cell that
+raises (an `assert` of the notebook included), or when the whole run takes more than 180 s (issue 5: at most 3
+minutes on a 2-core laptop CPU), or when a cell prints other than its committed output (on CPU; timings masked, see
+VARIES), so committed outputs cannot go stale. The kernel is the "python3" kernelspec, which jupyter_client resolves
+to the Python running pytest when ipykernel is installed in it; a cell appended to the run checks that from inside
 the kernel. The kernel's environment is this process's without TRITON_INTERPRET (tests/conftest.py sets it when
 there is no GPU): notebook 2 sets it itself, and the others must not depend on it.
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -47,6 +49,21 @@ ABSOLUTE_PATH = re.compile(
 
 def code_cells(nb):
     return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+# What may differ between two CPU runs of a notebook: live timings (seconds, milliseconds, ratios of times; a timing's
+# width moves the columns after it) and the installed transformers version. Everything else a cell prints is
+# deterministic and compared as committed.
+VARIES = re.compile(r" *\d[\d,.]*\s?(?:s|ms|x)\b|transformers \S+")  # leading spaces too: columns align
+
+
+def printed(cell) -> str:
+    """What a code cell printed to stdout or returned as text, with the parts in VARIES masked."""
+    if cell.cell_type != "code":
+        return ""
+    parts = [out.text for out in cell.outputs if out.output_type == "stream" and out.name == "stdout"]
+    parts += [out.data["text/plain"] for out in cell.outputs if "text/plain" in out.get("data", {})]
+    return VARIES.sub("<varies>", "".join(parts))
 
 
 def output_text(cell) -> str:
@@ -100,6 +117,7 @@ def test_notebook_runs(name):
     if name.startswith("02_"):
         pytest.importorskip("triton", reason="notebook 2 runs and compiles the Triton kernel (Linux only)")
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    committed = [printed(cell) for cell in nb.cells]
     nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.executable)"))
     client = nbclient.NotebookClient(
         nb,
@@ -118,6 +136,12 @@ def test_notebook_runs(name):
         f"the notebook ran in {kernel_python}, not in {sys.executable}: install ipykernel in this environment"
     )
     assert seconds <= TIME_LIMIT_S, f"{name} took {seconds:.0f} s, more than {TIME_LIMIT_S} s"
+    if not torch.cuda.is_available():  # the committed outputs are a CPU run's: a GPU prints its own figures
+        for i, (cell, before) in enumerate(zip(nb.cells, committed)):
+            assert printed(cell) == before, (
+                f"{name}, cell {i}: the committed output is stale (run the notebook again and commit it)\n"
+                f"committed:\n{before[:800]}\nnow:\n{printed(cell)[:800]}"
+            )
     for cell in code_cells(nb):
         assert not any(out.output_type == "error" for out in cell.outputs)
         found = ABSOLUTE_PATH.search(output_text(cell))
