@@ -36,6 +36,11 @@ def _save(fig, path, dpi: int = 110):
     return fig
 
 
+def _means(ax, xs, stats, **style):
+    """One line through the means, with the std over seeds as error bars (stats: dicts with "mean" and "std")."""
+    return ax.errorbar(xs, [s["mean"] for s in stats], [s["std"] for s in stats], marker="o", **style)
+
+
 def smooth(values, window: int = 10):
     """Trailing moving average, so noisy per-step losses read as a curve."""
     out, total = [], 0.0
@@ -91,16 +96,7 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
         rows = by_task(results["length"], task)
         ax_len.plot([r["n_prompt"] for r in rows], [r["mean"] for r in rows], alpha=0.5, marker=".", label=task)
     rows = by_task(results["length"], "all")
-    ax_len.errorbar(
-        [r["n_prompt"] for r in rows],
-        [r["mean"] for r in rows],
-        [r["std"] for r in rows],
-        color="k",
-        lw=2.5,
-        capsize=4,
-        marker="o",
-        label="all tasks",
-    )
+    _means(ax_len, [r["n_prompt"] for r in rows], rows, color="k", lw=2.5, capsize=4, label="all tasks")
     ax_len.set_xscale("log")
     ax_len.set_xticks([r["n_prompt"] for r in rows], [str(r["n_prompt"]) for r in rows])
     ax_len.minorticks_off()
@@ -116,16 +112,7 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
     rows = by_task(results["scale"], "all")
     params = [r["params"] for r in rows]
     for j, (key, label) in enumerate((("finetune", "full fine-tuning"), ("prompt", "prompt tuning"))):
-        ax_scale.errorbar(
-            params,
-            [r[key]["mean"] for r in rows],
-            [r[key]["std"] for r in rows],
-            color=f"C{j}",
-            lw=2.5,
-            capsize=4,
-            marker="o",
-            label=label,
-        )
+        _means(ax_scale, params, [r[key] for r in rows], color=f"C{j}", lw=2.5, capsize=4, label=label)
     ax_scale.plot(
         params, [r["instruction"] for r in rows], color="grey", ls="--", marker=".", label="written instruction, frozen"
     )
@@ -181,14 +168,7 @@ def plot_depth(results: dict, path) -> None:
         rows = [r for r in results["scale"] if r["task"] == task]
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
-            ax.errorbar(
-                [r["params"] for r in mine],
-                [r["mean"] for r in mine],
-                yerr=[r["std"] for r in mine],
-                marker="o",
-                capsize=3,
-                label=method,
-            )
+            _means(ax, [r["params"] for r in mine], mine, capsize=3, label=method)
         ax.set(
             xscale="log",
             xlabel="base model parameters",
@@ -270,15 +250,7 @@ def plot_seed_claims(files: dict, path=None):
 def _plot_curve(ax, fewshot: dict, task: str) -> None:
     for j, method in enumerate(fewshot["setup"]["methods"]):
         rows = [r for r in fewshot["rows"] if r["task"] == task and r["method"] == method]
-        ax.errorbar(
-            [r["n_train"] for r in rows],
-            [r["mean"] for r in rows],
-            [r["std"] for r in rows],
-            marker="o",
-            capsize=3,
-            color=f"C{j}",
-            label=METHOD_LABELS[method],
-        )
+        _means(ax, [r["n_train"] for r in rows], rows, capsize=3, color=f"C{j}", label=METHOD_LABELS[method])
     frozen = find_row(fewshot["instruction"], task=task)["test"]
     ax.axhline(frozen, color="grey", ls="--", label=METHOD_LABELS["instruction"])
     sizes = fewshot["setup"]["sizes"]

@@ -215,24 +215,12 @@ def tune_prompt(
     cfg = cfg or METHOD_DEFAULTS.get(method, TUNE_DEFAULTS)
     train_ex, val_ex = (data if data is not None else task_data(task, seed=cfg.seed))[:2]
     model = model.to(info.device)
+    options = {}  # a soft prompt's init and kernel options; a prefix takes none of them
     if method_class(method)[0] is PromptTuning:
         labels = class_labels(task, train_ex) if init == "label" else None
         counts = init_token_counts(tok, train_ex, n_prompt) if init in ("vocab", "label") else None
-        pt = tuned_module(
-            method,
-            model,
-            n_prompt,
-            init,
-            cfg.seed,
-            tok,
-            init_text=init_text,
-            token_counts=counts,
-            backend=backend,
-            labels=labels,
-            recompute=recompute,
-        )
-    else:
-        pt = tuned_module(method, model, n_prompt, init, cfg.seed, tok)
+        options = dict(init_text=init_text, token_counts=counts, backend=backend, labels=labels, recompute=recompute)
+    pt = tuned_module(method, model, n_prompt, init, cfg.seed, tok, **options)
     get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False, device=info.device)
     resuming = dict(
         checkpoint_path=checkpoint_path,

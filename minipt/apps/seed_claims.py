@@ -38,8 +38,6 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 from ..assets import load_base
 from ..checkpoint import model_fingerprint
 from ..data import batch_fn, exact_match_accuracy
@@ -48,7 +46,7 @@ from ..model import GPT
 from ..prompt import PromptTuning
 from ..tasks import DOMAINS, get_task, make_split
 from ..tokenizer import ByteTokenizer
-from ..train import TrainConfig, make_optimizer, train
+from ..train import TrainConfig, optimizer_state_bytes, train
 from .plots import plot_seed_claims  # noqa: F401  (notebook 06 draws the figure as seed_claims.plot_seed_claims)
 from .recipes import FINETUNE_DEFAULTS, TUNE_DEFAULTS
 from .runs import (
@@ -84,7 +82,6 @@ __all__ = [
     "format_verdicts",
     "load_results",
     "measure_compute",
-    "optimizer_state_bytes",
     "planned_runs",
     "prompt_args",
     "prompt_init",
@@ -346,18 +343,6 @@ def execute(run: Run, setup: SeedSetup, model: GPT) -> dict:
 # ---- compute: trainable numbers, optimizer state, time per step --------------------------------------------
 
 
-def optimizer_state_bytes(module, batch, cfg: TrainConfig) -> int:
-    """Bytes the optimizer keeps after one step (AdamW: two moments per trainable number, and a step count)."""
-    params = [p for _, p in trainable_parameters(module)]
-    optimizer = make_optimizer(params, cfg)
-    module.loss(*batch).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sum(
-        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-    )
-
-
 def measure_compute(model: GPT, task: str, setup: SeedSetup) -> dict:
     """Per trained method kind, on one task's batches: trainable numbers, optimizer state, and the median time
     of one training step (forward, backward, AdamW) over rounds that interleave the methods."""
@@ -478,22 +463,13 @@ def summarise_fewshot(setup, model, recorder, values) -> dict:
         if f"compute-{t}" not in recorder.runs:
             recorder.add(f"compute-{t}", measure_compute(model, t, setup))
     compute = {t: recorder.runs[f"compute-{t}"] for t in setup.tasks}
-    seconds = {
-        kind: {
-            m: round(
-                sum(
-                    recorder.runs[Run("fewshot", m, t, n, s).key]["seconds"]
-                    for t in setup.tasks
-                    for n in setup.sizes
-                    for s in setup.seeds
-                ),
-                1,
-            )
-            for m in setup.methods
-            if METHODS[m].kind == kind
-        }
-        for kind in ("prompt", "finetune")
-    }
+
+    def train_seconds(method: str) -> float:  # every few-shot run of the method, all tasks, sizes and seeds
+        runs = [Run("fewshot", method, t, n, s) for t in setup.tasks for n in setup.sizes for s in setup.seeds]
+        return round(sum(recorder.runs[run.key]["seconds"] for run in runs), 1)
+
+    kinds = ("prompt", "finetune")
+    seconds = {kind: {m: train_seconds(m) for m in setup.methods if METHODS[m].kind == kind} for kind in kinds}
     return {
         "rows": rows,
         "instruction": [{"task": t, "method": "instruction", "n_train": 0, "test": a} for t, a in instruction.items()],
