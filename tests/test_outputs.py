@@ -125,7 +125,7 @@ def test_a_collision_is_refused_before_any_work_and_changes_nothing(folder, caps
         "minipt.assets.load_base_and_tokenizer",
         "minipt.assets.load_base",
         "minipt.apps.recipes.pretrain",
-        "minipt.apps.demo.run_demo",
+        "minipt.apps.demo.demo_base",  # the demo claims its folder first, then loads its base model
     ):
         monkeypatch.setattr(name, no_work)
     before = snapshot(folder)

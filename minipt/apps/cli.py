@@ -346,17 +346,9 @@ def _stat(path):
     return None if path is None or not Path(path).is_file() else (lambda st: (st.st_ino, st.st_mtime_ns))(os.stat(path))
 
 
-DEMO_FILES = ("prompt.safetensors", "demo.png", "demo.json")  # what run_demo writes into --out
-
-
 def cmd_demo(args):
     from .demo import run_demo
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; the demo writes a folder")
-    from ..outputs import claim_outputs  # its own folder is the demo's to rewrite: rules 1 and 2 only
-
-    claim_outputs({"--base": args.base}, {"--out": [Path(args.out) / name for name in DEMO_FILES]}, overwrite=True)
     run_demo(
         args.out,
         task=args.task,
