@@ -103,17 +103,12 @@ def _overwrite_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+TRAIN_FLAGS = ("steps", "batch_size", "lr", "optimizer", "seed", "eval_every")  # _train_flags' TrainConfig fields
+
+
 def _config(args, defaults):
-    return replace(
-        defaults,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        progress=not args.no_progress,
-    )
+    """defaults (a TrainConfig) with the training flags' values."""
+    return replace(defaults, **{name: getattr(args, name) for name in TRAIN_FLAGS}, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -177,10 +177,6 @@ SHIFTS = {
 }
 
 
-def _domain_label(task: str, domain: str | None) -> str:
-    return DOMAINS[domain].description if domain else f"the {task} task's own inputs"
-
-
 # ---- the setup ---------------------------------------------------------------------------------------------
 
 
@@ -572,10 +568,11 @@ def _summarise_shift(setup, model, values) -> dict:
 
 
 def _domains(task: str) -> dict:
+    """A shift row's two domains in words (None: the task's own inputs); blank on the "all" row."""
     if task == "all":
         return {"train_domain": "", "shifted_domain": ""}
-    tuned_on, shifted = SHIFTS[task]
-    return {"train_domain": _domain_label(task, tuned_on), "shifted_domain": _domain_label(task, shifted)}
+    tuned_on, shifted = (DOMAINS[d].description if d else f"the {task} task's own inputs" for d in SHIFTS[task])
+    return {"train_domain": tuned_on, "shifted_domain": shifted}
 
 
 # ---- verdicts ----------------------------------------------------------------------------------------------
