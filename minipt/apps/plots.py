@@ -87,7 +87,9 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax_len, ax_init, ax_scale, ax_ens = axes.flat
     tasks = list(dict.fromkeys(r["task"] for r in results["length"] if r["task"] != "all"))
-    notes = paper or {}
+
+    def title(text: str, name: str) -> str:  # the panel's title, and under it the paper's finding if given
+        return text + (f"\n{paper[name]}" if paper and name in paper else "")
 
     def by_task(rows, task):
         return [r for r in rows if r["task"] == task]
@@ -103,11 +105,11 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
     ax_len.set(
         xlabel="prompt length n_prompt",
         ylabel="test exact match",
-        title="prompt length" + (f"\n{notes['length']}" if "length" in notes else ""),
+        title=title("prompt length", "length"),
     )
 
     _grouped_bars(ax_init, results["init"], "init", [*tasks, "all"])
-    ax_init.set(ylabel="test exact match", title="initialisation" + (f"\n{notes['init']}" if "init" in notes else ""))
+    ax_init.set(ylabel="test exact match", title=title("initialisation", "init"))
 
     rows = by_task(results["scale"], "all")
     params = [r["params"] for r in rows]
@@ -120,7 +122,7 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
         xscale="log",
         xlabel="base model parameters",
         ylabel="test exact match (all tasks)",
-        title="scale: prompt tuning vs model tuning" + (f"\n{notes['scale']}" if "scale" in notes else ""),
+        title=title("scale: prompt tuning vs model tuning", "scale"),
     )
 
     ens_rows = [
@@ -129,9 +131,7 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
         for kind in ("mean_single", "best_single", "ensemble")
     ]
     _grouped_bars(ax_ens, ens_rows, "kind", [*tasks, "all"])
-    ax_ens.set(
-        ylabel="test exact match", title="prompt ensembling" + (f"\n{notes['ensemble']}" if "ensemble" in notes else "")
-    )
+    ax_ens.set(ylabel="test exact match", title=title("prompt ensembling", "ensemble"))
     for ax in (ax_len, ax_scale):
         ax.legend(fontsize=8)
     return _save(fig, path)
