@@ -39,7 +39,7 @@ import torch.nn as nn
 from .data import exact_match_accuracy
 from .loss import mask_padding
 
-__all__ = ["DistInfo", "init_from_env", "shard_rows", "DataParallelPrompt", "sharded_accuracy"]
+__all__ = ["DistInfo", "init_from_env", "leave_group", "shard_rows", "DataParallelPrompt", "sharded_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,13 @@ def init_from_env() -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return DistInfo(rank=rank, world_size=world, device=device)
+
+
+def leave_group(info: DistInfo) -> None:
+    """The end of init_from_env's group: wait for every rank (rank 0 may still be writing files), then leave it."""
+    if info.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard_rows(B: int, rank: int, world_size: int) -> slice:

@@ -15,6 +15,8 @@ Every command names all its inputs and outputs first and calls `claim_outputs`:
 
 Each refusal happens before anything is read or written, so every existing file is byte-identical after it.
 Writes themselves are atomic (minipt.checkpoint.atomic_write), and replace a symbolic link, never its target.
+`claim_command` applies the rule for one command (its settings stamp its outputs); `claim_training_outputs`
+adds the training commands' checks of --out, --peft-out and the --checkpoint that --resume continues from.
 """
 
 from __future__ import annotations
@@ -25,9 +27,20 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["STAMP_KEY", "claim_outputs", "run_stamp", "same_file", "stamp_of"]
+__all__ = [
+    "NOT_IN_STAMP",
+    "STAMP_KEY",
+    "claim_command",
+    "claim_outputs",
+    "claim_training_outputs",
+    "run_stamp",
+    "same_file",
+    "stamp_of",
+]
 
 STAMP_KEY = "minipt.run_stamp"  # the safetensors metadata key that holds a file's run stamp
+# Settings that do not change what a run writes: left out of its stamp.
+NOT_IN_STAMP = ("overwrite", "no_progress", "resume", "checkpoint")
 
 
 def run_stamp(command: str, settings: Mapping, inputs: Iterable = ()) -> str:
@@ -121,3 +134,66 @@ def claim_outputs(
                 f"file, or not one minipt wrote); nothing was changed. Give another path, or add "
                 f"--overwrite to replace it"
             )
+
+
+def _hf_files(base: str) -> list[Path]:
+    """The files of an hf:FOLDER base model (its weights, config, tokenizer), none for a hub name."""
+    folder = Path(base[len("hf:") :])
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def claim_command(
+    command: str,
+    settings: Mapping,
+    inputs: Mapping,
+    outputs: Mapping,
+    *,
+    stamped: bool = True,
+    overwrite: bool = False,
+    may_exist: Iterable[str] = (),
+) -> str | None:
+    """`claim_outputs` for one command, before any work; returns the run stamp its outputs carry.
+
+    settings: the command's flag -> value (those in NOT_IN_STAMP are left out of the stamp); an hf:FOLDER input
+    counts with every file of the folder for rule 1, and by its name only in the stamp. stamped=False: the
+    outputs carry no stamp (plain text), so an existing one is replaced only with `overwrite`.
+    """
+    inputs = {flag: _hf_files(path) if str(path or "").startswith("hf:") else path for flag, path in inputs.items()}
+    kept = {k: v for k, v in settings.items() if k not in NOT_IN_STAMP}
+    stamp = run_stamp(command, kept, [p for p in inputs.values() if not isinstance(p, list)]) if stamped else None
+    claim_outputs(inputs, outputs, stamp=stamp, overwrite=overwrite, may_exist=may_exist)
+    return stamp
+
+
+def claim_training_outputs(
+    command: str,
+    settings: Mapping,
+    inputs: Mapping,
+    out,
+    checkpoint=None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    peft_out=None,
+) -> str:
+    """Every output of a training command checked (minipt.checkpoint) and claimed (`claim_command`) before any
+    model is built; returns the run stamp to write into them. An existing --checkpoint is the training state of
+    an earlier run: it is continued only with `resume` and replaced only with `overwrite`."""
+    from .checkpoint import check_output_dir, check_output_path
+    from .peft_io import CONFIG_NAME, WEIGHTS_NAME
+
+    check_output_path(out, "--out")
+    outputs = {"--out": out, "--checkpoint": checkpoint}
+    if peft_out:
+        check_output_dir(peft_out, "--peft-out")
+        outputs["--peft-out"] = [Path(peft_out) / CONFIG_NAME, Path(peft_out) / WEIGHTS_NAME]
+    if checkpoint is not None:
+        check_output_path(checkpoint, "--checkpoint")
+        if Path(checkpoint).exists() and not resume and not overwrite:
+            raise ValueError(
+                f"--checkpoint {checkpoint} exists (the training state of an earlier run); add "
+                f"--resume to continue from it, or --overwrite to start again and replace it"
+            )
+    elif resume:
+        raise ValueError("--resume needs --checkpoint FILE (the training-state file to continue from)")
+    return claim_command(command, settings, inputs, outputs, overwrite=overwrite, may_exist=("--checkpoint",))

@@ -42,7 +42,7 @@ from .model import GPT, KVCache, check_sampling, decode
 from .prompt import PromptTuning
 from .tuned import base_identity, check_base
 
-__all__ = ["PromptBank", "RequestError", "check_max_batch", "read_requests"]
+__all__ = ["PromptBank", "RequestError", "check_max_batch", "encode_requests", "generate_text", "read_requests"]
 
 
 class RequestError(ValueError):
@@ -71,6 +71,29 @@ def read_requests(source, known_tasks=None) -> list[tuple[str, str]]:
             raise DataError(f"{where}: unknown task {record['task']!r}; the prompts given are {sorted(known_tasks)}")
         out.append((record["task"], record["input"]))
     return out
+
+
+def encode_requests(bank, tokenizer, requests, max_new_tokens: int, source="requests") -> list[tuple[str, list[int]]]:
+    """Each (task, text) request as (task, ids of text<sep>), the format the prompts were tuned on, every one
+    checked by `bank.check_requests` before any generation: a bad one is a DataError naming `source`'s line."""
+    from .userdata import DataError
+
+    encoded = [(task, tokenizer.encode(text) + [tokenizer.sep_id]) for task, text in requests]
+    try:
+        bank.check_requests(encoded, max_new_tokens)
+    except RequestError as e:
+        raise DataError(f"{source}:{e.index + 1}: {e.reason}") from None
+    return encoded
+
+
+def generate_text(module, tokenizer, text: str, max_new_tokens: int, task_format: bool = False, **sampling) -> str:
+    """The text `module` (a base model or a tuned module) continues `text` with; task_format: the input is read as
+    the tasks write it (text<sep>) and the answer ends at <eos>. sampling: temperature, top_k of its generate."""
+    ids = tokenizer.encode(text) + ([tokenizer.sep_id] if task_format else [])
+    new = module.generate(torch.tensor([ids]), max_new_tokens, **sampling)[0, len(ids) :].tolist()
+    if task_format and tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    return tokenizer.decode(new)
 
 
 def check_max_batch(max_batch) -> int:

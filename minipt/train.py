@@ -37,7 +37,16 @@ from tqdm.auto import tqdm
 from .checkpoint import check_same_run, load_train_state, save_train_state
 from .frozen import trainable_parameters
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "make_optimizer", "run_identity", "NOT_RUN_IDENTITY"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "lr_at",
+    "make_optimizer",
+    "optimizer_state_bytes",
+    "run_identity",
+    "NOT_RUN_IDENTITY",
+]
 
 
 @dataclass
@@ -113,6 +122,17 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
             raise RuntimeError(f"optimizer='adafactor' needs torch >= 2.5 (this is {torch.__version__})")
         return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"optimizer must be 'adamw' or 'adafactor', got {cfg.optimizer!r}")
+
+
+def optimizer_state_bytes(module: nn.Module, batch: tuple, cfg: TrainConfig) -> int:
+    """Bytes cfg's optimizer keeps after one step of `module.loss(*batch)` (AdamW: two moments per trainable
+    number, and a step count); the step changes module's trainable tensors."""
+    optimizer = make_optimizer([p for _, p in trainable_parameters(module)], cfg)
+    module.loss(*batch).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state = optimizer.state.values()
+    return sum(t.numel() * t.element_size() for s in state for t in s.values() if torch.is_tensor(t))
 
 
 def train(

@@ -22,6 +22,7 @@ import json
 import random
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .data import encode_example
 from .tasks import Example
 
@@ -34,6 +35,7 @@ __all__ = [
     "select_task",
     "split_validation",
     "training_data",
+    "write_jsonl",
 ]
 
 KEYS = ("input", "output", "task")
@@ -183,3 +185,10 @@ def training_data(
     val_records = read_jsonl(val_path)
     check_fits(val_records, tokenizer, n_prompt, block_size, val_path)
     return train_ex, select_task(val_records, train_ex[0].task)
+
+
+def write_jsonl(path, records: list[dict]) -> None:
+    """One JSON object a line, written atomically like every output: a Ctrl-C or a full disk leaves the old
+    file or the new one (minipt.checkpoint.atomic_write)."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

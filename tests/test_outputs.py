@@ -13,7 +13,7 @@ import torch
 from minipt import GPT, GPTConfig, PromptTuning
 from minipt.apps import cli
 from minipt.apps.cli import main
-from minipt.outputs import STAMP_KEY, claim_outputs, stamp_of
+from minipt.outputs import STAMP_KEY, claim_command, claim_outputs, claim_training_outputs, stamp_of
 
 SMALL = dict(n_layer=1, n_head=2, n_embd=32, vocab_size=260, block_size=64)
 WORDS = ["abc", "hello", "xyz", "prompt", "tune", "minipt"] * 3
@@ -125,7 +125,7 @@ def test_a_collision_is_refused_before_any_work_and_changes_nothing(folder, caps
         "minipt.assets.load_base_and_tokenizer",
         "minipt.assets.load_base",
         "minipt.apps.recipes.pretrain",
-        "minipt.apps.demo.run_demo",
+        "minipt.apps.demo.demo_base",  # the demo claims its folder first, then loads its base model
     ):
         monkeypatch.setattr(name, no_work)
     before = snapshot(folder)
@@ -198,3 +198,38 @@ def test_claim_outputs_needs_nothing_on_disk(tmp_path):
     claim_outputs({}, {"--out": tmp_path / "s.safetensors"}, stamp="abc")
     with pytest.raises(ValueError, match="not this run's earlier result"):
         claim_outputs({}, {"--out": tmp_path / "s.safetensors"}, stamp="abd")
+
+
+def test_claim_command_stamps_what_changes_the_output_and_nothing_else(tmp_path):
+    data, out = tmp_path / "d.jsonl", tmp_path / "p.safetensors"
+    data.write_text("one")
+    args = {"lr": 0.1, "overwrite": False, "no_progress": True}
+    stamp = claim_command("tune", args, {"--data": data}, {"--out": out})
+    quiet = {"lr": 0.1, "overwrite": True, "no_progress": False, "resume": True, "checkpoint": "c.pt"}
+    assert claim_command("tune", quiet, {"--data": data}, {"--out": out}) == stamp  # NOT_IN_STAMP
+    assert claim_command("tune", {**args, "lr": 0.2}, {"--data": data}, {"--out": out}) != stamp
+    data.write_text("two")
+    assert claim_command("tune", args, {"--data": data}, {"--out": out}) != stamp  # the input's bytes count
+    assert claim_command("serve", args, {}, {"--out": out}, stamped=False) is None
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="same file as --base"):  # an hf:FOLDER input is every file in it
+        claim_command("tune", args, {"--base": f"hf:{hf}"}, {"--out": hf / "model.safetensors"})
+
+
+def test_claim_training_outputs_guards_the_checkpoint_and_the_peft_folder(tmp_path):
+    out, state = tmp_path / "p.safetensors", tmp_path / "state.pt"
+    with pytest.raises(ValueError, match="--resume needs --checkpoint"):
+        claim_training_outputs("tune", {}, {}, out, resume=True)
+    state.write_bytes(b"an earlier run's state")
+    with pytest.raises(ValueError, match=r"--checkpoint .*state.pt exists .*add --resume .* or --overwrite"):
+        claim_training_outputs("tune", {}, {}, out, state)
+    assert claim_training_outputs("tune", {}, {}, out, state, resume=True) == claim_training_outputs(
+        "tune", {}, {}, out, state, overwrite=True
+    )
+    with pytest.raises(ValueError, match="--out and --peft-out both write"):
+        claim_training_outputs("tune", {}, {}, tmp_path / "a" / "adapter_model.safetensors", peft_out=tmp_path / "a")
+    with pytest.raises(ValueError, match="--out .* is a folder"):
+        claim_training_outputs("tune", {}, {}, tmp_path)
+    assert state.read_bytes() == b"an earlier run's state" and not out.exists()

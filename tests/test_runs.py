@@ -31,6 +31,7 @@ SHARED = (
     "mean_over_tasks",
     "with_all",
     "find_row",
+    "pm",
     "command_line",
     "_pyplot",
     "_grouped_bars",
@@ -226,3 +227,7 @@ def test_an_unknown_size_is_refused_before_pretraining(tmp_path, capsys):
     assert not (tmp_path / "bases").exists()
     with pytest.raises(ValueError, match="sizes"):
         pretrain_bases(tmp_path, ())
+
+
+def test_a_spread_reads_as_percent_mean_plus_minus_std():
+    assert runs.pm({"mean": 0.5, "std": 0.025, "values": [0.475, 0.525]}) == "50.0% ± 2.5%"

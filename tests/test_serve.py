@@ -10,7 +10,9 @@ from helpers import random_gpt
 from minipt import PromptBank, PromptTuning
 from minipt.checkpoint import CheckpointError
 from minipt.model import KVCache
-from minipt.serve import RequestError
+from minipt.serve import RequestError, encode_requests, generate_text
+from minipt.tokenizer import ByteTokenizer
+from minipt.userdata import DataError
 
 CFG = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=50, block_size=64)
 
@@ -262,3 +264,33 @@ def test_bench_serve_smoke(tmp_path):
     text = out.read_text()
     assert text.startswith("# bench_serve.py") and "# preset pico: python benchmarks/bench_serve.py --smoke" in text
     assert out.with_suffix(".png").is_file()
+
+
+def test_encode_requests_writes_the_tuning_format_and_names_a_bad_line():
+    tok = ByteTokenizer()
+    model = random_gpt(dict(CFG, vocab_size=tok.vocab_size), seed=0).eval()
+    bank = PromptBank(model, {"a": prompt(model, 3, 1)}, backend="reference")
+    assert encode_requests(bank, tok, [("a", "hi")], 4) == [("a", tok.encode("hi") + [tok.sep_id])]
+    with pytest.raises(DataError, match=r"^req.jsonl:2: unknown prompt name 'b'"):  # lines count from 1
+        encode_requests(bank, tok, [("a", "hi"), ("b", "hi")], 4, source="req.jsonl")
+
+
+class Scripted:
+    """A module whose generate appends fixed tokens, and records what it was given."""
+
+    def __init__(self, new):
+        self.new = new
+
+    def generate(self, idx, max_new_tokens, **sampling):
+        self.seen = idx[0].tolist(), max_new_tokens, sampling
+        return torch.cat([idx, torch.tensor([self.new])], dim=1)
+
+
+def test_generate_text_reads_and_ends_answers_as_the_tasks_do():
+    tok = ByteTokenizer()
+    new = tok.encode("yes") + [tok.eos_id] + tok.encode("zz")
+    module = Scripted(new)
+    assert generate_text(module, tok, "ab", 9, task_format=True, temperature=0.5) == "yes"
+    assert module.seen == (tok.encode("ab") + [tok.sep_id], 9, {"temperature": 0.5})
+    assert generate_text(module, tok, "ab", 9) == tok.decode(new)  # plain text: no <sep>, no cut
+    assert module.seen[0] == tok.encode("ab")

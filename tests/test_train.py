@@ -16,7 +16,7 @@ from minipt.checkpoint import load_train_state
 from minipt.data import batch_fn
 from minipt.frozen import snapshot
 from minipt.tokenizer import ByteTokenizer
-from minipt.train import TrainConfig, lr_at, train
+from minipt.train import TrainConfig, lr_at, optimizer_state_bytes, train
 
 # `minipt.train` is also the name of the re-exported function, so fetch the module itself
 train_mod = importlib.import_module("minipt.train")
@@ -337,3 +337,13 @@ def test_pretrain_recipe_loss_falls():
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert first > math.log(260) - 0.5  # starts near chance: a uniform guess over 260 tokens
     assert last < first - 1.5, (first, last)
+
+
+def test_optimizer_state_bytes_counts_what_adamw_keeps_for_the_trainable_numbers_only():
+    model = random_gpt(dict(n_layer=1, n_head=2, n_embd=16, vocab_size=40, block_size=32))
+    pt = PromptTuning(model, n_prompt=3, init="uniform")
+    idx, targets = torch.randint(40, (2, 5)), torch.randint(40, (2, 5))
+    before = pt.prompt.detach().clone()
+    # exp_avg and exp_avg_sq (float32) per prompt number, and the step count (one float32)
+    assert optimizer_state_bytes(pt, (idx, targets), TrainConfig(lr=0.1)) == 2 * 4 * 3 * 16 + 4
+    assert not torch.equal(pt.prompt, before)  # it took the step

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from minipt import GPT, GPTConfig, PromptTuning
+from minipt import GPT, GPTConfig, PromptTuning, userdata
 from minipt.apps.cli import main
 from minipt.tasks import Example
 from minipt.tokenizer import ByteTokenizer
@@ -216,3 +216,12 @@ def test_cli_label_init_on_classification_data_and_its_refusal_elsewhere(tmp_pat
         == 2
     )
     assert "--init label needs classification data" in capsys.readouterr().err
+
+
+def test_write_jsonl_writes_what_the_strict_reader_reads(tmp_path):
+    records = [{"input": "ünï", "output": "x"}, {"input": "b", "output": "y", "task": "t"}]
+    userdata.write_jsonl(tmp_path / "o.jsonl", records)
+    lines = (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == records
+    assert [(ex.task, ex.input) for ex in read_jsonl(tmp_path / "o.jsonl")] == [("user", "ünï"), ("t", "b")]
+    assert [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]  # no temporary file left

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import platform
+from pathlib import Path
 
 __all__ = ["device_name", "write_csv", "write_preset_csv"]
 
@@ -28,9 +30,6 @@ def write_preset_csv(path, preset: str, new_rows: list[dict], fieldnames: list[s
 
     The file starts with `# header`, then one `# preset NAME: command` line per preset, then the rows.
     """
-    import csv
-    from pathlib import Path
-
     path = Path(path)
     comments, old_rows = {}, []
     if path.exists():
@@ -50,9 +49,6 @@ def write_preset_csv(path, preset: str, new_rows: list[dict], fieldnames: list[s
 
 def write_csv(path, comments: list[str], fieldnames, rows) -> None:
     """A benchmark CSV: comment lines ("# ..."), which say what made the figures, then the header and rows."""
-    import csv
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

@@ -27,21 +27,6 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def count(text: str) -> int:
-    """An integer >= 1 (steps, batch size, examples, n_prompt, max_new_tokens, ...)."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def seed(text: str) -> int:
-    value = _int(text)
-    if not 0 <= value < SEED_RANGE:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
-    return value
-
-
 def _float(text: str) -> float:
     try:
         value = float(text)
@@ -52,28 +37,23 @@ def _float(text: str) -> float:
     return value
 
 
-def rate(text: str) -> float:
-    """A finite number > 0 (learning rates)."""
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+def _bounded(convert, ok, expected: str):
+    """An argument type: `convert(text)` (_int or _float), refused as "expected {expected}" unless ok(value)."""
+
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def temperature(text: str) -> float:
-    """A finite number >= 0 (0 is greedy)."""
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number strictly between 0 and 1."""
-    value = _float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text!r}")
-    return value
+count = _bounded(_int, lambda v: v >= 1, "an integer >= 1")  # steps, batch size, examples, n_prompt, ...
+seed = _bounded(_int, lambda v: 0 <= v < SEED_RANGE, "an integer in [0, 2**32)")
+rate = _bounded(_float, lambda v: v > 0, "a finite number > 0")  # learning rates
+temperature = _bounded(_float, lambda v: v >= 0, "a finite number >= 0")  # 0 is greedy
+fraction = _bounded(_float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
 
 
 def text_arg(text: str) -> str:
@@ -123,17 +103,12 @@ def _overwrite_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+TRAIN_FLAGS = ("steps", "batch_size", "lr", "optimizer", "seed", "eval_every")  # _train_flags' TrainConfig fields
+
+
 def _config(args, defaults):
-    return replace(
-        defaults,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        progress=not args.no_progress,
-    )
+    """defaults (a TrainConfig) with the training flags' values."""
+    return replace(defaults, **{name: getattr(args, name) for name in TRAIN_FLAGS}, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,73 +303,33 @@ def _how_to_continue(args, argv) -> str:
     The checkpoint is this run's when it was resumed from, or written by this run (it changed since the start);
     a file of an earlier run that this run replaced nothing of is not offered."""
     checkpoint = getattr(args, "checkpoint", None)
-    ours = (
-        checkpoint is not None
-        and Path(checkpoint).is_file()
-        and (args.resume or _stat(checkpoint) != getattr(args, "checkpoint_before", None))
-    )
-    if not ours:
-        kept = f"; {checkpoint} is left as it was" if checkpoint is not None and Path(checkpoint).is_file() else ""
-        return (
-            "nothing was saved"
-            + kept
-            + (
-                " (add --checkpoint FILE to be able to resume)"
-                if hasattr(args, "checkpoint") and checkpoint is None
-                else ""
-            )
+    exists = checkpoint is not None and Path(checkpoint).is_file()
+    if not (exists and (args.resume or _stat(checkpoint) != getattr(args, "checkpoint_before", None))):
+        kept = f"; {checkpoint} is left as it was" if exists else ""
+        hint = (
+            " (add --checkpoint FILE to be able to resume)"
+            if hasattr(args, "checkpoint") and checkpoint is None
+            else ""
         )
+        return f"nothing was saved{kept}{hint}"
     again = argv + ([] if "--resume" in argv else ["--resume"])
     return f"the last checkpoint is {checkpoint}; continue with: minipt {shlex.join(again)}"
 
 
-# Settings that do not change what a run writes: left out of its stamp (minipt.outputs.run_stamp).
-NOT_IN_STAMP = ("overwrite", "no_progress", "resume", "checkpoint")
-
-
-def claim_files(args, inputs: dict, outputs: dict, stamped: bool = True, may_exist=()) -> str | None:
-    """minipt.outputs.claim_outputs for this command, before any work; returns the run stamp the outputs carry.
-
-    stamped=False: the outputs carry no stamp (plain text), so an existing one is replaced only with --overwrite.
-    may_exist: flags whose existing file is the command's own business (--checkpoint, see check_outputs)."""
-    from ..outputs import claim_outputs, run_stamp
-
-    inputs = {flag: _hf_files(path) if str(path or "").startswith("hf:") else path for flag, path in inputs.items()}
-    settings = {k: v for k, v in vars(args).items() if k not in NOT_IN_STAMP}
-    stamp = (
-        run_stamp(args.command, settings, [p for p in inputs.values() if not isinstance(p, list)]) if stamped else None
-    )
-    claim_outputs(inputs, outputs, stamp=stamp, overwrite=getattr(args, "overwrite", False), may_exist=may_exist)
-    return stamp
-
-
-def _hf_files(base: str) -> list[Path]:
-    """The files of an hf:FOLDER base model (its weights, config, tokenizer), none for a hub name."""
-    folder = Path(base[len("hf:") :])
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
-
-
 def check_outputs(args, inputs: dict | None = None) -> str:
-    """Every output path of a training command, checked before any model is built (minipt.checkpoint), and
-    claimed (minipt.outputs): returns the run stamp to write into the outputs."""
-    from ..checkpoint import check_output_dir, check_output_path
-    from ..peft_io import CONFIG_NAME, WEIGHTS_NAME
+    """minipt.outputs.claim_training_outputs for a training command: returns the run stamp for its outputs."""
+    from ..outputs import claim_training_outputs
 
-    check_output_path(args.out, "--out")
-    outputs = {"--out": args.out, "--checkpoint": args.checkpoint}
-    if getattr(args, "peft_out", None):
-        check_output_dir(args.peft_out, "--peft-out")
-        outputs["--peft-out"] = [Path(args.peft_out) / CONFIG_NAME, Path(args.peft_out) / WEIGHTS_NAME]
-    if args.checkpoint is not None:
-        check_output_path(args.checkpoint, "--checkpoint")
-        if Path(args.checkpoint).exists() and not args.resume and not args.overwrite:
-            raise ValueError(
-                f"--checkpoint {args.checkpoint} exists (the training state of an earlier run); add "
-                f"--resume to continue from it, or --overwrite to start again and replace it"
-            )
-    elif args.resume:
-        raise ValueError("--resume needs --checkpoint FILE (the training-state file to continue from)")
-    stamp = claim_files(args, inputs or {}, outputs, may_exist=("--checkpoint",))
+    stamp = claim_training_outputs(
+        args.command,
+        vars(args),
+        inputs or {},
+        args.out,
+        args.checkpoint,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        peft_out=getattr(args, "peft_out", None),
+    )
     # What the Ctrl-C line may call "the last checkpoint": the file as it was before this run (see _how_to_continue).
     args.checkpoint_before = _stat(args.checkpoint)
     return stamp
@@ -406,17 +341,9 @@ def _stat(path):
     return None if path is None or not Path(path).is_file() else (lambda st: (st.st_ino, st.st_mtime_ns))(os.stat(path))
 
 
-DEMO_FILES = ("prompt.safetensors", "demo.png", "demo.json")  # what run_demo writes into --out
-
-
 def cmd_demo(args):
     from .demo import run_demo
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; the demo writes a folder")
-    from ..outputs import claim_outputs  # its own folder is the demo's to rewrite: rules 1 and 2 only
-
-    claim_outputs({"--base": args.base}, {"--out": [Path(args.out) / name for name in DEMO_FILES]}, overwrite=True)
     run_demo(
         args.out,
         task=args.task,
@@ -454,7 +381,7 @@ def _percent(metric) -> str:
 def cmd_tune(args):
     from ..assets import load_base_and_tokenizer
     from ..data import exact_match_accuracy
-    from ..distributed import init_from_env
+    from ..distributed import init_from_env, leave_group
     from ..outputs import STAMP_KEY
     from ..tasks import get_task
     from ..userdata import training_data
@@ -481,10 +408,8 @@ def cmd_tune(args):
             val_fraction=args.val_fraction,
             seed=args.seed,
         )
-        test_ex = None
     else:
-        data = task_data(args.task, seed=args.seed)
-        test_ex = data[2]
+        data = task_data(args.task, seed=args.seed)  # train, val and test: the test split is scored below
     defaults = METHOD_DEFAULTS[args.method]
     args.lr = args.lr or defaults.lr  # the method's own rate unless --lr is given
     cfg = _config(args, defaults)
@@ -511,14 +436,10 @@ def cmd_tune(args):
         if info.world_size > 1:
             what += f", {info.world_size} processes"
         line = f"saved {args.out} ({what}): best validation exact match {_percent(result.best_metric)}"
-        if test_ex is not None:
-            line += f", test exact match {exact_match_accuracy(pt, test_ex, tok, device=info.device):.1%}"
+        if args.data is None:
+            line += f", test exact match {exact_match_accuracy(pt, data[2], tok, device=info.device):.1%}"
         print(line)
-    if info.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_group(info)
 
 
 def cmd_eval(args):
@@ -535,20 +456,14 @@ def cmd_eval(args):
 
 
 def cmd_generate(args):
-    import torch
-
     from ..assets import load_base_and_tokenizer
+    from ..serve import generate_text
     from ..tuned import load_tuned
 
     model, tok = load_base_and_tokenizer(args.base)
     module = load_tuned(model, args.prompt) if args.prompt else model
-    ids = tok.encode(args.text) + ([tok.sep_id] if args.task_format else [])
-    idx = torch.tensor([ids])
-    out = module.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)[0, len(ids) :]
-    new = out.tolist()
-    if args.task_format and tok.eos_id in new:
-        new = new[: new.index(tok.eos_id)]
-    print(tok.decode(new))
+    sampling = dict(temperature=args.temperature, top_k=args.top_k)
+    print(generate_text(module, tok, args.text, args.max_new_tokens, args.task_format, **sampling))
 
 
 def cmd_serve(args):
@@ -557,9 +472,10 @@ def cmd_serve(args):
     from tqdm import tqdm
 
     from ..assets import load_base_and_tokenizer
-    from ..checkpoint import atomic_write, check_output_path
-    from ..serve import PromptBank, RequestError, read_requests
-    from ..userdata import DataError
+    from ..checkpoint import check_output_path
+    from ..outputs import claim_command
+    from ..serve import PromptBank, encode_requests, read_requests
+    from ..userdata import write_jsonl
 
     prompts = {}
     for spec in args.prompt:
@@ -569,36 +485,27 @@ def cmd_serve(args):
         if name in prompts:
             raise ValueError(f"--prompt {name}= is given twice ({prompts[name]} and {path}); one file a name")
         prompts[name] = path
-    claim_files(
-        args,
-        {"--base": args.base, **{f"--prompt {n}=": p for n, p in prompts.items()}, "--requests": args.requests},
-        {"--out": args.out},
-        stamped=False,
-    )
+    inputs = {"--base": args.base, **{f"--prompt {n}=": p for n, p in prompts.items()}, "--requests": args.requests}
+    claim_command(args.command, vars(args), inputs, {"--out": args.out}, stamped=False, overwrite=args.overwrite)
     if args.out != "-":
         check_output_path(args.out, "--out")
     requests = read_requests(sys.stdin if args.requests == "-" else args.requests, set(prompts))  # before any work
     model, tok = load_base_and_tokenizer(args.base)
     bank = PromptBank(model, prompts, max_batch=args.max_batch)
-    encoded = [(task, tok.encode(text) + [tok.sep_id]) for task, text in requests]  # input<sep>, as in tuning
-    try:
-        bank.check_requests(encoded, args.max_new_tokens)  # every request, before any generation
-    except RequestError as e:
-        raise DataError(f"{args.requests}:{e.index + 1}: {e.reason}") from None
+    encoded = encode_requests(bank, tok, requests, args.max_new_tokens, source=args.requests)
     with tqdm(total=len(encoded), desc="serve", unit="req", disable=args.no_progress, file=sys.stderr) as bar:
         answers = bank.generate(
             encoded, args.max_new_tokens, eos_id=tok.eos_id, prefix_cache=not args.no_prefix_cache, progress=bar.update
         )
-    lines = [
-        json.dumps({"task": task, "input": text, "output": tok.decode([t for t in a if t != tok.eos_id])})
+    records = [
+        {"task": task, "input": text, "output": tok.decode([t for t in a if t != tok.eos_id])}
         for (task, text), a in zip(requests, answers)
     ]
     if args.out == "-":
-        print("\n".join(lines))
-    else:  # atomically, like every output: a Ctrl-C or a full disk leaves the old file or the new one
-        text = "".join(line + "\n" for line in lines)
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        print(f"answered {len(lines)} requests ({len(prompts)} tasks) into {args.out}", file=sys.stderr)
+        print("\n".join(map(json.dumps, records)))
+    else:
+        write_jsonl(args.out, records)
+        print(f"answered {len(records)} requests ({len(prompts)} tasks) into {args.out}", file=sys.stderr)
 
 
 # The benchmark scripts live in the source checkout's benchmarks/ folder (they are not installed).
@@ -612,7 +519,6 @@ BENCHMARKS = {
 
 def cmd_bench(args):
     import runpy
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / BENCHMARKS[args.name]
     if not script.is_file():
@@ -632,50 +538,24 @@ def cmd_exercises(args):
 
 
 def cmd_experiment(args):
-    from .experiments import QUICK, SIZES, LesterSetup, pretrain_bases, run_lester
+    from . import depth, experiments, seed_claims
     from .runs import command_line
 
     if args.name == "lester-bases":
-        pretrain_bases(args.out, args.sizes or SIZES, progress=not args.no_progress)
+        experiments.pretrain_bases(args.out, args.sizes or experiments.SIZES, progress=not args.no_progress)
         return
-    if args.name == "depth":
-        from .depth import DEPTH_QUICK, DepthSetup, run_depth
-
-        results = args.results or ("runs/depth-quick" if args.quick else "benchmarks/results")
-        work = args.work or ("runs/depth-quick/work" if args.quick else "runs/depth")
-        run_depth(
-            DEPTH_QUICK if args.quick else DepthSetup(),
-            results,
-            work,
-            bases_dir=args.bases,
-            command=command_line(),
-            progress=not args.no_progress,
-            threads=args.threads,
-        )
-        return
-    if args.name == "seed-claims":
-        from . import seed_claims
-
-        results = args.results or ("runs/seed-claims-quick" if args.quick else "benchmarks/results")
-        work = args.work or ("runs/seed-claims-quick/work" if args.quick else "runs/seed-claims")
-        seed_claims.run_seed_claims(
-            seed_claims.QUICK if args.quick else seed_claims.SeedSetup(),
-            results,
-            work,
-            base=args.base,
-            command=command_line(),
-            progress=not args.no_progress,
-            threads=args.threads,
-        )
-        return
-    setup = QUICK if args.quick else LesterSetup()
-    results = args.results or ("runs/lester-quick" if args.quick else "benchmarks/results")
-    work = args.work or ("runs/lester-quick/work" if args.quick else "runs/lester")
-    run_lester(
-        setup,
-        results,
-        work,
-        bases_dir=args.bases,
+    run, setup, quick = {
+        "lester": (experiments.run_lester, experiments.LesterSetup, experiments.QUICK),
+        "depth": (depth.run_depth, depth.DepthSetup, depth.DEPTH_QUICK),
+        "seed-claims": (seed_claims.run_seed_claims, seed_claims.SeedSetup, seed_claims.QUICK),
+    }[args.name]
+    # seed-claims runs on one base model (--base); lester and depth on the ladder (--bases)
+    base = {"base": args.base} if args.name == "seed-claims" else {"bases_dir": args.bases}
+    run(
+        quick if args.quick else setup(),
+        args.results or (f"runs/{args.name}-quick" if args.quick else "benchmarks/results"),
+        args.work or (f"runs/{args.name}-quick/work" if args.quick else f"runs/{args.name}"),
+        **base,
         command=command_line(),
         progress=not args.no_progress,
         threads=args.threads,

@@ -23,12 +23,14 @@ from pathlib import Path
 from ..assets import load_base, shipped_base_path
 from ..data import exact_match_accuracy
 from ..model import GPT
+from ..outputs import claim_outputs
 from ..tokenizer import ByteTokenizer
 from .plots import plot_runs
 from .recipes import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS, finetune, pretrain, task_data, tune_prompt
 
-__all__ = ["DEMO_TASK", "demo_base", "run_demo", "format_table"]
+__all__ = ["DEMO_FILES", "DEMO_TASK", "demo_base", "run_demo", "format_table"]
 
+DEMO_FILES = ("prompt.safetensors", "demo.png", "demo.json")  # what run_demo writes into its folder
 DEMO_TASK = "parity"  # a classification task, like the SuperGLUE tasks of the paper
 ROWS = {
     "no_prompt": "no prompt (frozen model, input only)",
@@ -60,8 +62,13 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
+    """Run the five rows, print the table, and write DEMO_FILES into `out` (its own folder: the demo rewrites
+    them; a file there, or a base model among them, is refused before any work)."""
     t0 = time.perf_counter()
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; the demo writes a folder")
     out = Path(out)
+    claim_outputs({"--base": base}, {"--out": [out / name for name in DEMO_FILES]}, overwrite=True)  # rules 1, 2
     out.mkdir(parents=True, exist_ok=True)
     tok = ByteTokenizer()
     model = demo_base(base, progress)

@@ -122,7 +122,7 @@ def summarise(setup: DepthSetup, bases, recorder: RunRecorder, lester_scale: lis
     for r in lester_scale or []:  # the committed prompt-tuning and fine-tuning rows of the same setup
         if r["size"] in setup.sizes and (r["task"] in setup.tasks or r["task"] == "all"):
             D = bases[r["size"]].config.n_embd
-            for method, key in (("prompt", "prompt"), ("finetune", "finetune")):
+            for method in ("prompt", "finetune"):
                 trainable = setup.n_prompt * D if method == "prompt" else bases[r["size"]].num_params()
                 scale.append(
                     {
@@ -132,7 +132,7 @@ def summarise(setup: DepthSetup, bases, recorder: RunRecorder, lester_scale: lis
                         "task": r["task"],
                         "trainable": trainable,
                         "source": "lester-scale.json",
-                        **r[key],
+                        **r[method],
                     }
                 )
     length = []

@@ -34,7 +34,7 @@ from ..tokenizer import ByteTokenizer
 from ..train import TrainConfig
 from .plots import plot_lester
 from .recipes import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TUNE_DEFAULTS, pretrain, task_data
-from .runs import RunRecorder, Setup, run_experiment, save_results, spread, torch_threads, train_and_score, with_all
+from .runs import RunRecorder, Setup, pm, run_experiment, save_results, spread, torch_threads, train_and_score, with_all
 
 __all__ = [
     "EXPERIMENTS",
@@ -42,7 +42,6 @@ __all__ = [
     "QUICK",
     "Run",
     "execute",
-    "format_summary",
     "planned_runs",
     "pretrain_bases",
     "run_lester",
@@ -199,7 +198,7 @@ def run_lester(
         {f"lester-{name}.json": {"experiment": name, **meta, "rows": results[name]} for name in EXPERIMENTS},
         "lester.png",
         lambda path: plot_lester(results, path),
-        format_summary(results),
+        _format_summary(results),
         meta,
     )
     return results
@@ -284,23 +283,20 @@ def summarise(setup: LesterSetup, bases: dict, data: dict, recorder: RunRecorder
     return results
 
 
-def format_summary(results: dict) -> str:
+def _format_summary(results: dict) -> str:
     """The 'all tasks' rows of the four experiments as plain text (mean ± std over seeds)."""
 
-    def ms(s):
-        return f"{s['mean']:.1%} ± {s['std']:.1%}"
-
     lines = [
-        "length:   " + "   ".join(f"n={r['n_prompt']}: {ms(r)}" for r in results["length"] if r["task"] == "all"),
-        "init:     " + "   ".join(f"{r['init']}: {ms(r)}" for r in results["init"] if r["task"] == "all"),
+        "length:   " + "   ".join(f"n={r['n_prompt']}: {pm(r)}" for r in results["length"] if r["task"] == "all"),
+        "init:     " + "   ".join(f"{r['init']}: {pm(r)}" for r in results["init"] if r["task"] == "all"),
     ]
     for r in (r for r in results["scale"] if r["task"] == "all"):
         lines.append(
-            f"scale:    {r['size']:>5} ({r['params']:,} params)  prompt {ms(r['prompt'])}  "
-            f"fine-tune {ms(r['finetune'])}  gap {ms(r['gap'])}"
+            f"scale:    {r['size']:>5} ({r['params']:,} params)  prompt {pm(r['prompt'])}  "
+            f"fine-tune {pm(r['finetune'])}  gap {pm(r['gap'])}"
         )
     r = next(r for r in results["ensemble"] if r["task"] == "all")
     lines.append(
-        f"ensemble: vote {ms(r['ensemble'])}  best single {ms(r['best_single'])}  mean single {ms(r['mean_single'])}"
+        f"ensemble: vote {pm(r['ensemble'])}  best single {pm(r['best_single'])}  mean single {pm(r['mean_single'])}"
     )
     return "\n".join(lines)

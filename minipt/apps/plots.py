@@ -36,6 +36,11 @@ def _save(fig, path, dpi: int = 110):
     return fig
 
 
+def _means(ax, xs, stats, **style):
+    """One line through the means, with the std over seeds as error bars (stats: dicts with "mean" and "std")."""
+    return ax.errorbar(xs, [s["mean"] for s in stats], [s["std"] for s in stats], marker="o", **style)
+
+
 def smooth(values, window: int = 10):
     """Trailing moving average, so noisy per-step losses read as a curve."""
     out, total = [], 0.0
@@ -82,7 +87,9 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax_len, ax_init, ax_scale, ax_ens = axes.flat
     tasks = list(dict.fromkeys(r["task"] for r in results["length"] if r["task"] != "all"))
-    notes = paper or {}
+
+    def title(text: str, name: str) -> str:  # the panel's title, and under it the paper's finding if given
+        return text + (f"\n{paper[name]}" if paper and name in paper else "")
 
     def by_task(rows, task):
         return [r for r in rows if r["task"] == task]
@@ -91,41 +98,23 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
         rows = by_task(results["length"], task)
         ax_len.plot([r["n_prompt"] for r in rows], [r["mean"] for r in rows], alpha=0.5, marker=".", label=task)
     rows = by_task(results["length"], "all")
-    ax_len.errorbar(
-        [r["n_prompt"] for r in rows],
-        [r["mean"] for r in rows],
-        [r["std"] for r in rows],
-        color="k",
-        lw=2.5,
-        capsize=4,
-        marker="o",
-        label="all tasks",
-    )
+    _means(ax_len, [r["n_prompt"] for r in rows], rows, color="k", lw=2.5, capsize=4, label="all tasks")
     ax_len.set_xscale("log")
     ax_len.set_xticks([r["n_prompt"] for r in rows], [str(r["n_prompt"]) for r in rows])
     ax_len.minorticks_off()
     ax_len.set(
         xlabel="prompt length n_prompt",
         ylabel="test exact match",
-        title="prompt length" + (f"\n{notes['length']}" if "length" in notes else ""),
+        title=title("prompt length", "length"),
     )
 
     _grouped_bars(ax_init, results["init"], "init", [*tasks, "all"])
-    ax_init.set(ylabel="test exact match", title="initialisation" + (f"\n{notes['init']}" if "init" in notes else ""))
+    ax_init.set(ylabel="test exact match", title=title("initialisation", "init"))
 
     rows = by_task(results["scale"], "all")
     params = [r["params"] for r in rows]
     for j, (key, label) in enumerate((("finetune", "full fine-tuning"), ("prompt", "prompt tuning"))):
-        ax_scale.errorbar(
-            params,
-            [r[key]["mean"] for r in rows],
-            [r[key]["std"] for r in rows],
-            color=f"C{j}",
-            lw=2.5,
-            capsize=4,
-            marker="o",
-            label=label,
-        )
+        _means(ax_scale, params, [r[key] for r in rows], color=f"C{j}", lw=2.5, capsize=4, label=label)
     ax_scale.plot(
         params, [r["instruction"] for r in rows], color="grey", ls="--", marker=".", label="written instruction, frozen"
     )
@@ -133,7 +122,7 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
         xscale="log",
         xlabel="base model parameters",
         ylabel="test exact match (all tasks)",
-        title="scale: prompt tuning vs model tuning" + (f"\n{notes['scale']}" if "scale" in notes else ""),
+        title=title("scale: prompt tuning vs model tuning", "scale"),
     )
 
     ens_rows = [
@@ -142,9 +131,7 @@ def plot_lester(results: dict, path=None, paper: dict | None = None):
         for kind in ("mean_single", "best_single", "ensemble")
     ]
     _grouped_bars(ax_ens, ens_rows, "kind", [*tasks, "all"])
-    ax_ens.set(
-        ylabel="test exact match", title="prompt ensembling" + (f"\n{notes['ensemble']}" if "ensemble" in notes else "")
-    )
+    ax_ens.set(ylabel="test exact match", title=title("prompt ensembling", "ensemble"))
     for ax in (ax_len, ax_scale):
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -181,14 +168,7 @@ def plot_depth(results: dict, path) -> None:
         rows = [r for r in results["scale"] if r["task"] == task]
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
-            ax.errorbar(
-                [r["params"] for r in mine],
-                [r["mean"] for r in mine],
-                yerr=[r["std"] for r in mine],
-                marker="o",
-                capsize=3,
-                label=method,
-            )
+            _means(ax, [r["params"] for r in mine], mine, capsize=3, label=method)
         ax.set(
             xscale="log",
             xlabel="base model parameters",
@@ -270,15 +250,7 @@ def plot_seed_claims(files: dict, path=None):
 def _plot_curve(ax, fewshot: dict, task: str) -> None:
     for j, method in enumerate(fewshot["setup"]["methods"]):
         rows = [r for r in fewshot["rows"] if r["task"] == task and r["method"] == method]
-        ax.errorbar(
-            [r["n_train"] for r in rows],
-            [r["mean"] for r in rows],
-            [r["std"] for r in rows],
-            marker="o",
-            capsize=3,
-            color=f"C{j}",
-            label=METHOD_LABELS[method],
-        )
+        _means(ax, [r["n_train"] for r in rows], rows, capsize=3, color=f"C{j}", label=METHOD_LABELS[method])
     frozen = find_row(fewshot["instruction"], task=task)["test"]
     ax.axhline(frozen, color="grey", ls="--", label=METHOD_LABELS["instruction"])
     sizes = fewshot["setup"]["sizes"]

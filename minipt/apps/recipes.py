@@ -40,10 +40,6 @@ __all__ = [
     "pretrain",
     "pretraining_token_counts",
     "task_data",
-    "class_labels",
-    "init_token_counts",
-    "examples_sha256",
-    "tune_run_id",
     "tuned_module",
     "tune_prompt",
     "finetune",
@@ -112,7 +108,7 @@ def task_data(task: str, n_train: int = 2000, n_val: int = 200, n_test: int = 50
     )
 
 
-def class_labels(task: str | None, train_ex) -> tuple[str, ...]:
+def _class_labels(task: str | None, train_ex) -> tuple[str, ...]:
     """The class labels for init="label": a built-in task's own, else the distinct answers of the data."""
     if task in TASKS:
         labels = get_task(task).labels
@@ -128,7 +124,7 @@ def class_labels(task: str | None, train_ex) -> tuple[str, ...]:
     return labels
 
 
-def init_token_counts(tokenizer, train_ex, n_prompt: int):
+def _init_token_counts(tokenizer, train_ex, n_prompt: int):
     """Token counts for init="vocab"/"label" (Lester et al.'s most frequent tokens): the pretraining corpus's for
     the byte tokenizer, else this data's; None (the whole vocabulary) when too few distinct tokens occur."""
     if isinstance(tokenizer, ByteTokenizer):
@@ -137,7 +133,7 @@ def init_token_counts(tokenizer, train_ex, n_prompt: int):
     return counts if int((counts > 0).sum()) >= n_prompt else None
 
 
-def examples_sha256(examples) -> str:
+def _examples_sha256(examples) -> str:
     """16 hex digits that identify a list of examples (task, input, answer), in order."""
     digest = hashlib.sha256()
     for ex in examples:
@@ -145,14 +141,14 @@ def examples_sha256(examples) -> str:
     return digest.hexdigest()[:16]
 
 
-def tune_run_id(
+def _tune_run_id(
     model: GPT, task, train_ex, n_prompt: int, init: str, init_text, world_size: int, method: str = "prompt"
 ) -> dict:
     """What identifies a prompt-tuning run besides its TrainConfig (stored in, and checked on, resume)."""
     return {
         "recipe": "tune_prompt",
         "task": task,
-        "data_sha256": examples_sha256(train_ex),
+        "data_sha256": _examples_sha256(train_ex),
         "base_fingerprint": model.fingerprint(),
         "n_prompt": n_prompt,
         "init": init,
@@ -215,29 +211,17 @@ def tune_prompt(
     cfg = cfg or METHOD_DEFAULTS.get(method, TUNE_DEFAULTS)
     train_ex, val_ex = (data if data is not None else task_data(task, seed=cfg.seed))[:2]
     model = model.to(info.device)
+    options = {}  # a soft prompt's init and kernel options; a prefix takes none of them
     if method_class(method)[0] is PromptTuning:
-        labels = class_labels(task, train_ex) if init == "label" else None
-        counts = init_token_counts(tok, train_ex, n_prompt) if init in ("vocab", "label") else None
-        pt = tuned_module(
-            method,
-            model,
-            n_prompt,
-            init,
-            cfg.seed,
-            tok,
-            init_text=init_text,
-            token_counts=counts,
-            backend=backend,
-            labels=labels,
-            recompute=recompute,
-        )
-    else:
-        pt = tuned_module(method, model, n_prompt, init, cfg.seed, tok)
+        labels = _class_labels(task, train_ex) if init == "label" else None
+        counts = _init_token_counts(tok, train_ex, n_prompt) if init in ("vocab", "label") else None
+        options = dict(init_text=init_text, token_counts=counts, backend=backend, labels=labels, recompute=recompute)
+    pt = tuned_module(method, model, n_prompt, init, cfg.seed, tok, **options)
     get_batch = batch_fn(train_ex, tok, cfg.batch_size, seed=cfg.seed, instruction=False, device=info.device)
     resuming = dict(
         checkpoint_path=checkpoint_path,
         resume=resume,
-        run_id=tune_run_id(model, task, train_ex, n_prompt, init, init_text, info.world_size, method),
+        run_id=_tune_run_id(model, task, train_ex, n_prompt, init, init_text, info.world_size, method),
     )
     if info.world_size == 1:
         result = train(

@@ -67,6 +67,7 @@ __all__ = [
     "command_line",
     "find_row",
     "mean_over_tasks",
+    "pm",
     "read_records",
     "run_experiment",
     "save_results",
@@ -111,17 +112,12 @@ def read_records(path: Path) -> tuple[str, dict]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         saved, why = None, f"not valid JSON ({e})"
     ok = isinstance(saved, dict) and isinstance(saved.get("setup_id"), str) and isinstance(saved.get("runs"), dict)
-    bad = (
-        [
-            f"run {k!r} is a {type(r).__name__}, not a record"
-            for k, r in saved["runs"].items()
-            if not isinstance(r, dict)
-        ]
-        if ok
-        else [why]
-    )
-    if bad:
-        raise ValueError(f"{path}: {bad[0]}; not a record of finished runs (move it away to start over)")
+    runs = saved["runs"].items() if ok else ()
+    bad = [f"run {k!r} is a {type(r).__name__}, not a record" for k, r in runs if not isinstance(r, dict)]
+    if bad or not ok:
+        raise ValueError(
+            f"{path}: {bad[0] if bad else why}; not a record of finished runs (move it away to start over)"
+        )
     return saved["setup_id"], {k: Record(r, f"{path}: run {k!r}") for k, r in saved["runs"].items()}
 
 
@@ -295,6 +291,11 @@ def spread(values: list[float]) -> dict:
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
     }
+
+
+def pm(s: dict) -> str:
+    """A spread as text: "mean ± std" in percent."""
+    return f"{s['mean']:.1%} ± {s['std']:.1%}"
 
 
 def mean_over_tasks(per_task: dict[str, list[float]]) -> list[float]:

@@ -38,8 +38,6 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 from ..assets import load_base
 from ..checkpoint import model_fingerprint
 from ..data import batch_fn, exact_match_accuracy
@@ -48,13 +46,14 @@ from ..model import GPT
 from ..prompt import PromptTuning
 from ..tasks import DOMAINS, get_task, make_split
 from ..tokenizer import ByteTokenizer
-from ..train import TrainConfig, make_optimizer, train
+from ..train import TrainConfig, optimizer_state_bytes, train
 from .plots import plot_seed_claims  # noqa: F401  (notebook 06 draws the figure as seed_claims.plot_seed_claims)
 from .recipes import FINETUNE_DEFAULTS, TUNE_DEFAULTS
 from .runs import (
     RunRecorder,
     Setup,
     mean_over_tasks,
+    pm,
     run_experiment,
     save_results,
     spread,
@@ -74,27 +73,18 @@ __all__ = [
     "SHIFTS",
     "SeedSetup",
     "WORDINGS",
-    "ZERO",
     "beyond_noise",
     "compare",
     "design_run",
-    "domain_label",
     "execute",
-    "fixed_test",
     "format_verdicts",
     "load_results",
-    "measure_compute",
-    "optimizer_state_bytes",
     "planned_runs",
-    "prompt_args",
     "prompt_init",
     "retained",
     "run_data",
     "run_seed_claims",
     "summarise",
-    "summarise_design",
-    "summarise_fewshot",
-    "summarise_shift",
     "train_config",
     "verdict_table",
     "verdicts",
@@ -112,7 +102,7 @@ class Method:
     or a deep prompt's "ptuning-v2"); "frozen" trains nothing. The figure names it plots.METHOD_LABELS[name].
 
     P-tuning v2 (deep prompts, `minipt.prefix.PrefixTuning`) is not among these methods yet: it becomes one more
-    Method of kind "ptuning-v2" (with its step in measure_compute), and the few-shot tables and the figure pick
+    Method of kind "ptuning-v2" (with its step in _measure_compute), and the few-shot tables and the figure pick
     it up from SeedSetup.methods.
     """
 
@@ -185,10 +175,6 @@ SHIFTS = {
     "sentiment": (None, "unseen-words"),
     "upper": ("short-letters", "long-letters"),
 }
-
-
-def domain_label(task: str, domain: str | None) -> str:
-    return DOMAINS[domain].description if domain else f"the {task} task's own inputs"
 
 
 # ---- the setup ---------------------------------------------------------------------------------------------
@@ -304,7 +290,7 @@ def planned_runs(setup: SeedSetup) -> list[Run]:
 
 
 @lru_cache(maxsize=64)
-def fixed_test(task: str, n: int, domain: str | None = None) -> tuple:
+def _fixed_test(task: str, n: int, domain: str | None = None) -> tuple:
     """A fixed test set (seed 0): the same for every run, method and seed."""
     return tuple(make_split(task, "test", n, seed=0, domain=domain))
 
@@ -315,13 +301,13 @@ def run_data(run: Run, setup: SeedSetup) -> tuple[list, list, tuple]:
     domain = SHIFTS[run.task][0] if run.part == "shift" else None
     train_ex = make_split(run.task, "train", run.n_train, seed=run.seed, domain=domain)
     val_ex = make_split(run.task, "val", setup.n_val(run.n_train), seed=run.seed, domain=domain)
-    return train_ex, val_ex, fixed_test(run.task, setup.n_test, domain)
+    return train_ex, val_ex, _fixed_test(run.task, setup.n_test, domain)
 
 
 # ---- training ----------------------------------------------------------------------------------------------
 
 
-def prompt_args(run: Run, setup: SeedSetup) -> dict:
+def _prompt_args(run: Run, setup: SeedSetup) -> dict:
     """n_prompt and init of a prompt run: a design run starts exactly where its written wording is (its tokens'
     embeddings, one slot per token); the others use the method's init, n_prompt slots."""
     if run.wording:
@@ -334,11 +320,11 @@ def execute(run: Run, setup: SeedSetup, model: GPT) -> dict:
     """Train one run and score it on the test set (and, for a shift run, on the shifted test set)."""
     kind, data = METHODS[run.method].kind, run_data(run, setup)
     cfg = train_config(setup.finetune if kind == "finetune" else setup.tune, setup.steps_for(run.n_train), run.seed)
-    prompt = prompt_args(run, setup) if kind != "finetune" else {}
+    prompt = _prompt_args(run, setup) if kind != "finetune" else {}
     tuned, record = train_and_score(model, run.task, kind, cfg, data, **prompt)
     record.update(steps=cfg.steps, n_val=len(data[1]))
     if run.part == "shift":
-        shifted = fixed_test(run.task, setup.n_test, SHIFTS[run.task][1])
+        shifted = _fixed_test(run.task, setup.n_test, SHIFTS[run.task][1])
         record["shifted"] = exact_match_accuracy(tuned, shifted, ByteTokenizer())
     return record
 
@@ -346,19 +332,7 @@ def execute(run: Run, setup: SeedSetup, model: GPT) -> dict:
 # ---- compute: trainable numbers, optimizer state, time per step --------------------------------------------
 
 
-def optimizer_state_bytes(module, batch, cfg: TrainConfig) -> int:
-    """Bytes the optimizer keeps after one step (AdamW: two moments per trainable number, and a step count)."""
-    params = [p for _, p in trainable_parameters(module)]
-    optimizer = make_optimizer(params, cfg)
-    module.loss(*batch).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sum(
-        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-    )
-
-
-def measure_compute(model: GPT, task: str, setup: SeedSetup) -> dict:
+def _measure_compute(model: GPT, task: str, setup: SeedSetup) -> dict:
     """Per trained method kind, on one task's batches: trainable numbers, optimizer state, and the median time
     of one training step (forward, backward, AdamW) over rounds that interleave the methods."""
     tok = ByteTokenizer()
@@ -447,13 +421,13 @@ def summarise(setup: SeedSetup, model: GPT, recorder: RunRecorder) -> dict:
         return [recorder.runs[run_of_seed(seed).key][key] for seed in setup.seeds]
 
     return {
-        "fewshot": summarise_fewshot(setup, model, recorder, values),
-        "design": summarise_design(setup, model, values),
-        "shift": summarise_shift(setup, model, values),
+        "fewshot": _summarise_fewshot(setup, model, recorder, values),
+        "design": _summarise_design(setup, model, values),
+        "shift": _summarise_shift(setup, model, values),
     }
 
 
-def summarise_fewshot(setup, model, recorder, values) -> dict:
+def _summarise_fewshot(setup, model, recorder, values) -> dict:
     """The few-shot curve by method, size and task; the written instruction per task; the compute records."""
     rows = []
     for method in setup.methods:
@@ -471,29 +445,20 @@ def summarise_fewshot(setup, model, recorder, values) -> dict:
                     }
                 )
     instruction = {
-        t: _frozen_accuracy(model, t, get_task(t).instruction, fixed_test(t, setup.n_test)) for t in setup.tasks
+        t: _frozen_accuracy(model, t, get_task(t).instruction, _fixed_test(t, setup.n_test)) for t in setup.tasks
     }
     instruction["all"] = statistics.fmean(instruction.values())
     for t in setup.tasks:  # measured once, after the training runs, and recorded like them
         if f"compute-{t}" not in recorder.runs:
-            recorder.add(f"compute-{t}", measure_compute(model, t, setup))
+            recorder.add(f"compute-{t}", _measure_compute(model, t, setup))
     compute = {t: recorder.runs[f"compute-{t}"] for t in setup.tasks}
-    seconds = {
-        kind: {
-            m: round(
-                sum(
-                    recorder.runs[Run("fewshot", m, t, n, s).key]["seconds"]
-                    for t in setup.tasks
-                    for n in setup.sizes
-                    for s in setup.seeds
-                ),
-                1,
-            )
-            for m in setup.methods
-            if METHODS[m].kind == kind
-        }
-        for kind in ("prompt", "finetune")
-    }
+
+    def train_seconds(method: str) -> float:  # every few-shot run of the method, all tasks, sizes and seeds
+        runs = [Run("fewshot", method, t, n, s) for t in setup.tasks for n in setup.sizes for s in setup.seeds]
+        return round(sum(recorder.runs[run.key]["seconds"] for run in runs), 1)
+
+    kinds = ("prompt", "finetune")
+    seconds = {kind: {m: train_seconds(m) for m in setup.methods if METHODS[m].kind == kind} for kind in kinds}
     return {
         "rows": rows,
         "instruction": [{"task": t, "method": "instruction", "n_train": 0, "test": a} for t, a in instruction.items()],
@@ -512,13 +477,13 @@ def _ranges(per_wording: dict[str, list[float]], names) -> list[float]:
     return [max(c) - min(c) for c in columns]
 
 
-def summarise_design(setup, model, values) -> dict:
+def _summarise_design(setup, model, values) -> dict:
     """Per task and wording: the frozen model reading it, and the prompt tuned from it; then per task the range
     (best minus worst) over the paraphrases and over all wordings, before and after tuning."""
     rows, ranges = [], []
     tuned_ranges, tuned_ranges_par, frozen_ranges, frozen_ranges_par, seed_stds = {}, {}, {}, {}, {}
     for task in setup.tasks:
-        tests = fixed_test(task, setup.n_test)
+        tests = _fixed_test(task, setup.n_test)
         frozen = {w: _frozen_accuracy(model, task, text, tests) for w, text in WORDINGS[task].items()}
         tuned = {w: values(lambda s, w=w: design_run(setup, task, w, s)) for w in WORDINGS[task]}
         for w, text in WORDINGS[task].items():
@@ -560,7 +525,7 @@ def summarise_design(setup, model, values) -> dict:
     }
 
 
-def summarise_shift(setup, model, values) -> dict:
+def _summarise_shift(setup, model, values) -> dict:
     """In-domain, shifted and drop (in minus shifted, per seed) by method and task (Lester et al. Table 1), and
     the frozen model with its instruction on both domains (no seed: nothing trained)."""
     rows = []
@@ -587,8 +552,8 @@ def summarise_shift(setup, model, values) -> dict:
     for task in setup.tasks:
         tuned_on, shifted = SHIFTS[task]
         text = get_task(task).instruction
-        ins = _frozen_accuracy(model, task, text, fixed_test(task, setup.n_test, tuned_on))
-        out = _frozen_accuracy(model, task, text, fixed_test(task, setup.n_test, shifted))
+        ins = _frozen_accuracy(model, task, text, _fixed_test(task, setup.n_test, tuned_on))
+        out = _frozen_accuracy(model, task, text, _fixed_test(task, setup.n_test, shifted))
         frozen.append(
             {
                 "task": task,
@@ -603,10 +568,11 @@ def summarise_shift(setup, model, values) -> dict:
 
 
 def _domains(task: str) -> dict:
+    """A shift row's two domains in words (None: the task's own inputs); blank on the "all" row."""
     if task == "all":
         return {"train_domain": "", "shifted_domain": ""}
-    tuned_on, shifted = SHIFTS[task]
-    return {"train_domain": domain_label(task, tuned_on), "shifted_domain": domain_label(task, shifted)}
+    tuned_on, shifted = (DOMAINS[d].description if d else f"the {task} task's own inputs" for d in SHIFTS[task])
+    return {"train_domain": tuned_on, "shifted_domain": shifted}
 
 
 # ---- verdicts ----------------------------------------------------------------------------------------------
@@ -625,10 +591,6 @@ def compare(a: dict, b: dict, yes: str, no: str) -> str:
     if beyond_noise(b, a):
         return no
     return "inconclusive (within the seed spread)"
-
-
-def _pm(s: dict) -> str:
-    return f"{s['mean']:.1%} ± {s['std']:.1%}"
 
 
 def _points(s: dict) -> str:
@@ -663,7 +625,7 @@ def retained(row: dict) -> dict:
     return spread([out / ins if ins > 0 else 0.0 for ins, out in pairs])
 
 
-ZERO = {"mean": 0.0, "std": 0.0}
+_ZERO = {"mean": 0.0, "std": 0.0}
 
 
 def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
@@ -702,7 +664,7 @@ def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
         {
             "id": "1a",
             "claim": "suits few-shot learning: does well on small data sets",
-            "measurement": f"{sizes_text}, mean over tasks: prompt tuning {_pm(pt)}, fine-tuning {_pm(ft)} "
+            "measurement": f"{sizes_text}, mean over tasks: prompt tuning {pm(pt)}, fine-tuning {pm(ft)} "
             f"(prompt minus fine-tuning, points: {per_task})",
             "verdict": f"{verdict} on the mean; clearly ahead on {len(ahead)} of {len(tasks)} tasks"
             + (f" ({', '.join(ahead)})" if ahead else ""),
@@ -736,8 +698,8 @@ def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
     )
 
     gap_large, gap_small = _gap(fewshot, [largest]), _gap(fewshot, small)
-    near_full = [t for t in tasks if not beyond_noise(_gap(fewshot, [largest], t), ZERO)]
-    near_few = [t for t in tasks if not beyond_noise(_gap(fewshot, small, t), ZERO)]
+    near_full = [t for t in tasks if not beyond_noise(_gap(fewshot, [largest], t), _ZERO)]
+    near_few = [t for t in tasks if not beyond_noise(_gap(fewshot, small, t), _ZERO)]
     especially = beyond_noise(gap_large, gap_small)
     verdict2 = (
         "holds"
@@ -817,7 +779,7 @@ def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
             "id": "4",
             "claim": "more robust than model tuning under domain shift (Lester et al. §5)",
             "measurement": f"share of in-domain accuracy kept on the shifted domain, mean over tasks: prompt "
-            f"tuning {_pm(kept['prompt-label'])}, fine-tuning {_pm(kept['finetune'])} (drop: "
+            f"tuning {pm(kept['prompt-label'])}, fine-tuning {pm(kept['finetune'])} (drop: "
             f"{rows['prompt-label']['drop']['mean'] * 100:.1f} and "
             f"{rows['finetune']['drop']['mean'] * 100:.1f} points, from in-domain "
             f"{rows['prompt-label']['in_domain']['mean']:.1%} and "
