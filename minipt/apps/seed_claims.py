@@ -52,6 +52,7 @@ from .recipes import FINETUNE_DEFAULTS, TUNE_DEFAULTS
 from .runs import (
     RunRecorder,
     Setup,
+    find_row,
     mean_over_tasks,
     pm,
     run_experiment,
@@ -61,7 +62,6 @@ from .runs import (
     train_and_score,
     with_all,
 )
-from .runs import find_row as _row  # the name notebook 06 reads
 
 __all__ = [
     "METHODS",
@@ -77,6 +77,8 @@ __all__ = [
     "compare",
     "design_run",
     "execute",
+    "few_shot_mean",
+    "finetune_gap",
     "format_verdicts",
     "load_results",
     "planned_runs",
@@ -84,6 +86,7 @@ __all__ = [
     "retained",
     "run_data",
     "run_seed_claims",
+    "shift_domains",
     "summarise",
     "train_config",
     "verdict_table",
@@ -541,7 +544,7 @@ def _summarise_shift(setup, model, values) -> dict:
                 {
                     "task": task,
                     "method": method,
-                    **_domains(task),
+                    **shift_domains(task),
                     "n_train": setup.shift_size,
                     "in_domain": spread(ins),
                     "shifted": spread(out),
@@ -558,7 +561,7 @@ def _summarise_shift(setup, model, values) -> dict:
             {
                 "task": task,
                 "method": "instruction",
-                **_domains(task),
+                **shift_domains(task),
                 "in_domain": ins,
                 "shifted": out,
                 "drop": ins - out,
@@ -567,7 +570,7 @@ def _summarise_shift(setup, model, values) -> dict:
     return {"rows": rows, "instruction": frozen}
 
 
-def _domains(task: str) -> dict:
+def shift_domains(task: str) -> dict:
     """A shift row's two domains in words (None: the task's own inputs); blank on the "all" row."""
     if task == "all":
         return {"train_domain": "", "shifted_domain": ""}
@@ -603,16 +606,16 @@ def _few_shot_sizes(setup: dict) -> list[int]:
 
 def _mean_over_sizes(fewshot: dict, method: str, sizes, task: str = "all") -> list[float]:
     """Per seed, the test accuracy of `method` on `task` averaged over the training-set sizes `sizes`."""
-    columns = [_row(fewshot["rows"], task=task, method=method, n_train=n)["values"] for n in sizes]
+    columns = [find_row(fewshot["rows"], task=task, method=method, n_train=n)["values"] for n in sizes]
     return [statistics.fmean(c) for c in zip(*columns)]
 
 
-def _few_shot_mean(fewshot: dict, method: str, task: str = "all") -> dict:
+def few_shot_mean(fewshot: dict, method: str, task: str = "all") -> dict:
     """Mean and spread over seeds of the accuracy averaged over the few-shot sizes (n <= few_shot_max)."""
     return spread(_mean_over_sizes(fewshot, method, _few_shot_sizes(fewshot["setup"]), task))
 
 
-def _gap(fewshot: dict, sizes, task: str = "all") -> dict:
+def finetune_gap(fewshot: dict, sizes, task: str = "all") -> dict:
     """Fine-tuning minus class-label prompt tuning, per seed, averaged over the training-set sizes `sizes`."""
     ft, pt = (_mean_over_sizes(fewshot, m, sizes, task) for m in ("finetune", "prompt-label"))
     return spread([f - p for f, p in zip(ft, pt)])
@@ -652,13 +655,13 @@ def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
     sizes_text = f"{small[0]}-{small[-1]} examples"
     out = []
 
-    pt, ft = _few_shot_mean(fewshot, "prompt-label"), _few_shot_mean(fewshot, "finetune")
+    pt, ft = few_shot_mean(fewshot, "prompt-label"), few_shot_mean(fewshot, "finetune")
     ahead = [
         t
         for t in tasks
-        if beyond_noise(_few_shot_mean(fewshot, "prompt-label", t), _few_shot_mean(fewshot, "finetune", t))
+        if beyond_noise(few_shot_mean(fewshot, "prompt-label", t), few_shot_mean(fewshot, "finetune", t))
     ]
-    per_task = ", ".join(f"{t} {-_gap(fewshot, small, t)['mean'] * 100:+.1f}" for t in tasks)
+    per_task = ", ".join(f"{t} {-finetune_gap(fewshot, small, t)['mean'] * 100:+.1f}" for t in tasks)
     verdict = compare(pt, ft, "holds", "does not hold")
     out.append(
         {
@@ -697,9 +700,9 @@ def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
         }
     )
 
-    gap_large, gap_small = _gap(fewshot, [largest]), _gap(fewshot, small)
-    near_full = [t for t in tasks if not beyond_noise(_gap(fewshot, [largest], t), _ZERO)]
-    near_few = [t for t in tasks if not beyond_noise(_gap(fewshot, small, t), _ZERO)]
+    gap_large, gap_small = finetune_gap(fewshot, [largest]), finetune_gap(fewshot, small)
+    near_full = [t for t in tasks if not beyond_noise(finetune_gap(fewshot, [largest], t), _ZERO)]
+    near_few = [t for t in tasks if not beyond_noise(finetune_gap(fewshot, small, t), _ZERO)]
     especially = beyond_noise(gap_large, gap_small)
     verdict2 = (
         "holds"
@@ -728,7 +731,7 @@ def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
         }
     )
 
-    ranges = _row(design["ranges"], task="all")
+    ranges = find_row(design["ranges"], task="all")
     noise = 2 * math.sqrt(0.5 / design["setup"]["n_test"])
     out.append(
         {
@@ -769,9 +772,9 @@ def verdicts(fewshot: dict, design: dict, shift: dict) -> list[dict]:
         }
     )
 
-    rows = {m: _row(shift["rows"], task="all", method=m) for m in ("prompt-label", "finetune")}
+    rows = {m: find_row(shift["rows"], task="all", method=m) for m in ("prompt-label", "finetune")}
     kept = {
-        m: spread(mean_over_tasks({t: retained(_row(shift["rows"], task=t, method=m))["values"] for t in tasks}))
+        m: spread(mean_over_tasks({t: retained(find_row(shift["rows"], task=t, method=m))["values"] for t in tasks}))
         for m in rows
     }
     out.append(
