@@ -121,8 +121,14 @@ def test_the_temp_files_of_writers_that_no_longer_run_are_removed_and_returned(t
     assert not dead.exists() and not mine.exists()
 
 
+def default_signals():
+    """In the child: hang-up and terminate kill it (nohup, as `make mutate` may run under, ignores hang-ups)."""
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def test_temp_files_of_running_writers_and_files_of_other_names_are_kept(tmp_path):
-    writer = subprocess.Popen(["sleep", "30"])  # a writer that still runs
+    writer = subprocess.Popen(["sleep", "30"], preexec_fn=default_signals)  # a writer that still runs
     try:
         kept = [
             temp(tmp_path, f".out.safetensors.{writer.pid}.a1b2.tmp"),  # its writer runs
