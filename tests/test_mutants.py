@@ -269,3 +269,20 @@ def test_weights_that_do_not_fit_name_the_mismatch(tmp_path):
         match=r"the config says block_size=32 but the weights have 16",
     ):
         load_model(tmp_path / "m.safetensors")
+
+
+# ---- the mutation-testing table itself ------------------------------------------------------------------------
+
+
+def test_every_core_module_and_exercise_checker_has_its_tests_named_for_make_mutate():
+    """[tool.minipt.mutate] names an existing module and existing test files for each core module and each exercise
+    checker, so `make mutate MODULE=...` runs for all of them (a renamed test file cannot leave a module untested)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; CI runs 3.11
+    root = Path(__file__).resolve().parents[1]
+    table = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["minipt"]["mutate"]
+    core = ["serve", "model", "prefix", "loss", "checks", "checkpoint", "distributed", "userdata", "ensemble"]
+    checkers = ["grade", "equations", "training", "kernel", "kernel_track", "predict", "capstone"]
+    expected = {f"minipt/{m}.py" for m in core} | {f"minipt/exercises/{m}.py" for m in checkers}
+    assert expected | {"minipt/apps/recipes.py"} <= set(table)
+    missing = [p for module, tests in table.items() for p in [module, *tests] if not (root / p).is_file()]
+    assert missing == [] and all(table.values())
