@@ -250,7 +250,7 @@ def test_execute_asks_nbclient_to_keep_errors_interrupt_slow_cells_and_run_in_th
 
     class Client(nbclient.NotebookClient):
         def __init__(self, nb, km=None, **kwargs):
-            seen.update(kwargs, nb=nb)
+            seen.update(kwargs, nb=nb, km=km)
             raise Stop  # before any kernel starts
 
     monkeypatch.setattr(nbclient, "NotebookClient", Client)
@@ -259,6 +259,7 @@ def test_execute_asks_nbclient_to_keep_errors_interrupt_slow_cells_and_run_in_th
     with pytest.raises(Stop):
         execute("nb.ipynb")  # a relative path, as a string
     assert [c.source for c in seen["nb"].cells] == ["x = 1"]
+    assert seen["km"].transport == ("ipc" if os.name == "posix" else "tcp")  # kernel_manager's, not nbclient's own
     assert (seen["timeout"], seen["allow_errors"], seen["interrupt_on_timeout"], seen["record_timing"]) == (
         120,
         True,
