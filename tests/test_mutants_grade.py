@@ -4,6 +4,7 @@ counts as passed, which notebooks are refused and with what message, and what `e
 `grade` is run on a made-up execution (no kernel); `execute` runs two small notebooks whose cells write results
 themselves (no torch in the kernel): the whole file runs in a few seconds."""
 
+import contextlib
 import json
 import logging
 import os
@@ -273,6 +274,22 @@ def test_execute_asks_nbclient_to_keep_errors_interrupt_slow_cells_and_run_in_th
 
 
 WRITE = "import json, os\nwith open(os.environ[{env!r}], 'a') as f:\n    f.write({line!r})\n"
+
+
+def test_a_notebook_whose_checks_never_ran_gives_no_rows(tmp_path, monkeypatch):
+    import nbclient
+
+    class Client(nbclient.NotebookClient):  # no kernel: no cell writes a result, so no results file is made
+        @contextlib.contextmanager
+        def setup_kernel(self, **kwargs):
+            yield
+
+        def execute_cell(self, cell, index, **kwargs):
+            return cell
+
+    monkeypatch.setattr(nbclient, "NotebookClient", Client)
+    nb, seconds, rows, stopped = execute(code_notebook(tmp_path / "nb.ipynb", "x = 1"))
+    assert (rows, stopped) == ([], []) and [c.source for c in nb.cells] == ["x = 1"] and seconds >= 0
 
 
 def test_execute_runs_every_cell_names_the_slow_one_and_stops_at_a_dead_kernel(tmp_path, monkeypatch):
