@@ -213,8 +213,9 @@ def test_grade_names_each_cell_that_raised_counting_every_cell_then_the_cells_th
         ("code", [("ValueError", "v" * 400)]),
     )
     stopped = ["cell 5: the kernel died while running it"]
-    fake_execute(monkeypatch, nb, [row(ex_id, True) for ex_id in MATH], stopped)
+    calls = fake_execute(monkeypatch, nb, [row(ex_id, True) for ex_id in MATH], stopped)
     result = grade(tmp_path / "01_math.ipynb")
+    assert calls == [(tmp_path / "01_math.ipynb", 120)]  # the default: 120 s a cell
     assert result.errors == [
         "cell 2: NameError: name 'x' is not defined",
         ("cell 4: ValueError: " + "v" * 400)[:300],  # each cut at 300 characters
