@@ -17,7 +17,7 @@ from helpers import random_gpt
 from minipt import GPT, GPTConfig
 from minipt.checkpoint import CheckpointError, load_tensors, model_tensors, save_tensors
 from minipt.hf import TRANSPOSED
-from minipt.model import generate_without_cache, load_model
+from minipt.model import generate_without_cache, load_model, sample_next
 
 CFG = dict(n_layer=2, n_head=2, n_embd=16, vocab_size=20, block_size=12)
 IDS = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
@@ -213,6 +213,23 @@ def test_the_reference_decoder_keeps_the_input_and_fills_each_row_with_eos_after
             new = new[: first + 1] + [eos] * (len(new) - first - 1)
         assert out[b, 4:].tolist() == new
     assert out[0, 5:].tolist() == [eos] * 5
+
+
+# ---- generation's arguments -----------------------------------------------------------------------------------
+
+
+def test_a_generation_may_fill_the_block_but_not_exceed_it():
+    model = f64_model()
+    assert model.generate(IDS, 8, temperature=0).shape == (2, 12)  # 4 + 8 = block_size 12
+    with pytest.raises(ValueError, match=r"^idx length 4 \+ max_new_tokens 9 exceeds block_size 12$"):
+        model.generate(IDS, 9, temperature=0)
+
+
+def test_top_k_is_checked_before_any_work_even_when_nothing_is_sampled():
+    with pytest.raises(ValueError, match=r"^top_k must be >= 1 or None, got 0$"):
+        f64_model().generate(IDS, 0, top_k=0)
+    with pytest.raises(ValueError, match=r"^top_k must be >= 1 or None, got 0$"):
+        sample_next(torch.zeros(2, 20), 1.0, 0)
 
 
 # ---- GPT.from_hf --------------------------------------------------------------------------------------------
