@@ -1,6 +1,7 @@
 """Behaviour that mutation testing (`make mutate MODULE=...`, README "Mutation testing") found unchecked: each
 test here fails on a bug the rest of the suite let through. Grouped by the module the bug was planted in."""
 
+import importlib.util
 import json
 import os
 import stat
@@ -286,3 +287,16 @@ def test_every_core_module_and_exercise_checker_has_its_tests_named_for_make_mut
     assert expected | {"minipt/apps/recipes.py"} <= set(table)
     missing = [p for module, tests in table.items() for p in [module, *tests] if not (root / p).is_file()]
     assert missing == [] and all(table.values())
+
+
+def test_make_mutate_copies_every_folder_the_tests_read():
+    """mutmut runs the tests in a copy of the project: .ci/mutate.py's folders and [tool.mutmut] also_copy must agree
+    and hold notebooks/ (the grader's tests run them), or a module's run stops at "failed to collect stats"."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ci_mutate", root / ".ci" / "mutate.py")
+    ci_mutate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ci_mutate)
+    also_copy = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mutmut"]["also_copy"]
+    assert {p.rstrip("/") for p in also_copy} | {"minipt"} == set(ci_mutate.COPIED)
+    assert {"kernels", "tests", "benchmarks", "notebooks"} <= set(ci_mutate.COPIED)

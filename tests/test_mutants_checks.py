@@ -118,6 +118,14 @@ def test_right_padded_masks_of_ones_and_zeros_are_accepted(dtype):
     assert check_batch(IDS, IDS, mask, **LIMITS) == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_masks_of_wide_unsigned_integers_are_read_like_any_other(dtype):
+    # torch has no `>` for these dtypes on the CPU: the right-padding check must read the mask as int64
+    assert check_batch(IDS, IDS, torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=dtype), **LIMITS) == 4
+    left_padded = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=dtype)
+    refused(ValueError, "attention_mask must be right-padded (ones, then zeros in every row)", IDS, IDS, left_padded)
+
+
 @pytest.mark.parametrize(
     "mask, message",
     [
@@ -167,3 +175,13 @@ def test_targets_with_nothing_supervised_are_refused():
     refused(ValueError, "targets has no supervised position (every entry is -100)", IDS, torch.full((2, 3), -100))
     targets, padding = torch.tensor([[-100, 2, 3], [-100, 5, 6]]), torch.tensor([[1, 0, 0], [1, 0, 0]])
     refused(ValueError, "targets has no supervised position (every entry is -100)", IDS, targets, padding)
+
+
+def test_a_vocabulary_of_one_token_takes_ignored_and_padded_targets_as_no_id_at_all():
+    # vocab_size=1 (GPTConfig allows it): 0 is the only id, so a -100 or padded target read as any id would be refused
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    assert check_batch(ids, torch.tensor([[0, -100, 0], [-100, -100, 0]]), vocab_size=1, block_size=3) == 3
+    padding = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert check_batch(ids, torch.tensor([[0, 0, 7], [0, -100, 5]]), padding, vocab_size=1, block_size=3) == 3
+    message = "targets holds token id 1, outside [0, vocab_size=1) (use -100 where no loss is taken)"
+    refused(ValueError, message, ids, torch.tensor([[0, -100, 1], [0, 0, 0]]), vocab_size=1)
