@@ -136,8 +136,13 @@ class PrefixTuning(TunedModule):
     def _kv_of_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """The keys and values the frozen model makes for tokens ids (n,) at positions 0..n-1, in PEFT's layout."""
         cache = KVCache.for_model(self.model, 1, len(ids))
-        with torch.no_grad():
-            self.model.body(self.model.embed(ids[None]), cache)  # (1, n, D); fills the cache
+        training = self.model.training
+        self.model.eval()  # the model's own keys and values: no dropout, nothing drawn from the global RNG
+        try:
+            with torch.no_grad():
+                self.model.body(self.model.embed(ids[None]), cache)  # (1, n, D); fills the cache
+        finally:
+            self.model.train(training)
         return to_peft_layout(*cache.row(0)).float()
 
     # ---- the prefix ---------------------------------------------------------------------------------------
