@@ -57,13 +57,16 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def check_targets(targets, shape) -> None:
-    """targets is an integer tensor of the shape of idx (metadata only)."""
+    """targets is an int64 tensor of the shape of idx (metadata only): int64 is what cross-entropy takes, and a
+    narrower integer could not hold the ignore index -100 (uint8) or fails inside torch with no word of targets."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
     if targets.shape != torch.Size(shape):
         raise ValueError(f"targets must have the shape of idx {tuple(shape)}, got {tuple(targets.shape)}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    if targets.dtype != torch.long:
+        raise TypeError(
+            f"targets must hold int64 token ids (torch.long, -100 where no loss is taken), got dtype {targets.dtype}"
+        )
 
 
 def supervised_count(keep: torch.Tensor | int) -> int:

@@ -204,7 +204,7 @@ def test_frozen_lm_loss_equals_lm_loss():
         frozen_lm_loss(h3, W, torch.full_like(targets, -100))
     with pytest.raises(ValueError, match="targets must have the shape of idx"):
         frozen_lm_loss(h3, W, targets[:, :4])
-    with pytest.raises(TypeError, match="integer token ids"):
+    with pytest.raises(TypeError, match="int64 token ids"):
         frozen_lm_loss(h3, W, targets.float())
 
 
