@@ -1,6 +1,7 @@
 """Small shared helpers for the tests (imported as `helpers`: pytest puts tests/ on sys.path)."""
 
 import contextlib
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -77,3 +78,12 @@ def count_host_syncs():
             yield syncs
     finally:
         torch.Tensor.tolist = tolist
+
+
+def as_from_a_terminal():
+    """In the child, before Python starts: SIGINT's default action, as a shell gives a foreground command.
+
+    A test run in the background (`make test &`, some CI runners) has SIGINT ignored, and an ignored signal
+    stays ignored across exec; Python then installs no KeyboardInterrupt handler and the child would ignore
+    the Ctrl-C a test sends (it did, once, for 60 s)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

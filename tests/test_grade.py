@@ -14,6 +14,7 @@ nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
+from helpers import as_from_a_terminal  # noqa: E402
 from minipt.exercises.__main__ import main  # noqa: E402
 
 CHECK_CONCAT = """
@@ -88,6 +89,7 @@ def test_ctrl_c_gives_one_line_and_exit_130(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=as_from_a_terminal,  # a background test run ignores SIGINT, and its children would too
     )
     deadline = time.time() + 120
     while not started.exists() and time.time() < deadline and proc.poll() is None:

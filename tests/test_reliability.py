@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import as_from_a_terminal
 from minipt import GPT, GPTConfig, PromptTuning
 from minipt.apps.cli import main
 from minipt.apps.recipes import tune_prompt
@@ -181,15 +182,6 @@ def _small_run(tmp_path):
     ]
 
 
-def _as_from_a_terminal():
-    """In the child, before Python starts: SIGINT's default action, as a shell gives a foreground command.
-
-    A test run in the background (`make test &`, some CI runners) has SIGINT ignored, and an ignored signal
-    stays ignored across exec; Python then installs no KeyboardInterrupt handler and the child would ignore
-    the Ctrl-C this test sends (it did, once, for 60 s)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
     argv = _small_run(tmp_path) + [
         "--steps",
@@ -208,7 +200,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_as_from_a_terminal,
+        preexec_fn=as_from_a_terminal,
     )
     _wait_for(tmp_path / "state.pt", proc)
     proc.send_signal(signal.SIGINT)
