@@ -3,6 +3,7 @@ minipt/distributed.py: tests/test_distributed.py checks the module through torch
 testing cannot see, so these call it in-process, with torch.distributed's calls replaced by recorders (one rank
 alone: a sum over ranks is the tensor itself). Tiny CPU tensors: the whole file runs in about a second."""
 
+import functools
 import re
 
 import pytest
@@ -113,6 +114,24 @@ def test_each_rank_takes_its_rows_weighted_by_its_share_of_the_supervised_tokens
     assert len([c for c in calls if c[0] == "all_reduce"]) == 3  # closed: the gradient is no longer reduced
 
 
+def test_the_loss_is_the_sum_over_ranks_and_its_gradient_this_ranks_share(monkeypatch, calls):
+    other = 1.5  # what the other rank's part adds to the loss in the all_reduce
+
+    def all_reduce(t):  # the first call sums the loss over ranks; the gradient's is left alone here
+        reduced.append(t)
+        if len(reduced) == 1:
+            t.add_(other)
+
+    reduced = []
+    monkeypatch.setattr(D.dist, "all_reduce", all_reduce)
+    pt = Tiny()
+    loss = DataParallelPrompt(pt, 0, 2).loss(IDX, IDX.clone())  # rank 0: rows 0-1, 4 of the 8 tokens
+    own = (1 + 2 + 3 + 4) / 4  # d loss_0 / d w
+    torch.testing.assert_close(loss.detach(), torch.tensor(2 * own / 2 + other))
+    loss.backward()
+    torch.testing.assert_close(pt.w.grad, torch.tensor(own / 2))  # the other rank's part takes no gradient here
+
+
 def test_the_mask_chooses_the_supervised_tokens_of_each_shard(calls):
     mask = torch.ones_like(IDX)
     mask[3, 1] = 0  # rank 1 keeps 3 of its 4 tokens: N = 7
@@ -125,17 +144,19 @@ def test_sharded_accuracy_scores_its_share_and_sums_the_counts(monkeypatch, call
     scored = []
 
     def accuracy(pt, examples, tokenizer, device):
+        assert (pt, tokenizer) == ("the module", "the tokenizer")  # passed on as they came
         scored.append((list(examples), device))
         return 2 / 3  # two in three right
 
     monkeypatch.setattr(D, "exact_match_accuracy", accuracy)
     examples = list("abcdef")
-    assert D.sharded_accuracy(None, examples, None, DistInfo()) == 4 / 6
+    score = functools.partial(D.sharded_accuracy, "the module", tokenizer="the tokenizer")
+    assert score(examples, info=DistInfo()) == 4 / 6
     assert scored == [(examples, "cpu")] and calls == []
-    assert D.sharded_accuracy(None, examples, None, DistInfo(rank=1, world_size=2)) == 2 / 6  # one rank's count
+    assert score(examples, info=DistInfo(rank=1, world_size=2)) == 2 / 6  # one rank's count
     assert scored[1] == (["b", "d", "f"], "cpu")
     (_, count), *_ = calls
     assert count.dtype == torch.float64 and count.tolist() == [2.0]
     calls.clear()
-    assert D.sharded_accuracy(None, examples[:1], None, DistInfo(rank=1, world_size=2)) == 0.0  # nothing to score
+    assert score(examples[:1], info=DistInfo(rank=1, world_size=2)) == 0.0  # nothing to score
     assert len(scored) == 2 and calls[0][1].tolist() == [0.0]
