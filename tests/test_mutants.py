@@ -274,29 +274,32 @@ def test_weights_that_do_not_fit_name_the_mismatch(tmp_path):
 
 # ---- the mutation-testing table itself ------------------------------------------------------------------------
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; CI runs 3.11
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
 
 def test_every_core_module_and_exercise_checker_has_its_tests_named_for_make_mutate():
     """[tool.minipt.mutate] names an existing module and existing test files for each core module and each exercise
     checker, so `make mutate MODULE=...` runs for all of them (a renamed test file cannot leave a module untested)."""
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; CI runs 3.11
-    root = Path(__file__).resolve().parents[1]
-    table = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["minipt"]["mutate"]
+    table = pyproject()["tool"]["minipt"]["mutate"]
     core = ["serve", "model", "prefix", "loss", "checks", "checkpoint", "distributed", "userdata", "ensemble"]
     checkers = ["grade", "equations", "training", "kernel", "kernel_track", "predict", "capstone"]
     expected = {f"minipt/{m}.py" for m in core} | {f"minipt/exercises/{m}.py" for m in checkers}
     assert expected | {"minipt/apps/recipes.py"} <= set(table)
-    missing = [p for module, tests in table.items() for p in [module, *tests] if not (root / p).is_file()]
+    missing = [p for module, tests in table.items() for p in [module, *tests] if not (ROOT / p).is_file()]
     assert missing == [] and all(table.values())
 
 
 def test_make_mutate_copies_every_folder_the_tests_read():
     """mutmut runs the tests in a copy of the project: .ci/mutate.py's folders and [tool.mutmut] also_copy must agree
     and hold notebooks/ (the grader's tests run them), or a module's run stops at "failed to collect stats"."""
-    tomllib = pytest.importorskip("tomllib")
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("ci_mutate", root / ".ci" / "mutate.py")
+    also_copy = pyproject()["tool"]["mutmut"]["also_copy"]
+    spec = importlib.util.spec_from_file_location("ci_mutate", ROOT / ".ci" / "mutate.py")
     ci_mutate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ci_mutate)
-    also_copy = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mutmut"]["also_copy"]
     assert {p.rstrip("/") for p in also_copy} | {"minipt"} == set(ci_mutate.COPIED)
     assert {"kernels", "tests", "benchmarks", "notebooks"} <= set(ci_mutate.COPIED)
